@@ -1,0 +1,68 @@
+# streamrec — every target is idempotent and safe to re-run.
+# `make test` and `make demo` run `setup` themselves, so a fresh clone needs nothing else.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+PY          := $(BIN)/python
+STAMP       := $(VENV)/.streamrec-installed
+KAFKA_PORT  ?= 9092
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help setup assets jars kafka-up kafka-down kafka-status topics test test-unit \
+        test-integration demo bench lint worker trainer serve evaluate clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip check
+	@touch $@
+
+setup: $(STAMP) assets jars  ## venv + packages, the offline model, MovieLens-100k, the Kafka jars
+
+assets: $(STAMP)  ## fetch the encoder and MovieLens-100k into .cache (checksummed)
+	$(PY) -m infra.assets
+
+jars: $(STAMP)  ## resolve the Kafka 3.9.1 broker jars with Maven into .cache
+	$(PY) -m infra.broker fetch
+
+kafka-up: setup  ## start the local broker on 127.0.0.1:$(KAFKA_PORT) and create the topics
+	$(PY) -m infra.broker up --port $(KAFKA_PORT)
+	STREAMREC_BOOTSTRAP_SERVERS=127.0.0.1:$(KAFKA_PORT) $(PY) -m infra.admin create
+
+kafka-down: $(STAMP)  ## stop the local broker (keeps its data)
+	$(PY) -m infra.broker down
+
+kafka-status: $(STAMP)  ## is the local broker running, and where
+	$(PY) -m infra.broker status
+
+topics: $(STAMP)  ## create every DESIGN.md topic on $$STREAMREC_BOOTSTRAP_SERVERS (idempotent)
+	$(PY) -m infra.admin create
+
+test: setup  ## the whole suite: unit tests and integration tests on a real broker
+	$(BIN)/pytest
+
+test-unit: setup
+	$(BIN)/pytest tests/unit
+
+test-integration: setup
+	$(BIN)/pytest tests/integration
+
+bench: setup  ## run the benchmarks (each prints its figures, a JSON last line)
+	$(PY) benchmarks/broker_throughput.py
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check .
+
+demo: setup  ## replay MovieLens-100k through the pipeline on a local broker and report
+	$(PY) -m streams.demo
+
+clean:  ## remove the venv and caches (the broker data in .cache goes too)
+	-$(PY) -m infra.broker down
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""infra: the local Kafka broker, topic admin, and fetched assets (model, data, jars)."""

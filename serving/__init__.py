@@ -1,0 +1,1 @@
+"""serving: the scoring agent that hot-swaps published weights."""

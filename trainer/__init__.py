@@ -1,0 +1,1 @@
+"""trainer: continual multi-task BERT learning from the labeled topic."""
