@@ -11,9 +11,9 @@ from streams.records import (
     Item,
     Labeled,
     ModelUpdate,
-    RecRequest,
     Recommendation,
     Record,
+    RecRequest,
     UserHistory,
 )
 from streams.settings import KafkaSettings
