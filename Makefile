@@ -61,7 +61,7 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
 
 demo: setup  ## replay MovieLens-100k through the pipeline on a local broker and report
-	$(PY) -m streams.demo
+	$(PY) -m infra.demo
 
 clean:  ## remove the venv and caches (the broker data in .cache goes too)
 	-$(PY) -m infra.broker down
