@@ -42,14 +42,22 @@ class KafkaSettings(BaseSettings):
     topic_prefix: str = Field(default="", description="Prepended to every topic name of DESIGN.md.")
     partitions: int = Field(default=4, ge=1, le=1024, description="Partitions of each created topic.")
     replication_factor: int = Field(default=1, ge=1, le=16, description="Replicas of each created topic.")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (required with SASL_*)."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user (required with SASL_*).")
+    sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (required with SASL_*; masked in logs)."
+    )
     ssl_cafile: Path | None = Field(default=None, description="CA bundle (PEM) to verify brokers.")
     ssl_certfile: Path | None = Field(default=None, description="Client certificate (PEM), for mTLS.")
     ssl_keyfile: Path | None = Field(default=None, description="Client private key (PEM), for mTLS.")
-    ssl_key_password: SecretStr | None = None
+    ssl_key_password: SecretStr | None = Field(
+        default=None, description="Password of the client key, if encrypted (masked in logs)."
+    )
 
     @field_validator("bootstrap_servers")
     @classmethod
