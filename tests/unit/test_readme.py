@@ -1,0 +1,16 @@
+"""The README documents the real settings and the two commands."""
+
+from __future__ import annotations
+
+from infra.settings_doc import render
+from streams.settings import PROJECT_ROOT
+
+
+def test_settings_table_is_current() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert render(readme) == readme, "stale settings table: run python -m infra.settings_doc --write README.md"
+
+
+def test_readme_shows_the_two_commands() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
