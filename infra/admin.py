@@ -123,6 +123,37 @@ def ensure_topics(
     return created
 
 
+def delete_topics(
+    settings: KafkaSettings,
+    specs: Iterable[TopicSpec] = ALL_TOPICS,
+    *,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Delete the topics of ``specs`` (with the settings' prefix); return the names deleted.
+
+    A topic that does not exist is skipped.  Meant for tests and benchmarks
+    that clean up after themselves; there is deliberately no CLI for it.
+    """
+    names = [spec.real_name(settings) for spec in specs]
+    if not names:
+        return []
+    admin = admin_client(settings)  # must outlive the futures
+    futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    deleted = []
+    for name in names:
+        try:
+            futures[name].result(timeout=timeout)
+        except KafkaException as exc:
+            err = _unwrap(exc)
+            if err is not None and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue
+            raise AdminError(f"deleting topic {name!r} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise AdminError(f"deleting topic {name!r}: no answer from the cluster in {timeout:.0f} s") from exc
+        deleted.append(name)
+    return deleted
+
+
 def _wait_visible(admin: AdminClient, settings: KafkaSettings, names: Sequence[str], timeout: float) -> None:
     """Wait until the cluster metadata shows every topic with a leader on every partition."""
     deadline = time.monotonic() + timeout

@@ -93,17 +93,12 @@ def kafka_settings(kafka_bootstrap: str) -> Iterator[KafkaSettings]:
 
 def _delete_topics(settings: KafkaSettings) -> None:
     """Best effort: a shared broker ($STREAMREC_TEST_BOOTSTRAP) should not fill up with test topics."""
-    from confluent_kafka import KafkaException
+    from infra.admin import AdminError, delete_topics
 
-    from infra.admin import admin_client
-
-    names = [spec.real_name(settings) for spec in ALL_TOPICS]
-    futures = admin_client(settings).delete_topics(names, operation_timeout=10, request_timeout=10)
-    for name, fut in futures.items():
-        try:
-            fut.result(timeout=15)
-        except (KafkaException, TimeoutError) as exc:
-            log.warning("could not delete test topic %s: %s", name, exc)
+    try:
+        delete_topics(settings, ALL_TOPICS, timeout=15)
+    except AdminError as exc:
+        log.warning("could not delete the test topics of %s: %s", settings.topic_prefix, exc)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

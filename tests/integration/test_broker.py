@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.admin import describe_topics, ensure_topics
+from infra.admin import delete_topics, describe_topics, ensure_topics
 from infra.broker import (
     STATUS_STOPPED,
     BrokerStartError,
@@ -31,17 +31,20 @@ pytestmark = pytest.mark.integration
 def test_ensure_topics_is_idempotent(kafka_bootstrap: str) -> None:
     settings = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic_prefix=f"adm-{uuid.uuid4().hex[:8]}-")
     names = [spec.real_name(settings) for spec in ALL_TOPICS]
+    try:
+        assert ensure_topics(settings) == names
+        assert ensure_topics(settings) == []
 
-    assert ensure_topics(settings) == names
-    assert ensure_topics(settings) == []
-
-    info = describe_topics(settings, names)
-    assert set(info) == set(names)
-    for spec in ALL_TOPICS:
-        ti = info[spec.real_name(settings)]
-        assert ti.partitions == settings.partitions
-        assert ti.config["cleanup.policy"] == ("compact" if spec.compacted else "delete")
-    assert {s.name for s in ALL_TOPICS if s.compacted} == {"items", "user-history", "model-updates"}
+        info = describe_topics(settings, names)
+        assert set(info) == set(names)
+        for spec in ALL_TOPICS:
+            ti = info[spec.real_name(settings)]
+            assert ti.partitions == settings.partitions
+            assert ti.config["cleanup.policy"] == ("compact" if spec.compacted else "delete")
+        assert {s.name for s in ALL_TOPICS if s.compacted} == {"items", "user-history", "model-updates"}
+    finally:
+        assert sorted(delete_topics(settings)) == sorted(names)
+    assert delete_topics(settings) == []
 
 
 def test_existing_topic_with_other_partition_count_is_reported(

@@ -20,7 +20,7 @@ from streams.records import (
 )
 from streams.settings import KafkaSettings
 from streams.topics import ALL_TOPICS, CLICKS, IMPRESSIONS, TopicSpec
-from tests.kafka_utils import consume, consume_raw, java_partition, murmur2, produce
+from tests.kafka_utils import consume, consume_raw, java_partition, produce
 
 pytestmark = pytest.mark.integration
 
@@ -73,19 +73,6 @@ def test_samples_cover_every_topic() -> None:
     assert set(SAMPLES) == {spec.name for spec in ALL_TOPICS} == set(DESIGN_KEY_FIELD)
     for spec in ALL_TOPICS:
         assert isinstance(SAMPLES[spec.name], spec.record)
-
-
-def test_murmur2_matches_the_java_client() -> None:
-    # org.apache.kafka.common.utils.UtilsTest#testMurmur2
-    vectors = {
-        b"21": -973932308,
-        b"foobar": -790332482,
-        b"a-little-bit-long-string": -985981536,
-        b"a-little-bit-longer-string": -1486304829,
-        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
-        b"abc": 479470107,
-    }
-    assert {k: murmur2(k) for k in vectors} == vectors
 
 
 @pytest.mark.parametrize("spec", ALL_TOPICS, ids=lambda s: s.name)

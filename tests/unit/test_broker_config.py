@@ -1,0 +1,133 @@
+"""The broker launcher and admin CLI without a running broker: config, ports, jars, errors."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from infra import admin, broker
+from infra.broker import (
+    STATUS_STOPPED,
+    LocalBroker,
+    ToolNotFoundError,
+    fetch_jars,
+    free_ports,
+    jars_present,
+    libs_dir,
+    log_tail,
+    new_cluster_id,
+    port_in_use,
+    running_pid,
+)
+from tests.kafka_utils import java_partition, murmur2
+
+
+def test_server_properties_describe_one_kraft_node_on_loopback(tmp_path: Path) -> None:
+    b = LocalBroker(19092, controller_port=19093, home=tmp_path, partitions=6,
+                    properties={"log.retention.hours": "1"})  # fmt: skip
+    props = b.server_properties()
+    assert props["process.roles"] == "broker,controller"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:19093"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
+    assert props["advertised.listeners"] == "PLAINTEXT://127.0.0.1:19092"
+    assert props["log.dirs"] == str(tmp_path.resolve() / "data")
+    assert props["num.partitions"] == "6"
+    assert props["offsets.topic.replication.factor"] == "1"
+    assert props["log.retention.hours"] == "1"
+    assert b.bootstrap == "127.0.0.1:19092"
+
+
+def test_fixed_port_broker_lives_in_its_run_folder(tmp_path: Path) -> None:
+    b = LocalBroker(19092, cache_dir=tmp_path)
+    assert b.home == tmp_path / "kafka" / "run-19092"
+    assert b.pid is None and not b.is_running()
+
+
+def test_cluster_id_is_kafka_uuid_format() -> None:
+    for _ in range(200):
+        cid = new_cluster_id()
+        assert len(cid) == 22 and not cid.startswith("-")
+        assert len(base64.urlsafe_b64decode(cid + "==")) == 16
+
+
+def test_free_ports_are_distinct_and_free() -> None:
+    a, b = free_ports(2)
+    assert a != b
+    assert not port_in_use(a) and not port_in_use(b)
+
+
+def test_port_in_use_sees_a_listener() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert port_in_use(port)
+
+
+def test_jars_are_complete_only_with_their_manifest(tmp_path: Path) -> None:
+    libs = libs_dir(tmp_path)
+    libs.mkdir(parents=True)
+    assert not jars_present(tmp_path)
+    (libs / "kafka_2.13-3.9.1.jar").write_bytes(b"PK")
+    assert not jars_present(tmp_path), "jars without a manifest are an interrupted fetch"
+    (libs / ".complete").write_text(broker._manifest_header() + "\nkafka_2.13-3.9.1.jar\nmissing.jar\n")
+    assert not jars_present(tmp_path)
+    (libs / "missing.jar").write_bytes(b"PK")
+    assert jars_present(tmp_path)
+    assert fetch_jars(tmp_path) == libs  # present: no Maven run
+
+
+def test_missing_java_and_mvn_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    with pytest.raises(ToolNotFoundError, match="`java` was not found"):
+        LocalBroker(home=tmp_path / "b").start()
+    with pytest.raises(ToolNotFoundError, match="`mvn` was not found"):
+        fetch_jars(tmp_path)
+
+
+def test_a_pid_file_of_another_process_is_not_a_broker(tmp_path: Path) -> None:
+    (tmp_path / "broker.pid").write_text(f"{os.getpid()}\n")  # alive, but not kafka.Kafka
+    assert running_pid(tmp_path) is None
+    (tmp_path / "broker.pid").write_text("not a pid\n")
+    assert running_pid(tmp_path) is None
+
+
+def test_log_tail_keeps_the_last_lines(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert log_tail(log, 3) == "line 97\nline 98\nline 99"
+    assert log_tail(tmp_path / "nope.log") == ""
+
+
+def test_broker_cli_status_and_down_without_brokers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert broker.main(["--cache-dir", str(tmp_path), "status"]) == STATUS_STOPPED
+    assert "stopped" in capsys.readouterr().out
+    assert broker.main(["--cache-dir", str(tmp_path), "status", "--port", "19092"]) == STATUS_STOPPED
+    assert "stopped: 127.0.0.1:19092" in capsys.readouterr().out
+    assert broker.main(["--cache-dir", str(tmp_path), "down"]) == 0
+    assert "no local broker running" in capsys.readouterr().out
+
+
+def test_admin_cli_reports_a_bad_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("STREAMREC_BOOTSTRAP_SERVERS", "no-port-here")
+    assert admin.main(["list"]) == admin.EXIT_CONFIG
+    assert "STREAMREC_BOOTSTRAP_SERVERS" in capsys.readouterr().err
+
+
+def test_murmur2_matches_the_java_client() -> None:
+    # org.apache.kafka.common.utils.UtilsTest#testMurmur2
+    vectors = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
+    assert {k: murmur2(k) for k in vectors} == vectors
+    assert java_partition(b"21", 4) == (-973932308 & 0x7FFFFFFF) % 4
