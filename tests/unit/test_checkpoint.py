@@ -1,0 +1,163 @@
+"""Trainer checkpoints: a restart resumes with identical parameters, optimizer, offsets."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from streams.records import Item, Labeled
+from trainer.catalog import Catalog
+from trainer.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from trainer.learner import ContinualLearner, LearnerConfig
+from trainer.model import ModelConfig, build_model
+from trainer.service import DedupeWindow, dedupe_key, guardrail_passes, held_back
+
+CATEGORIES = ["drama", "scifi", "comedy"]
+
+
+def _catalog() -> Catalog:
+    return Catalog(
+        Item(item_id=f"i{n}", text=f"{CATEGORIES[n % 3]} film number {n}", categories=[CATEGORIES[n % 3]], ts=1)
+        for n in range(12)
+    )
+
+
+def _examples(n: int, seed: int) -> list[Labeled]:
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        item = f"i{rng.randrange(12)}"
+        imp = f"s{seed}-imp{k}"
+        out.append(Labeled(
+            example_id=f"{imp}:{item}", impression_id=imp, user_id=f"u{rng.randrange(5)}",
+            item_id=item, position=k % 4, label=rng.random() < 0.3,
+            history=[f"i{rng.randrange(12)}" for _ in range(3)],
+            impression_ts=1000 + k, label_ts=2000 + k, ts=2000 + k,
+        ))  # fmt: skip
+    return out
+
+
+def _learner(config: ModelConfig) -> ContinualLearner:
+    return ContinualLearner(
+        build_model(config), LearnerConfig(device="cpu", replay_size=50, distill_weight=0.5), _catalog()
+    )
+
+
+def _config(**kw: object) -> ModelConfig:
+    fields: dict[str, object] = {"encoder_layers": 1, "max_text_len": 16, "embed_dim": 32, "categories": CATEGORIES}
+    fields.update(kw)
+    return ModelConfig(**fields)
+
+
+def _checkpoint(learner: ContinualLearner, offsets: dict[str, int], dedupe: DedupeWindow) -> Checkpoint:
+    return Checkpoint(
+        learner_state=learner.state_dict(),
+        offsets=offsets,
+        examples_trained=learner.examples_trained,
+        recent_example_ids=dedupe.state(),
+        model_config=learner.model.config.model_dump(mode="json"),
+        settings={"batch_size": 16},
+        service_state={"live_version": 3, "holdout": [e.to_dict() for e in _examples(2, 9)]},
+    )
+
+
+def test_restart_from_checkpoint_is_identical(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    learner = _learner(_config())
+    for k in range(3):
+        learner.step(_examples(16, k))
+    learner.set_teacher(learner.model.trainable_state_dict())  # as after a publish
+    learner.step(_examples(16, 3))
+    offsets = {"labeled:0": 31, "labeled:1": 17, "labeled:3": 0}
+    dedupe = DedupeWindow(100, (e.example_id for e in _examples(64, 0)))
+    save_checkpoint(tmp_path, _checkpoint(learner, offsets, dedupe))
+
+    restored = _learner(_config())
+    ckpt = load_checkpoint(tmp_path, expected_model_config=_config().model_dump(mode="json"))
+    assert ckpt is not None
+    restored.load_state_dict(ckpt.learner_state)
+    assert ckpt.offsets == offsets
+    assert ckpt.examples_trained == learner.examples_trained == 64
+    assert ckpt.recent_example_ids == dedupe.state()
+    assert ckpt.service_state["live_version"] == 3 and len(ckpt.service_state["holdout"]) == 2
+    assert ckpt.created_ts > 0
+
+    def same_params() -> None:
+        a, b = learner.model.state_dict(), restored.model.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+    same_params()
+    assert restored.metrics.snapshot() == learner.metrics.snapshot()
+    # The next step (replay sampling, optimizer moments, distillation, RNG) matches exactly.
+    batch = _examples(16, 4)
+    out_a, out_b = learner.step(batch), restored.step(batch)
+    assert out_a["loss"] == out_b["loss"]
+    same_params()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    learner = _learner(_config())
+    save_checkpoint(tmp_path, _checkpoint(learner, {}, DedupeWindow(10)))
+    other = _config(embed_dim=16).model_dump(mode="json")
+    with pytest.raises(CheckpointError, match=r"embed_dim: checkpoint has 32, configured 16"):
+        load_checkpoint(tmp_path, expected_model_config=other)
+
+
+def test_write_is_atomic_and_bad_files_are_refused(tmp_path: Path) -> None:
+    assert load_checkpoint(tmp_path) is None
+    learner = _learner(_config())
+    save_checkpoint(tmp_path, _checkpoint(learner, {"labeled:0": 5}, DedupeWindow(10)))
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
+
+    broken = _checkpoint(learner, {"labeled:0": 9}, DedupeWindow(10))
+    broken.service_state["oops"] = lambda: None  # cannot be pickled: the write fails midway
+    with pytest.raises(CheckpointError, match="cannot write"):
+        save_checkpoint(tmp_path, broken)
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before  # the old one is intact
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temp file left
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.offsets == {"labeled:0": 5}
+
+    (tmp_path / CHECKPOINT_FILE).write_bytes(before[: len(before) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_dedupe_window_and_hold_back() -> None:
+    w = DedupeWindow(3, ["a", "b"])
+    w.add("c")
+    w.add("a")  # already there: no change of order
+    w.add("d")  # evicts the oldest
+    assert w.state() == ["b", "c", "d"] and "a" not in w and "d" in w
+    assert DedupeWindow(3, w.state()).state() == w.state()  # survives a checkpoint round trip
+
+    neg = _examples(1, 0)[0]
+    late = neg.model_copy(update={"label": 1, "late": True})
+    assert dedupe_key(neg) != dedupe_key(late)  # a late positive corrects its negative: not a duplicate
+
+    ids = [f"imp{k}:i{k % 7}" for k in range(4000)]
+    share = sum(held_back(i, 0.1) for i in ids) / len(ids)
+    assert 0.08 < share < 0.12
+    assert [held_back(i, 0.1) for i in ids] == [held_back(i, 0.1) for i in ids]  # stable
+    assert not any(held_back(i, 0.0) for i in ids)
+
+
+def test_guardrail_comparison() -> None:
+    live = {"log_loss": 0.50, "auc": 0.70}
+    assert guardrail_passes({"log_loss": 0.505, "auc": 0.69}, live, metric="log_loss", margin=0.01)[0]
+    assert not guardrail_passes({"log_loss": 0.52, "auc": 0.75}, live, metric="log_loss", margin=0.01)[0]
+    assert guardrail_passes({"log_loss": 0.9, "auc": 0.695}, live, metric="auc", margin=0.01)[0]
+    assert not guardrail_passes({"log_loss": 0.4, "auc": 0.6}, live, metric="auc", margin=0.01)[0]
+    # AUC undefined (one class only in the held-back set): falls back to log loss
+    assert guardrail_passes({"log_loss": 0.4}, {"log_loss": 0.5}, metric="auc", margin=0.0)[0]

@@ -1,0 +1,82 @@
+"""``python -m trainer``: run the trainer service until SIGTERM/SIGINT (then checkpoint and exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+from pydantic_settings import BaseSettings
+
+from streams.errors import StreamrecError
+from streams.settings import ENV_PREFIX, KafkaSettings, load
+from trainer.service_settings import ENV_PREFIX as TRAINER_PREFIX
+from trainer.service_settings import TrainerSettings
+
+log = logging.getLogger("trainer")
+
+
+def _settings_help(cls: type[BaseSettings], prefix: str) -> str:
+    lines = []
+    for name, field in cls.model_fields.items():
+        default = "(computed)" if field.default_factory is not None else repr(field.default)
+        lines.append(f"  {prefix}{name.upper():<28} {field.description or ''} [default {default}]")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m trainer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "The streamrec trainer: consumes `labeled` (and `items`), trains the recommender "
+            "continually, publishes guarded versions to the weight store and announces them on "
+            "`model-updates`.  Checkpoints at every publish and on SIGTERM; a restart resumes "
+            "from the checkpoint.  Configured by environment variables:"
+        ),
+        epilog=(
+            "trainer settings:\n" + _settings_help(TrainerSettings, TRAINER_PREFIX)
+            + "\n\nkafka settings (shared by every service):\n" + _settings_help(KafkaSettings, ENV_PREFIX)
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    parser.add_argument("--log-level", default=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING... (default INFO or $STREAMREC_LOG_LEVEL)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        kafka = load(KafkaSettings)
+        settings = load(TrainerSettings)
+    except StreamrecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from trainer.service import TrainerService
+
+    service = TrainerService(settings, kafka)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: checkpointing and stopping", signal.Signals(signum).name)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service.run()
+    except StreamrecError as exc:
+        log.error("trainer failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

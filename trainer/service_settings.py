@@ -1,0 +1,198 @@
+"""Settings of the trainer service, read once from the environment (prefix ``STREAMREC_TRAINER_``).
+
+Kafka connection settings are the shared :class:`streams.settings.KafkaSettings`
+(prefix ``STREAMREC_``); everything specific to the trainer lives here.  Build
+it with ``streams.settings.load(TrainerSettings)``: a setting that cannot work
+raises :class:`~streams.errors.ConfigError` naming the environment variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.settings import default_cache_dir
+
+ENV_PREFIX = "STREAMREC_TRAINER_"
+
+
+def _default_weights_root() -> str:
+    return str(default_cache_dir() / "weights")
+
+
+def _default_checkpoint_dir() -> Path:
+    return default_cache_dir() / "trainer"
+
+
+class TrainerSettings(BaseSettings):
+    """Everything the trainer service can be told; see ``python -m trainer --help``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    # --- identity and storage -------------------------------------------------------
+    model_name: str = Field(
+        default="streamrec", min_length=1, max_length=256,
+        description="Model name: the key of its records on model-updates.",
+    )
+    weights_root: str = Field(
+        default_factory=_default_weights_root,
+        description="Weight store root: a directory or an fsspec URL (default <cache>/weights).",
+    )
+    checkpoint_dir: Path = Field(
+        default_factory=_default_checkpoint_dir,
+        description="Directory of the trainer checkpoint (default <cache>/trainer).",
+    )
+    group_id: str = Field(
+        default="streamrec-trainer", min_length=1,
+        description="Consumer group the trained-up-to offsets are committed under (for lag monitoring).",
+    )
+    start_offset: Literal["earliest", "latest"] = Field(
+        default="earliest",
+        description="Where to start in a labeled partition the checkpoint does not cover.",
+    )
+
+    # --- batching -------------------------------------------------------------------------
+    batch_size: int = Field(default=64, ge=1, le=65_536, description="Examples per training step (at most).")
+    max_batch_wait_s: float = Field(
+        default=1.0, gt=0, le=3600,
+        description="Train a smaller batch once its oldest example has waited this long.",
+    )
+    dedupe_window: int = Field(
+        default=100_000, ge=0, le=10_000_000,
+        description="Recent example_ids remembered to drop redelivered examples (0 = off).",
+    )
+    missing_item_wait_s: float = Field(
+        default=30.0, ge=0, le=86_400,
+        description="How long an example whose item is not in the catalog yet waits for it "
+        "(its partition waits behind it) before it goes to dead-letters.",
+    )
+    max_queued_per_partition: int = Field(
+        default=10_000, ge=1,
+        description="Fetched but untrained examples per partition before it is paused (backpressure).",
+    )
+
+    # --- publishing and guardrail ----------------------------------------------------------
+    publish_every_steps: int = Field(default=50, ge=1, description="Publish after this many steps...")
+    publish_every_s: float = Field(
+        default=5.0, gt=0, description="...or this many seconds since the last publish, whichever first."
+    )
+    publish_kind: Literal["full", "delta"] = Field(
+        default="full",
+        description="full: the whole state dict; delta: only the trainable params, on the last full version.",
+    )
+    full_every: int = Field(
+        default=10, ge=1, description="With publish_kind=delta, every N-th version is full (bounds chains)."
+    )
+    keep_versions: int = Field(
+        default=20, ge=0, description="Versions kept in the weight store (older pruned; 0 = keep all)."
+    )
+    holdout_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0,
+        description="Fraction of examples held back from training for the guardrail (0 = no guardrail).",
+    )
+    holdout_size: int = Field(
+        default=2_000, ge=1, description="Most recent held-back examples the guardrail evaluates on."
+    )
+    guardrail_min_examples: int = Field(
+        default=32, ge=1,
+        description="Held-back examples needed before a candidate can replace a live version.",
+    )
+    guardrail_metric: Literal["log_loss", "auc"] = Field(
+        default="log_loss", description="Metric the guardrail compares (log_loss: lower is better)."
+    )
+    guardrail_margin: float = Field(
+        default=0.01, ge=0.0,
+        description="A candidate passes when it is at most this much worse than the live version.",
+    )
+
+    # --- checkpoints ----------------------------------------------------------------------
+    checkpoint_every_steps: int = Field(
+        default=100, ge=1, description="Checkpoint after this many steps (and at every publish)."
+    )
+
+    # --- model ----------------------------------------------------------------------------
+    encoder_path: str | None = Field(
+        default=None,
+        description="Local path or Hugging Face name of the encoder (default: the offline all-MiniLM-L6-v2).",
+    )
+    encoder_layers: int | None = Field(
+        default=None, ge=1, le=48, description="Keep only the first N encoder layers (1 = test-sized)."
+    )
+    freeze_layers: int | None = Field(
+        default=None, ge=0, le=48, description="Freeze the embeddings and the lowest N encoder layers."
+    )
+    lora_rank: int | None = Field(default=None, ge=0, le=256, description="LoRA rank on attention (0 = off).")
+    max_text_len: int | None = Field(
+        default=None, ge=4, le=512, description="Item text tokens fed to the encoder."
+    )
+    categories: list[str] | None = Field(
+        default=None,
+        description="Category names of the category head, as a JSON list (default: the catalog's "
+        "categories when a model starts fresh, the checkpoint's when it resumes).",
+    )
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Any other ModelConfig field, as a JSON object, e.g. {"embed_dim": 64}.',
+    )
+
+    # --- learner --------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto (CUDA with bf16 autocast when present, else CPU), cpu or cuda."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the model init, learner RNG and hold-back choice.")
+    learner_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='LearnerConfig fields, as a JSON object, e.g. {"lr_heads": 0.003, "replay_size": 5000}.',
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the model init, learner RNG and hold-back choice.")
+
+    # --- operations -----------------------------------------------------------------------
+    metrics_port: int = Field(
+        default=9101, ge=0, le=65_535, description="Prometheus metrics port (0 = off)."
+    )
+    log_every_s: float = Field(default=10.0, gt=0, description="Seconds between progress log lines.")
+    trained_ids_log: Path | None = Field(
+        default=None,
+        description="Debug: append every trained (T) and held-back (H) example_id to this file; "
+        "rolled back to the checkpoint on restart, so it lists exactly the checkpointed lineage.",
+    )
+
+    @field_validator("weights_root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainerSettings:
+        if (
+            self.freeze_layers is not None
+            and self.encoder_layers is not None
+            and self.freeze_layers > self.encoder_layers
+        ):
+            raise ValueError(
+                f"freeze_layers: {self.freeze_layers} exceeds encoder_layers ({self.encoder_layers})"
+            )
+        if self.holdout_fraction > 0 and self.guardrail_min_examples > self.holdout_size:
+            raise ValueError(
+                f"guardrail_min_examples: {self.guardrail_min_examples} exceeds holdout_size "
+                f"({self.holdout_size}), so no version could ever pass the guardrail"
+            )
+        return self
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The model settings given explicitly (the rest keep ModelConfig's defaults)."""
+        out = dict(self.model_options)
+        names = {"encoder_path": "encoder", "encoder_layers": "encoder_layers",
+                 "freeze_layers": "freeze_layers", "lora_rank": "lora_rank",
+                 "max_text_len": "max_text_len", "categories": "categories"}
+        for setting, field in names.items():
+            if getattr(self, setting) is not None:
+                out[field] = getattr(self, setting)
+        out.setdefault("seed", self.seed)
+        return out
