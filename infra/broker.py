@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -72,6 +72,7 @@ DEFAULT_PORT = 9092
 STATUS_STOPPED = 3
 _MANIFEST = ".complete"
 _LOG_TAIL_LINES = 40
+_LOG_ROTATE_BYTES = 64 * 1024 * 1024
 
 
 class BrokerError(StreamrecError):
@@ -281,13 +282,39 @@ def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM this child when the process that started it dies (even by SIGKILL)."""
-    import ctypes
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes Linux SIGTERM the child when this process dies (even by SIGKILL).
 
+    ``prctl`` is looked up here, in the parent, so that the child only makes
+    one foreign call between fork and exec.  The signal follows the death of
+    the *thread* that started the child: start brokers from the main thread.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
     pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    def preexec() -> None:  # pragma: no cover - runs in the child
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+    return preexec
+
+
+def _prune_stale_homes(tmp_root: Path, older_than: float = 3600.0) -> None:
+    """Remove temporary broker homes left by killed processes (no live broker, untouched for an hour)."""
+    now = time.time()
+    for d in tmp_root.glob("broker-*"):
+        try:
+            if now - d.stat().st_mtime > older_than and running_pid(d) is None:
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("removed stale temporary broker home %s", d)
+        except OSError:
+            continue
 
 
 # --- the broker ------------------------------------------------------------------------
@@ -348,6 +375,7 @@ class LocalBroker:
         if self._home is None:
             tmp_root = kafka_dir(self.cache_dir) / "tmp"
             tmp_root.mkdir(parents=True, exist_ok=True)
+            _prune_stale_homes(tmp_root)
             self._home = Path(tempfile.mkdtemp(prefix="broker-", dir=tmp_root))
         return self._home
 
@@ -441,6 +469,8 @@ class LocalBroker:
 
         log.info("starting Kafka %s on %s (home %s)", KAFKA_VERSION, self.bootstrap, self.home)
         started = time.monotonic()
+        if self.log_file.is_file() and self.log_file.stat().st_size > _LOG_ROTATE_BYTES:
+            self.log_file.replace(self.log_file.with_suffix(".log.1"))
         with open(self.log_file, "ab") as out:
             self._proc = subprocess.Popen(
                 [*base, "kafka.Kafka", str(self.config_file)],
@@ -449,7 +479,7 @@ class LocalBroker:
                 stderr=subprocess.STDOUT,
                 cwd=self.home,
                 start_new_session=self.detached,
-                preexec_fn=None if self.detached or sys.platform != "linux" else _die_with_parent,
+                preexec_fn=None if self.detached else _parent_death_signal(),
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         try:

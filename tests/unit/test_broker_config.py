@@ -131,3 +131,13 @@ def test_murmur2_matches_the_java_client() -> None:
     }
     assert {k: murmur2(k) for k in vectors} == vectors
     assert java_partition(b"21", 4) == (-973932308 & 0x7FFFFFFF) % 4
+
+
+def test_stale_temporary_homes_are_pruned(tmp_path: Path) -> None:
+    old, young = tmp_path / "broker-old", tmp_path / "broker-young"
+    for d in (old, young):
+        (d / "data").mkdir(parents=True)
+    os.utime(old, (1_000_000, 1_000_000))
+    broker._prune_stale_homes(tmp_path)
+    assert not old.exists()
+    assert young.is_dir(), "a home created moments ago may belong to a broker that is starting"
