@@ -1,0 +1,638 @@
+"""The impression–click join of DESIGN.md as a pure state machine: no Faust, no Kafka.
+
+One :class:`JoinCore` owns one partition.  Feed it impressions and clicks in
+arrival order (:meth:`JoinCore.on_impression`, :meth:`JoinCore.on_click`) and
+call :meth:`JoinCore.tick` now and then; each call returns what to emit:
+:class:`~streams.records.Labeled` examples, :class:`~streams.records.UserHistory`
+updates and :class:`Rejected` clicks (for the dead-letter topic).
+
+Semantics (all times are event time in ms unless they say wall clock):
+
+* **Watermarks.**  Each input stream has ``max ts seen − allowed_lateness``;
+  the partition watermark is the minimum of the two and never goes back.  A
+  stream with no arrival for ``idle_timeout_s`` (wall clock, injectable
+  ``clock``) stops holding it back; when both are idle every open window
+  closes and every buffered early click is dead-lettered.
+* **Window.**  An impression at ``T`` attributes clicks with ``ts <= T + window``:
+  the window end is **inclusive**.  The window closes when the watermark
+  passes the end (``watermark > T + window``); every shown item not clicked
+  by then is emitted with ``label=0`` and ``label_ts = T + window``.
+* **Positives** are emitted when the click arrives (``label_ts`` = click ts).
+  A click after the window end, or one that arrives after the window closed,
+  becomes a positive with ``late=True``, always after the item's negative.
+* **Early clicks** (impression not seen yet) wait until the watermark passes
+  ``click ts + orphan_grace_ms`` (or the buffer of ``orphan_buffer_max`` is
+  full, oldest first), then become orphans.  A click that contradicts its
+  impression (item not in the slate, other user) is rejected at once.
+* **Duplicates.**  At most one negative and one positive per ``example_id``;
+  a repeated impression id or click changes nothing.  Closed impressions are
+  remembered until the watermark passes ``T + window + closed_retention_ms``
+  (so memory is bounded by event time, not by count); after that a click for
+  them is an orphan and a replayed impression would be joined afresh.
+* **History.**  Every accepted click (the first one per example_id) goes into
+  the user's history.  An example carries the user's last ``history_length``
+  clicked items with ``ts < T`` (strictly before the impression, never a click
+  of the same impression): no click after the impression can leak in.
+  Negatives see every such click that arrived within the lateness; a positive
+  sees those that arrived before it.  A history keeps every entry newer than
+  ``watermark − window − retention`` (still needed for open or remembered
+  impressions) plus the ``history_length`` entries before that, and never
+  more than ``max(4 × history_length, history_length + 100)``.
+
+:func:`reference_join` computes the same labels from the whole stream at once;
+for any arrival order within the allowed lateness (clicks no earlier than
+their impression minus the grace, no later than window + retention after it)
+the core emits the same set of ``(example_id, label)``.
+
+State for persistence: :meth:`JoinCore.drain_changes` returns the state keys
+changed since the last call (JSON-able values, ``None`` = deleted) and
+:meth:`JoinCore.restore` rebuilds a core from such keys.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from bisect import bisect_left, insort
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from streams.errors import ConfigError
+from streams.records import SCHEMA_VERSION, Click, Impression, Labeled, UserHistory, example_id
+
+NO_WATERMARK = -(2**62)
+"""The watermark before any event: below every valid ``ts``."""
+
+_IMP, _CLK = 0, 1
+_STREAMS = ("impressions", "clicks")
+
+
+@dataclass(frozen=True, slots=True)
+class JoinConfig:
+    """The event-time semantics of one join; see the module docstring."""
+
+    window_ms: int = 30 * 60_000
+    allowed_lateness_ms: int = 5_000
+    idle_timeout_s: float = 10.0
+    orphan_grace_ms: int = 60_000
+    orphan_buffer_max: int = 100_000
+    closed_retention_ms: int = 60 * 60_000
+    history_length: int = 50
+
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("window_ms", 1),
+            ("allowed_lateness_ms", 0),
+            ("orphan_grace_ms", 0),
+            ("orphan_buffer_max", 1),
+            ("closed_retention_ms", 0),
+            ("history_length", 1),
+        ):
+            if getattr(self, name) < low:
+                raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")
+        if not self.idle_timeout_s > 0:
+            raise ConfigError("idle_timeout_s", f"must be > 0, got {self.idle_timeout_s}")
+
+    @property
+    def history_cap(self) -> int:
+        return max(4 * self.history_length, self.history_length + 100)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A click the join cannot use; the worker sends it to ``dead-letters``."""
+
+    click: Click
+    offset: int
+    """Offset of the click on its partition (-1 when unknown)."""
+    reason: str
+    orphan: bool
+    """True: no impression within the grace; False: the click contradicts its impression."""
+
+
+Output: TypeAlias = Labeled | UserHistory | Rejected
+
+
+class _Impression:
+    """One remembered impression: open until its window closes, then closed until evicted."""
+
+    __slots__ = ("impression_id", "user_id", "ts", "items", "positives", "beyond", "closed")
+
+    def __init__(self, impression_id: str, user_id: str, ts: int, items: tuple[str, ...]) -> None:
+        self.impression_id = impression_id
+        self.user_id = user_id
+        self.ts = ts
+        self.items = items
+        self.positives: set[str] = set()  # items whose positive was emitted
+        self.beyond: dict[str, tuple[int, float | None]] = {}  # clicks after the window end, while open
+        self.closed = False
+
+    def state(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"u": self.user_id, "ts": self.ts, "items": list(self.items)}
+        if self.positives:
+            s["pos"] = sorted(self.positives)
+        if self.beyond:
+            s["beyond"] = {k: list(v) for k, v in self.beyond.items()}
+        if self.closed:
+            s["closed"] = True
+        return s
+
+    @classmethod
+    def from_state(cls, impression_id: str, s: Mapping[str, Any]) -> _Impression:
+        rec = cls(impression_id, s["u"], int(s["ts"]), tuple(s["items"]))
+        rec.positives = set(s.get("pos", ()))
+        rec.beyond = {k: (int(v[0]), v[1]) for k, v in s.get("beyond", {}).items()}
+        rec.closed = bool(s.get("closed", False))
+        return rec
+
+
+# A history entry: (click ts, arrival seq, item_id, impression_id), kept sorted.
+_Entry: TypeAlias = tuple[int, int, str, str]
+# A buffered early click: (click, offset, seq, expiry).
+_Early: TypeAlias = tuple[Click, int, int, int]
+
+
+class JoinCore:
+    """The join state of one partition.  Not thread-safe; one caller at a time."""
+
+    def __init__(self, config: JoinConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._imps: dict[str, _Impression] = {}
+        self._open: dict[str, _Impression] = {}
+        # (event time, impression_id): the window end of an open impression, the
+        # eviction time of a closed one.  Stale entries are skipped when popped.
+        self._deadlines: list[tuple[int, str]] = []
+        self._early: dict[str, list[_Early]] = {}
+        self._early_heap: list[tuple[int, int, str]] = []  # (expiry, seq, impression_id)
+        self._early_count = 0
+        self._histories: dict[str, list[_Entry]] = {}
+        self._max_ts: list[int | None] = [None, None]
+        now = clock()
+        self._last_arrival = [now, now]
+        self._watermark = NO_WATERMARK
+        self._seq = 0
+        self._dirty: set[str] = set()
+        self.counts: Counter[str] = Counter()
+        """Monotonic event counts: duplicate_impressions, duplicate_clicks."""
+
+    # --- inputs ---------------------------------------------------------------------------
+    def on_impression(self, imp: Impression, offset: int = -1) -> list[Output]:
+        """Take one impression in arrival order; return what to emit."""
+        del offset  # impressions are never dead-lettered by the join itself
+        out: list[Output] = []
+        now = self._arrive(_IMP, imp.ts)
+        iid = imp.impression_id
+        if iid in self._imps:
+            self.counts["duplicate_impressions"] += 1
+        else:
+            rec = _Impression(iid, imp.user_id, imp.ts, tuple(imp.items))
+            self._imps[iid] = rec
+            self._open[iid] = rec
+            heapq.heappush(self._deadlines, (rec.ts + self.config.window_ms, iid))
+            self._dirty.add("i/" + iid)
+            early = self._early.pop(iid, None)
+            if early is not None:
+                self._dirty.add("o/" + iid)
+                self._early_count -= len(early)
+                for click, off, _seq, _expiry in early:
+                    self._apply_click(rec, click, off, out)
+        self._advance(now, out)
+        return out
+
+    def on_click(self, click: Click, offset: int = -1) -> list[Output]:
+        """Take one click in arrival order; return what to emit."""
+        out: list[Output] = []
+        now = self._arrive(_CLK, click.ts)
+        rec = self._imps.get(click.impression_id)
+        if rec is None:
+            self._buffer_early(click, offset, out)
+        else:
+            self._apply_click(rec, click, offset, out)
+        self._advance(now, out)
+        return out
+
+    def tick(self) -> list[Output]:
+        """Advance the watermark by the wall clock (idle streams); return what to emit."""
+        out: list[Output] = []
+        self._advance(self._clock(), out)
+        return out
+
+    def reset_idle(self) -> None:
+        """Count both streams as just active (after a pause in consuming, e.g. a rebalance)."""
+        now = self._clock()
+        self._last_arrival = [now, now]
+
+    # --- observation ----------------------------------------------------------------------
+    @property
+    def watermark(self) -> int:
+        """The partition watermark (:data:`NO_WATERMARK` before it is known)."""
+        return self._watermark
+
+    @property
+    def max_event_ts(self) -> int | None:
+        seen = [t for t in self._max_ts if t is not None]
+        return max(seen) if seen else None
+
+    @property
+    def open_impressions(self) -> int:
+        return len(self._open)
+
+    @property
+    def remembered_impressions(self) -> int:
+        return len(self._imps)
+
+    @property
+    def early_clicks(self) -> int:
+        return self._early_count
+
+    def history(self, user_id: str) -> list[str]:
+        """The user's clicked items known now, most recent last (at most history_length)."""
+        hist = self._histories.get(user_id, [])
+        return [e[2] for e in hist[-self.config.history_length :]]
+
+    # --- state ----------------------------------------------------------------------------
+    def drain_changes(self) -> dict[str, Any]:
+        """State keys changed since the last call → JSON-able value, or None when deleted."""
+        changes = {key: self._state_of(key) for key in self._dirty}
+        self._dirty = set()
+        return changes
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every state key and its value (what :meth:`restore` needs)."""
+        keys = ["w"]
+        keys += ["i/" + k for k in self._imps]
+        keys += ["o/" + k for k in self._early]
+        keys += ["h/" + k for k in self._histories]
+        return {k: self._state_of(k) for k in keys}
+
+    @classmethod
+    def restore(
+        cls,
+        config: JoinConfig,
+        state: Iterable[tuple[str, Any]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> JoinCore:
+        """Rebuild a core from state keys (as written by :meth:`drain_changes`)."""
+        core = cls(config, clock)
+        for key, value in state:
+            if value is None:
+                continue
+            kind, ident = key[0], key[2:]
+            if key == "w":
+                core._max_ts = [value["max_ts"][0], value["max_ts"][1]]
+                core._watermark = int(value["wm"])
+                core._seq = max(core._seq, int(value["seq"]))
+            elif kind == "i":
+                rec = _Impression.from_state(ident, value)
+                core._imps[ident] = rec
+                if rec.closed:
+                    deadline = rec.ts + config.window_ms + config.closed_retention_ms
+                else:
+                    core._open[ident] = rec
+                    deadline = rec.ts + config.window_ms
+                core._deadlines.append((deadline, ident))
+            elif kind == "o":
+                early = [(Click.from_dict(c), int(off), int(seq), int(exp)) for c, off, seq, exp in value]
+                core._early[ident] = early
+                core._early_count += len(early)
+                core._early_heap.extend((exp, seq, ident) for _c, _off, seq, exp in early)
+            elif kind == "h":
+                core._histories[ident] = sorted((int(t), int(s), i, m) for t, s, i, m in value)
+            else:
+                raise ValueError(f"unknown join state key {key!r}")
+        heapq.heapify(core._deadlines)
+        heapq.heapify(core._early_heap)
+        seqs = [e[1] for h in core._histories.values() for e in h]
+        seqs += [e[1] for e in core._early_heap]
+        core._seq = max([core._seq, *seqs]) if seqs else core._seq
+        return core
+
+    def _state_of(self, key: str) -> Any:
+        if key == "w":
+            return {"max_ts": list(self._max_ts), "wm": self._watermark, "seq": self._seq}
+        kind, ident = key[0], key[2:]
+        if kind == "i":
+            rec = self._imps.get(ident)
+            return rec.state() if rec is not None else None
+        if kind == "o":
+            early = self._early.get(ident)
+            return [[c.to_dict(), off, seq, exp] for c, off, seq, exp in early] if early else None
+        hist = self._histories.get(ident)
+        return [list(e) for e in hist] if hist else None
+
+    # --- internals --------------------------------------------------------------------------
+    def _arrive(self, stream: int, ts: int) -> float:
+        now = self._clock()
+        self._last_arrival[stream] = now
+        seen = self._max_ts[stream]
+        if seen is None or ts > seen:
+            self._max_ts[stream] = ts
+            self._dirty.add("w")
+        return now
+
+    def _stream_watermark(self, stream: int) -> int:
+        seen = self._max_ts[stream]
+        return NO_WATERMARK if seen is None else seen - self.config.allowed_lateness_ms
+
+    def _advance(self, now: float, out: list[Output]) -> None:
+        idle = self.config.idle_timeout_s
+        imp_idle = now - self._last_arrival[_IMP] >= idle
+        clk_idle = now - self._last_arrival[_CLK] >= idle
+        wm_imp, wm_clk = self._stream_watermark(_IMP), self._stream_watermark(_CLK)
+        if imp_idle and clk_idle:
+            candidate = max(wm_imp, wm_clk)
+        elif imp_idle:
+            candidate = wm_clk
+        elif clk_idle:
+            candidate = wm_imp
+        else:
+            candidate = min(wm_imp, wm_clk)
+        if candidate > self._watermark:
+            self._watermark = candidate
+            self._dirty.add("w")
+        wm = self._watermark
+        window, keep = self.config.window_ms, self.config.closed_retention_ms
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] < wm:
+            deadline, iid = heapq.heappop(deadlines)
+            rec = self._imps.get(iid)
+            if rec is None:
+                continue
+            if not rec.closed:
+                self._close(rec, out)
+            elif deadline == rec.ts + window + keep:
+                del self._imps[iid]
+                self._dirty.add("i/" + iid)
+        early_heap = self._early_heap
+        while early_heap and early_heap[0][0] < wm:
+            _expiry, seq, iid = heapq.heappop(early_heap)
+            self._expire_early(iid, seq, "no impression within the grace period", out)
+        if imp_idle and clk_idle:
+            for rec in list(self._open.values()):
+                self._close(rec, out)
+            while early_heap:
+                _expiry, seq, iid = heapq.heappop(early_heap)
+                self._expire_early(iid, seq, "no impression before both streams went idle", out)
+
+    def _close(self, rec: _Impression, out: list[Output]) -> None:
+        cfg = self.config
+        rec.closed = True
+        del self._open[rec.impression_id]
+        self._dirty.add("i/" + rec.impression_id)
+        heapq.heappush(
+            self._deadlines, (rec.ts + cfg.window_ms + cfg.closed_retention_ms, rec.impression_id)
+        )
+        history = self._history_as_of(rec)
+        end = rec.ts + cfg.window_ms
+        positives = rec.positives
+        for position, item in enumerate(rec.items):
+            if item not in positives:
+                out.append(_labeled(rec, item, position, 0, end, None, False, history))
+        for item, (ts, value) in rec.beyond.items():
+            positives.add(item)
+            out.append(_labeled(rec, item, rec.items.index(item), 1, ts, value, True, history))
+        rec.beyond = {}
+
+    def _apply_click(self, rec: _Impression, click: Click, offset: int, out: list[Output]) -> None:
+        item = click.item_id
+        if click.user_id != rec.user_id:
+            reason = (
+                f"click user_id {click.user_id!r} differs from user_id {rec.user_id!r} "
+                f"of impression {rec.impression_id!r}"
+            )
+            out.append(Rejected(click, offset, reason, orphan=False))
+            return
+        if item not in rec.items:
+            reason = f"item {item!r} is not in the slate of impression {rec.impression_id!r}"
+            out.append(Rejected(click, offset, reason, orphan=False))
+            return
+        in_window = click.ts <= rec.ts + self.config.window_ms
+        if item in rec.positives or (item in rec.beyond and (rec.closed or not in_window)):
+            self.counts["duplicate_clicks"] += 1
+            if item in rec.beyond and click.ts < rec.beyond[item][0]:
+                rec.beyond[item] = (click.ts, click.value)
+                self._dirty.add("i/" + rec.impression_id)
+            self._earlier_click(rec, click)
+            return
+        self._dirty.add("i/" + rec.impression_id)
+        if item in rec.beyond:
+            # an in-window click overtook a later one: it is the positive, not late
+            del rec.beyond[item]
+            self._forget_click(rec, item)
+        if not rec.closed and not in_window:
+            rec.beyond[item] = (click.ts, click.value)  # a late positive once the window closes
+        else:
+            rec.positives.add(item)
+            late = rec.closed  # the item's negative is out already
+            position = rec.items.index(item)
+            history = self._history_as_of(rec)
+            out.append(_labeled(rec, item, position, 1, click.ts, click.value, late, history))
+        self._remember_click(rec, click, out)
+
+    def _remember_click(self, rec: _Impression, click: Click, out: list[Output]) -> None:
+        cfg = self.config
+        user = rec.user_id
+        hist = self._histories.get(user)
+        if hist is None:
+            hist = self._histories[user] = []
+        self._seq += 1
+        insort(hist, (click.ts, self._seq, click.item_id, rec.impression_id))
+        if self._watermark != NO_WATERMARK:
+            old = bisect_left(hist, (self._watermark - cfg.window_ms - cfg.closed_retention_ms,))
+            if old > cfg.history_length:
+                del hist[: old - cfg.history_length]
+        if len(hist) > cfg.history_cap:
+            del hist[: len(hist) - cfg.history_cap]
+        self._dirty.add("h/" + user)
+        self._dirty.add("w")  # seq
+        items = [e[2] for e in hist[-cfg.history_length :]]
+        out.append(
+            UserHistory.model_construct(
+                schema_version=SCHEMA_VERSION, user_id=user, items=items, ts=hist[-1][0]
+            )
+        )
+
+    def _earlier_click(self, rec: _Impression, click: Click) -> None:
+        """A repeated click on an example: the history keeps the earliest one."""
+        hist = self._histories.get(rec.user_id, [])
+        for i, entry in enumerate(hist):
+            if entry[2] == click.item_id and entry[3] == rec.impression_id:
+                if click.ts < entry[0]:
+                    del hist[i]
+                    insort(hist, (click.ts, entry[1], entry[2], entry[3]))
+                    self._dirty.add("h/" + rec.user_id)
+                return
+
+    def _forget_click(self, rec: _Impression, item: str) -> None:
+        hist = self._histories.get(rec.user_id, [])
+        for i, entry in enumerate(hist):
+            if entry[2] == item and entry[3] == rec.impression_id:
+                del hist[i]
+                return
+
+    def _history_as_of(self, rec: _Impression) -> list[str]:
+        hist = self._histories.get(rec.user_id)
+        if not hist:
+            return []
+        n = self.config.history_length
+        iid = rec.impression_id
+        j = bisect_left(hist, (rec.ts,)) - 1
+        items: list[str] = []
+        while j >= 0 and len(items) < n:
+            entry = hist[j]
+            if entry[3] != iid:
+                items.append(entry[2])
+            j -= 1
+        items.reverse()
+        return items
+
+    def _buffer_early(self, click: Click, offset: int, out: list[Output]) -> None:
+        iid = click.impression_id
+        early = self._early.get(iid)
+        if early is not None and any(c == click for c, *_ in early):
+            self.counts["duplicate_clicks"] += 1
+            return
+        while self._early_count >= self.config.orphan_buffer_max and self._early_heap:
+            _expiry, seq, old = heapq.heappop(self._early_heap)
+            self._expire_early(old, seq, "the early-click buffer is full", out)
+        if early is None:
+            early = self._early[iid] = []
+        self._seq += 1
+        expiry = click.ts + self.config.orphan_grace_ms
+        early.append((click, offset, self._seq, expiry))
+        heapq.heappush(self._early_heap, (expiry, self._seq, iid))
+        self._early_count += 1
+        self._dirty.add("o/" + iid)
+        self._dirty.add("w")
+
+    def _expire_early(self, iid: str, seq: int, why: str, out: list[Output]) -> None:
+        early = self._early.get(iid)
+        if not early:
+            return
+        for i, (click, offset, s, _expiry) in enumerate(early):
+            if s == seq:
+                del early[i]
+                self._early_count -= 1
+                if not early:
+                    del self._early[iid]
+                self._dirty.add("o/" + iid)
+                out.append(Rejected(click, offset, f"orphan click: {why}", orphan=True))
+                return
+
+
+def _labeled(
+    rec: _Impression,
+    item: str,
+    position: int,
+    label: int,
+    label_ts: int,
+    value: float | None,
+    late: bool,
+    history: list[str],
+) -> Labeled:
+    # Built without validation: every field is correct by construction here.
+    return Labeled.model_construct(
+        schema_version=SCHEMA_VERSION,
+        example_id=example_id(rec.impression_id, item),
+        impression_id=rec.impression_id,
+        user_id=rec.user_id,
+        item_id=item,
+        position=position,
+        label=label,
+        value=value,
+        history=history,
+        impression_ts=rec.ts,
+        label_ts=label_ts,
+        late=late,
+        ts=label_ts,
+    )
+
+
+# --- the batch reference ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReferenceJoin:
+    """What the join must emit for a whole stream, computed at once (see :func:`reference_join`)."""
+
+    examples: tuple[Labeled, ...]
+    orphans: tuple[Click, ...]
+    invalid: tuple[Click, ...]
+
+    def pairs(self) -> set[tuple[str, int]]:
+        """The emitted set: ``(example_id, label)``."""
+        return {(e.example_id, e.label) for e in self.examples}
+
+    def positives(self) -> set[str]:
+        return {e.example_id for e in self.examples if e.label == 1}
+
+    def negatives(self) -> set[str]:
+        return {e.example_id for e in self.examples if e.label == 0}
+
+
+def reference_join(
+    impressions: Iterable[Impression],
+    clicks: Iterable[Click],
+    *,
+    window_ms: int,
+    history_length: int = 50,
+) -> ReferenceJoin:
+    """The labels of DESIGN.md from the whole stream at once (no watermarks, no arrival order).
+
+    * The first impression of each id counts; a click whose impression id is
+      never seen is an orphan; one on another user or an item outside the slate
+      is invalid.
+    * Per (impression, item): clicked at ``ts <= impression ts + window`` →
+      one positive (``label_ts`` = the earliest such click); clicked only later
+      → a negative at the window end and a late positive; never → a negative.
+    * History as of the impression: the user's last ``history_length`` clicked
+      items (the earliest accepted click per example, by ts) with
+      ``ts < impression ts``, excluding the impression's own clicks.
+    """
+    first: dict[str, tuple[int, Impression]] = {}
+    for order, imp in enumerate(impressions):
+        first.setdefault(imp.impression_id, (order, imp))
+    orphans: list[Click] = []
+    invalid: list[Click] = []
+    clicked: dict[tuple[str, str], Click] = {}  # earliest click per example, ties by stream order
+    for click in clicks:
+        found = first.get(click.impression_id)
+        if found is None:
+            orphans.append(click)
+            continue
+        imp = found[1]
+        if click.user_id != imp.user_id or click.item_id not in imp.items:
+            invalid.append(click)
+            continue
+        key = (click.impression_id, click.item_id)
+        if key not in clicked or click.ts < clicked[key].ts:
+            clicked[key] = click
+    # history entries per user: (ts, impression order, item, impression id)
+    by_user: dict[str, list[tuple[int, int, str, str]]] = {}
+    for (iid, item), click in clicked.items():
+        by_user.setdefault(click.user_id, []).append((click.ts, first[iid][0], item, iid))
+    for entries in by_user.values():
+        entries.sort()
+    examples: list[Labeled] = []
+    for _order, imp in sorted(first.values(), key=lambda p: p[0]):
+        rec = _Impression(imp.impression_id, imp.user_id, imp.ts, tuple(imp.items))
+        prior = [
+            item
+            for ts, _o, item, iid in by_user.get(imp.user_id, [])
+            if ts < imp.ts and iid != imp.impression_id
+        ]
+        history = prior[-history_length:]
+        end = imp.ts + window_ms
+        for position, item in enumerate(imp.items):
+            click = clicked.get((imp.impression_id, item))
+            if click is None:
+                examples.append(_labeled(rec, item, position, 0, end, None, False, history))
+            elif click.ts <= end:
+                examples.append(_labeled(rec, item, position, 1, click.ts, click.value, False, history))
+            else:
+                examples.append(_labeled(rec, item, position, 0, end, None, False, history))
+                examples.append(_labeled(rec, item, position, 1, click.ts, click.value, True, history))
+    return ReferenceJoin(tuple(examples), tuple(orphans), tuple(invalid))

@@ -1,0 +1,118 @@
+"""Settings of the impression–click join worker, read once from ``STREAMREC_JOIN_*``.
+
+Build them with :func:`streams.settings.load` so that a value that cannot work
+fails at start-up naming its environment variable::
+
+    >>> from streams.settings import load
+    >>> load(JoinSettings, window_ms=0)
+    Traceback (most recent call last):
+    ...
+    streams.errors.ConfigError: setting STREAMREC_JOIN_WINDOW_MS: Input should be greater than or equal to 1
+
+Event-time settings are milliseconds (they compare with record ``ts``);
+wall-clock settings are seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.join import JoinConfig
+
+ENV_PREFIX = "STREAMREC_JOIN_"
+
+
+class JoinSettings(BaseSettings):
+    """Join semantics (window, lateness, ...) and how the worker runs (partitions, ports)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    # --- join semantics (event time, ms) ----------------------------------------------
+    window_ms: int = Field(
+        default=30 * 60_000,
+        ge=1,
+        description="Attribution window: a click at ts <= impression ts + window is a positive.",
+    )
+    allowed_lateness_ms: int = Field(
+        default=5_000,
+        ge=0,
+        description="How far behind the newest event of its stream an event may arrive and still count.",
+    )
+    orphan_grace_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description="A click seen before its impression waits until the watermark passes click ts + grace.",
+    )
+    closed_retention_ms: int = Field(
+        default=60 * 60_000,
+        ge=0,
+        description=(
+            "Closed impressions are remembered until the watermark passes impression ts + window + "
+            "retention, for late clicks and duplicate suppression."
+        ),
+    )
+    history_length: int = Field(
+        default=50, ge=1, le=10_000, description="Items in a user's history (most recent last)."
+    )
+    orphan_buffer_max: int = Field(
+        default=100_000, ge=1, description="Early clicks buffered per partition before the oldest is dead-lettered."
+    )
+
+    # --- wall clock (s) -------------------------------------------------------------------
+    idle_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A stream without events this long stops holding the watermark back; both idle closes all windows.",
+    )
+
+    # --- the worker -------------------------------------------------------------------------
+    app_id: str = Field(
+        default="streamrec-join",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Consumer group and changelog-topic prefix (the Kafka topic prefix is prepended).",
+    )
+    partitions: int = Field(
+        default=4, ge=1, le=1024, description="Partitions of impressions, clicks and the state changelog."
+    )
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
+    web_port: int = Field(default=0, ge=0, le=65535, description="Faust web server port; 0 = off.")
+    batch_max: int = Field(default=2_000, ge=1, le=100_000, description="Events per processing batch.")
+    batch_within_s: float = Field(
+        default=0.05, gt=0, le=10, description="Longest wait to fill a batch."
+    )
+    session_timeout_s: float = Field(
+        default=10.0,
+        ge=6,
+        le=300,
+        description="Consumer-group session timeout: how soon a dead worker's partitions move.",
+    )
+    commit_interval_s: float = Field(default=1.0, gt=0, le=60, description="Offset commit interval.")
+    data_dir: Path | None = Field(
+        default=None, description="Faust data directory (default: a folder per app id in the cache dir)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JoinSettings:
+        if self.metrics_port and self.metrics_port == self.web_port:
+            raise ValueError("metrics_port: must differ from web_port")
+        return self
+
+    def join_config(self) -> JoinConfig:
+        """The event-time semantics handed to the pure join core."""
+        return JoinConfig(
+            window_ms=self.window_ms,
+            allowed_lateness_ms=self.allowed_lateness_ms,
+            idle_timeout_s=self.idle_timeout_s,
+            orphan_grace_ms=self.orphan_grace_ms,
+            orphan_buffer_max=self.orphan_buffer_max,
+            closed_retention_ms=self.closed_retention_ms,
+            history_length=self.history_length,
+        )
+
+    def tick_interval_s(self) -> float:
+        """How often the worker checks for idle streams (a quarter of the idle timeout, at most 1 s)."""
+        return min(1.0, self.idle_timeout_s / 4)
