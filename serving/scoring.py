@@ -1,0 +1,414 @@
+"""What the scoring agent computes, without Kafka: top-k, the fallback, cold start, exploration.
+
+Ranking
+    :func:`top_k` orders by score, highest first; **ties go to the smaller
+    item_id** (plain string order), so a ranking is the same in every agent
+    and every run.  NaN scores rank last.  ``k`` larger than the candidate
+    list returns them all.
+
+Fallback (no model yet, or none of a request's candidates is known)
+    :class:`Popularity`: each click (an item newly appended to a user's
+    history, see :func:`appended_items`) adds weight ``2 ** (ts / half_life)``
+    to its item, i.e. a click count with exponential decay in **event time**.
+    All items decay by the same factor, so the ranking needs no "now".  The
+    fallback score is that weight scaled to [0, 1] by the most popular item;
+    ``model_version`` is ``"fallback:popularity"``.
+
+Cold start (a user with no known history, when a model is live)
+    ``score = (1 - blend) * popularity + blend * similarity``, where
+    *popularity* is the fallback score above and *similarity* is
+    ``(1 + cos(item, c)) / 2`` with ``c`` the popularity-weighted mean of the
+    (normalised) item vectors of the ``trending_items`` most popular items.
+    Both terms lie in [0, 1]; ``blend`` is ``cold_start_blend`` (default 0.5).
+    A brand-new item has no clicks, but its text vector can be close to what
+    is trending, so it is recommended by text alone.  Before any click at
+    all there is nothing trending, and the model scores the user with its
+    learned "no history" user vector.
+
+Exploration (off by default)
+    Among the top ``max(k, explore_pool)`` candidates, positions are filled
+    one at a time: *epsilon*-greedy takes the best remaining item with
+    probability ``1 - epsilon`` and a uniformly drawn remaining item
+    otherwise; *softmax* draws from ``softmax(score / temperature)`` over the
+    remaining items (Plackett-Luce).  Each shown item's ``propensity`` is the
+    probability that it was chosen **at its position given the items above
+    it**; the product over the slate is the slate's probability, and at every
+    position the probabilities of all remaining items sum to 1 — what
+    off-policy estimators (IPS, SNIPS) need.  The RNG is seeded from
+    ``explore_seed`` and the request_id, so a request is explored the same
+    way when redelivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+from streams.records import RecRequest, ScoredItem
+
+if TYPE_CHECKING:
+    from serving.loader import ServingModel
+
+Path = Literal["model", "cold", "fallback"]
+
+
+# --------------------------------------------------------------------------- ranking
+def top_k(scores: np.ndarray, item_ids: Sequence[str], k: int) -> list[int]:
+    """Positions of the ``k`` best scores, best first; ties to the smaller item_id; NaN last."""
+    n = len(scores)
+    if len(item_ids) != n:
+        raise ValueError(f"{n} scores but {len(item_ids)} item ids")
+    if k <= 0 or n == 0:
+        return []
+    s = np.asarray(scores, dtype=np.float64)
+    if np.isnan(s).any():
+        s = np.where(np.isnan(s), -np.inf, s)
+    if k < n:
+        # Everything scoring at least the k-th best score, ties at the boundary included.
+        kth = np.partition(s, n - k)[n - k]
+        pool = np.flatnonzero(s >= kth)
+    else:
+        pool = np.arange(n)
+    ranked = sorted(pool.tolist(), key=lambda i: (-s[i], item_ids[i]))
+    return ranked[:k]
+
+
+# --------------------------------------------------------------------------- popularity
+def appended_items(old: Sequence[str], new: Sequence[str], limit: int) -> list[str]:
+    """Items newly appended to a history (most recent last) going from ``old`` to ``new``.
+
+    The new history is the old one, trimmed at the front, plus the new items:
+    the answer is what follows the longest suffix of ``old`` that is a prefix
+    of ``new``.  Only the last ``limit`` items of each are compared (so at most
+    ``limit`` items count per update).  A user's first history counts all its
+    items, which is how popularity is rebuilt from the compacted topic at
+    start-up.  A repeated click on the item already last in a full history
+    is ambiguous and not counted.
+    """
+    o, n = list(old[-limit:]), list(new[-limit:])
+    for overlap in range(min(len(o), len(n)), 0, -1):
+        if o[len(o) - overlap :] == n[:overlap]:
+            return n[overlap:]
+    return n
+
+
+class Popularity:
+    """Clicks per item with exponential decay in event time (thread-safe)."""
+
+    _REBASE = 256.0  # rescale when weights reach 2**256, far below float64's 2**1024
+
+    def __init__(self, half_life_s: float) -> None:
+        if not half_life_s > 0:
+            raise ValueError("half_life_s must be > 0")
+        self.half_life_ms = half_life_s * 1000.0
+        self._weights: dict[str, float] = {}
+        self._ref_ts: int | None = None
+        self._lock = threading.Lock()
+        self.generation = 0
+        self.clicks = 0
+
+    def add(self, item_ids: Iterable[str], ts: int) -> int:
+        """Count one click on each item at event time ``ts``; return how many."""
+        ids = list(item_ids)
+        if not ids:
+            return 0
+        with self._lock:
+            if self._ref_ts is None:
+                self._ref_ts = ts
+            exponent = (ts - self._ref_ts) / self.half_life_ms
+            if exponent > self._REBASE:
+                factor = 2.0 ** (-exponent)
+                self._weights = {i: w * factor for i, w in self._weights.items() if w * factor > 0.0}
+                self._ref_ts, exponent = ts, 0.0
+            w = 2.0 ** max(exponent, -1074.0)
+            for item in ids:
+                self._weights[item] = self._weights.get(item, 0.0) + w
+            self.generation += 1
+            self.clicks += len(ids)
+        return len(ids)
+
+    def vector(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Popularity of each item scaled to [0, 1] by the most popular one (zeros without clicks)."""
+        with self._lock:
+            get = self._weights.get
+            v = np.fromiter((get(i, 0.0) for i in item_ids), dtype=np.float64, count=len(item_ids))
+        top = v.max(initial=0.0)
+        return v / top if top > 0 else v
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
+def cold_start_scores(
+    popularity: np.ndarray, item_vecs: np.ndarray | None, *, trending: int, blend: float
+) -> np.ndarray | None:
+    """Scores of every item for a user without history (see the module doc); None if nothing trends.
+
+    ``popularity`` is :meth:`Popularity.vector` over the rows of ``item_vecs``.
+    Without item vectors (no model) the answer is the popularity itself.
+    """
+    if not (popularity > 0).any():
+        return None
+    if item_vecs is None or blend == 0.0:
+        return popularity.copy()
+    norms = np.linalg.norm(item_vecs, axis=1, keepdims=True)
+    unit = item_vecs / np.maximum(norms, 1e-12)
+    n_top = min(trending, int((popularity > 0).sum()))
+    top = np.argsort(-popularity, kind="stable")[:n_top]
+    centroid = (popularity[top, None] * unit[top]).sum(0)
+    c_norm = np.linalg.norm(centroid)
+    if c_norm <= 1e-12:
+        return popularity.copy()
+    similarity = (1.0 + unit @ (centroid / c_norm)) / 2.0
+    return (1.0 - blend) * popularity + blend * similarity
+
+
+# --------------------------------------------------------------------------- exploration
+@dataclass(frozen=True)
+class ExplorePolicy:
+    kind: Literal["off", "epsilon", "softmax"] = "off"
+    epsilon: float = 0.1
+    temperature: float = 1.0
+    pool: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("off", "epsilon", "softmax"):
+            raise ValueError(f"unknown exploration {self.kind!r}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError("epsilon must lie in [0, 1]")
+        if not self.temperature > 0:
+            raise ValueError("temperature must be > 0")
+        if self.pool < 1:
+            raise ValueError("pool must be >= 1")
+
+    @property
+    def on(self) -> bool:
+        return self.kind != "off"
+
+    def rng(self, request_id: str) -> np.random.Generator:
+        digest = hashlib.blake2b(f"{self.seed}\x00{request_id}".encode(), digest_size=8).digest()
+        return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def explore(
+    ranked_scores: Sequence[float], k: int, policy: ExplorePolicy, rng: np.random.Generator
+) -> tuple[list[int], list[float]]:
+    """Choose ``k`` of a pool ranked best first; return (positions in the pool, propensities).
+
+    The propensity of a choice is its probability at its position given the
+    choices above it (see the module doc).
+    """
+    m = len(ranked_scores)
+    k = min(k, m)
+    if policy.kind == "off":
+        return list(range(k)), [1.0] * k
+    remaining = list(range(m))
+    chosen: list[int] = []
+    props: list[float] = []
+    if policy.kind == "epsilon":
+        eps = policy.epsilon
+        for _ in range(k):
+            r = len(remaining)
+            j = int(rng.integers(r)) if rng.random() < eps else 0
+            props.append(((1.0 - eps) if j == 0 else 0.0) + eps / r)
+            chosen.append(remaining.pop(j))
+    else:
+        logits = np.asarray(ranked_scores, dtype=np.float64) / policy.temperature
+        logits = np.where(np.isnan(logits), -np.inf, logits)
+        for _ in range(k):
+            p = softmax_probs(logits[remaining])
+            j = int(rng.choice(len(remaining), p=p))
+            props.append(float(min(1.0, p[j])))
+            chosen.append(remaining.pop(j))
+    return chosen, props
+
+
+def softmax_probs(logits: np.ndarray) -> np.ndarray:
+    """softmax that survives -inf (all -inf: uniform) and sums to 1."""
+    finite = np.isfinite(logits)
+    if not finite.any():
+        return np.full(len(logits), 1.0 / len(logits))
+    z = np.where(finite, logits - logits[finite].max(), -np.inf)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+# --------------------------------------------------------------------------- batch scoring
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One request and the requesting user's history (most recent last)."""
+
+    request: RecRequest
+    history: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """The answer to one query."""
+
+    request: RecRequest
+    items: list[ScoredItem]
+    model_version: str
+    path: Path
+    unknown_candidates: int
+
+
+@dataclass
+class _Plan:
+    query: Query
+    candidates: np.ndarray | None  # rows of the serving model, None = the whole catalog
+    unknown: int
+    path: Path
+    use_model: bool  # scored by the user tower (else: popularity or the cold-start blend)
+    row: int = -1  # row in the user-tower batch
+
+
+class Scorer:
+    """Scores micro-batches against an immutable :class:`~serving.loader.ServingModel`.
+
+    Holds only caches (the popularity and cold-start vectors of the current
+    snapshot, refreshed at most every ``refresh_s`` while clicks arrive, and at
+    once for a new snapshot); no I/O.  Call from one thread.
+    """
+
+    def __init__(
+        self,
+        popularity: Popularity,
+        *,
+        fallback_version: str,
+        history_len: int = 50,
+        trending: int = 20,
+        blend: float = 0.5,
+        policy: ExplorePolicy | None = None,
+        refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.popularity = popularity
+        self.fallback_version = fallback_version
+        self.history_len = history_len
+        self.trending = trending
+        self.blend = blend
+        self.policy = policy or ExplorePolicy()
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self._cache_sm: ServingModel | None = None
+        self._cache_gen = -1
+        self._cache_at = -math.inf
+        self._pop: np.ndarray = np.zeros(0)
+        self._cold: np.ndarray | None = None
+
+    def _vectors(self, sm: ServingModel) -> tuple[np.ndarray, np.ndarray | None]:
+        now, gen = self._clock(), self.popularity.generation
+        stale = gen != self._cache_gen and now - self._cache_at >= self.refresh_s
+        if self._cache_sm is not sm or stale:
+            self._pop = self.popularity.vector(sm.item_ids)
+            vecs = sm.item_vecs.float().cpu().numpy() if sm.item_vecs is not None else None
+            self._cold = cold_start_scores(self._pop, vecs, trending=self.trending, blend=self.blend)
+            self._cache_sm, self._cache_gen, self._cache_at = sm, gen, now
+        return self._pop, self._cold
+
+    def score(self, sm: ServingModel, queries: Sequence[Query]) -> list[Scored]:
+        """Answer every query with the same model snapshot ``sm`` (see the module doc for the paths)."""
+        pop, cold = self._vectors(sm)
+        has_model = sm.model is not None and sm.item_vecs is not None
+        index = sm.index
+        plans: list[_Plan] = []
+        for q in queries:
+            rows: np.ndarray | None = None
+            unknown = 0
+            if q.request.candidates is not None:
+                found = [index.get(c) for c in q.request.candidates]
+                known = [r for r in found if r is not None]
+                unknown = len(found) - len(known)
+                if not known:  # nothing scorable: popularity over the whole catalog
+                    plans.append(_Plan(q, None, unknown, "fallback", use_model=False))
+                    continue
+                rows = np.asarray(known, dtype=np.int64)
+            if not has_model:
+                plans.append(_Plan(q, rows, unknown, "fallback", use_model=False))
+            elif any(h in index for h in q.history):
+                plans.append(_Plan(q, rows, unknown, "model", use_model=True))
+            else:  # a new user: the blend, or the model's "no history" vector before any click
+                plans.append(_Plan(q, rows, unknown, "cold", use_model=cold is None))
+
+        by_model = [p for p in plans if p.use_model]
+        model_scores = self._model_scores(sm, by_model) if by_model else {}
+
+        out: list[Scored] = []
+        for p in plans:
+            if p.use_model:
+                scores = model_scores[id(p)]
+            else:
+                base = pop if p.path == "fallback" else cold
+                assert base is not None
+                scores = base if p.candidates is None else base[p.candidates]
+            ids = sm.item_ids if p.candidates is None else [sm.item_ids[r] for r in p.candidates]
+            version = self.fallback_version if p.path == "fallback" else sm.version
+            items = self._pick(scores, ids, p.query.request)
+            out.append(Scored(p.query.request, items, version, p.path, p.unknown))
+        return out
+
+    def _model_scores(self, sm: ServingModel, plans: list[_Plan]) -> dict[int, np.ndarray]:
+        """Model scores per plan (id(plan) -> scores over its candidates or the catalog)."""
+        model, vecs = sm.model, sm.item_vecs
+        assert model is not None and vecs is not None
+        h = model.config.max_history or self.history_len
+        b = len(plans)
+        idx = np.zeros((b, max(h, 1)), dtype=np.int64)
+        mask = np.zeros((b, max(h, 1)), dtype=bool)
+        index = sm.index
+        for r, p in enumerate(plans):
+            known = [index[i] for i in p.query.history if i in index][-h:]
+            idx[r, : len(known)] = known
+            mask[r, : len(known)] = True
+            p.row = r
+        out: dict[int, np.ndarray] = {}
+        with torch.inference_mode():
+            dev = vecs.device
+            hist = vecs[torch.from_numpy(idx).to(dev)]
+            users = model.encode_users(hist, torch.from_numpy(mask).to(dev), [p.query.request.user_id for p in plans])
+            full = [p for p in plans if p.candidates is None]
+            if full:
+                rows = torch.tensor([p.row for p in full], device=dev)
+                s = model.score_matrix(users[rows], vecs).float().cpu().numpy()
+                for i, p in enumerate(full):
+                    out[id(p)] = s[i]
+            part = [p for p in plans if p.candidates is not None]
+            if part:
+                union = np.unique(np.concatenate([p.candidates for p in part]))
+                rows = torch.tensor([p.row for p in part], device=dev)
+                cols = torch.from_numpy(union).to(dev)
+                s = model.score_matrix(users[rows], vecs[cols]).float().cpu().numpy()
+                for i, p in enumerate(part):
+                    out[id(p)] = s[i, np.searchsorted(union, p.candidates)]
+        return out
+
+    def _pick(self, scores: np.ndarray, ids: Sequence[str], request: RecRequest) -> list[ScoredItem]:
+        k = request.k
+        if not self.policy.on:
+            ranked = top_k(scores, ids, k)
+            return [ScoredItem(item_id=ids[i], score=_finite(scores[i])) for i in ranked]
+        ranked = top_k(scores, ids, max(k, self.policy.pool))
+        pool_scores = [float(scores[i]) for i in ranked]
+        chosen, props = explore(pool_scores, k, self.policy, self.policy.rng(request.request_id))
+        return [
+            ScoredItem(item_id=ids[ranked[c]], score=_finite(pool_scores[c]), propensity=max(pr, 1e-300))
+            for c, pr in zip(chosen, props, strict=True)
+        ]
+
+
+def _finite(x: float) -> float:
+    """JSON has no NaN/inf: NaN -> the lowest float, inf clipped."""
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return -1.7976931348623157e308 if math.isnan(x) or x < 0 else 1.7976931348623157e308

@@ -1,0 +1,174 @@
+"""Settings of the scoring agent, read once from the environment (prefix ``STREAMREC_SERVING_``).
+
+Kafka connection settings are the shared :class:`streams.settings.KafkaSettings`
+(prefix ``STREAMREC_``); everything specific to serving lives here.  Build it
+with ``streams.settings.load(ServingSettings)``: a setting that cannot work
+raises :class:`~streams.errors.ConfigError` naming the environment variable,
+before anything connects.  :func:`check_runtime` checks what needs the
+machine (the device, the weight store root) and fails the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.errors import ConfigError
+from streams.settings import default_cache_dir
+
+ENV_PREFIX = "STREAMREC_SERVING_"
+FALLBACK_VERSION = "fallback:popularity"
+"""``model_version`` of recommendations made without a model (popularity over recent clicks)."""
+
+
+def _default_weights_root() -> str:
+    return str(default_cache_dir() / "weights")
+
+
+class ServingSettings(BaseSettings):
+    """Everything the scoring agent can be told; see ``python -m serving --help``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    # --- identity and storage -----------------------------------------------------------
+    model_name: str = Field(
+        default="streamrec", min_length=1, max_length=256,
+        description="Model name: only model-updates with this key are loaded.",
+    )
+    weights_root: str = Field(
+        default_factory=_default_weights_root,
+        description="Weight store root (directory or fsspec URL), searched at start-up for the "
+        "newest valid version when model-updates announces none that loads.",
+    )
+    group_id: str = Field(
+        default="streamrec-serving", min_length=1,
+        description="Consumer group of rec-requests: agents in one group share the requests.",
+    )
+    request_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest",
+        description="Where a new group starts in rec-requests (earliest: requests produced "
+        "before the first agent started are answered too).",
+    )
+
+    # --- batching and inference -----------------------------------------------------------
+    max_batch: int = Field(
+        default=256, ge=1, le=65_536,
+        description="Most requests scored in one micro-batch (a batch is whatever has arrived "
+        "while the previous one was scored: no waiting at low load).",
+    )
+    max_queued: int = Field(
+        default=20_000, ge=1,
+        description="Requests fetched but not yet scored before fetching pauses (backpressure).",
+    )
+    history_len: int = Field(
+        default=50, ge=1, le=10_000,
+        description="Most recent history items kept per user (the user tower reads at most "
+        "the model's max_history of them).",
+    )
+    encode_batch: int = Field(
+        default=256, ge=1, description="Item texts per item-tower call when computing item vectors."
+    )
+    prefix_cache_items: int = Field(
+        default=20_000, ge=0,
+        description="Items whose frozen-encoder-prefix states are kept across versions, so a swap "
+        "re-runs only the trainable layers (used when the model freezes layers; 0 = off).",
+    )
+    device: str = Field(
+        default="cpu", description="Torch device for inference: cpu, cuda, cuda:N, or auto."
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, le=1024, description="torch.set_num_threads (0 = leave torch's default)."
+    )
+    linger_ms: float = Field(
+        default=1.0, ge=0.0, le=1000.0,
+        description="Producer linger for recommendations (latency vs. batching).",
+    )
+
+    # --- fallback and cold start -------------------------------------------------------------
+    popularity_half_life_s: float = Field(
+        default=3600.0, gt=0.0,
+        description="Half-life (event time) of a click's weight in the popularity fallback.",
+    )
+    popularity_refresh_s: float = Field(
+        default=1.0, ge=0.0,
+        description="How stale the cached popularity / cold-start scores may get (0 = per batch).",
+    )
+    trending_items: int = Field(
+        default=20, ge=1,
+        description="Most popular items whose text centroid new users are matched against.",
+    )
+    cold_start_blend: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="New users: score = (1 - blend) * popularity + blend * text similarity "
+        "to the trending items (both scaled to [0, 1]).",
+    )
+
+    # --- exploration ---------------------------------------------------------------------------
+    explore: Literal["off", "epsilon", "softmax"] = Field(
+        default="off",
+        description="off: greedy top-k; epsilon: epsilon-greedy per position; softmax: "
+        "Plackett-Luce sampling at explore_temperature.  Each shown item carries its propensity.",
+    )
+    explore_epsilon: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Probability of a uniform pick per position (epsilon)."
+    )
+    explore_temperature: float = Field(
+        default=1.0, gt=0.0, description="Softmax temperature over the scores (softmax)."
+    )
+    explore_pool: int = Field(
+        default=50, ge=1,
+        description="Exploration samples among the top max(k, explore_pool) candidates.",
+    )
+    explore_seed: int = Field(
+        default=0, description="Seed of the exploration RNG (mixed with each request_id: reproducible)."
+    )
+
+    # --- operations ------------------------------------------------------------------------------
+    metrics_port: int = Field(
+        default=0, ge=0, le=65_535, description="Prometheus /metrics port (0 = off)."
+    )
+    startup_timeout_s: float = Field(
+        default=120.0, gt=0.0,
+        description="Longest wait for reading the compacted topics up to their end at start-up.",
+    )
+
+    @model_validator(mode="after")
+    def _explore_can_explore(self) -> ServingSettings:
+        if self.explore == "epsilon" and self.explore_epsilon == 0.0:
+            raise ValueError("explore_epsilon: must be > 0 when explore=epsilon (or set explore=off)")
+        return self
+
+
+def resolve_device(name: str) -> str:
+    """The torch device to use, or ConfigError naming STREAMREC_SERVING_DEVICE."""
+    import torch
+
+    setting = f"{ENV_PREFIX}DEVICE"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(setting, f"{name!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(setting, f"{name!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(setting, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(setting, f"{name!r}: only cpu and cuda devices are supported")
+    return str(dev)
+
+
+def check_runtime(settings: ServingSettings) -> str:
+    """Checks that need the machine; returns the resolved device, or raises ConfigError."""
+    from trainer.weights import WeightsError, WeightStore
+
+    device = resolve_device(settings.device)
+    try:
+        WeightStore(settings.weights_root)
+    except WeightsError as exc:
+        raise ConfigError(f"{ENV_PREFIX}WEIGHTS_ROOT", str(exc)) from None
+    return device

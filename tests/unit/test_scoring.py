@@ -1,0 +1,228 @@
+"""The pure parts of serving: top-k, popularity fallback, cold start, exploration, offsets."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from types import MappingProxyType
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.agent import OffsetLedger
+from serving.loader import ServingModel
+from serving.scoring import (
+    ExplorePolicy,
+    Popularity,
+    Query,
+    Scorer,
+    appended_items,
+    cold_start_scores,
+    explore,
+    softmax_probs,
+    top_k,
+)
+from serving.settings import FALLBACK_VERSION
+from streams.records import RecRequest
+
+
+def brute_top_k(scores: list[float], ids: list[str], k: int) -> list[int]:
+    key = [(-(s if not math.isnan(s) else -math.inf), ids[i]) for i, s in enumerate(scores)]
+    return sorted(range(len(scores)), key=lambda i: key[i])[:k]
+
+
+# --------------------------------------------------------------------------- top-k
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(st.tuples(st.integers(-3, 3), st.text(min_size=1, max_size=4)), max_size=40, unique_by=lambda t: t[1]),
+    k=st.integers(0, 45),
+)
+def test_top_k_matches_brute_force_with_ties(data: list[tuple[int, str]], k: int) -> None:
+    scores = [float(s) / 2 for s, _ in data]  # few distinct values: many ties
+    ids = [i for _, i in data]
+    assert top_k(np.array(scores), ids, k) == brute_top_k(scores, ids, k)
+
+
+def test_top_k_ties_go_to_the_smaller_item_id() -> None:
+    ids = ["b", "c", "a", "d"]
+    assert top_k(np.array([1.0, 1.0, 1.0, 2.0]), ids, 3) == [3, 2, 0]  # d, then a < b among the ties
+
+
+def test_top_k_larger_than_the_catalog_returns_everything_ranked() -> None:
+    ids = ["x", "y", "z"]
+    assert top_k(np.array([0.1, 0.3, 0.2]), ids, 10) == [1, 2, 0]
+    assert top_k(np.array([]), [], 5) == []
+
+
+def test_top_k_ranks_nan_last() -> None:
+    ids = ["a", "b", "c"]
+    assert top_k(np.array([np.nan, -5.0, 1.0]), ids, 3) == [2, 1, 0]
+
+
+# --------------------------------------------------------------------------- popularity
+def test_appended_items() -> None:
+    assert appended_items([], ["a", "b"], 10) == ["a", "b"]  # first history: all count
+    assert appended_items(["a", "b"], ["a", "b", "c"], 10) == ["c"]
+    assert appended_items(["a", "b", "c"], ["b", "c", "d", "e"], 10) == ["d", "e"]  # trimmed front
+    assert appended_items(["a", "b"], ["a", "b"], 10) == []
+    assert appended_items(["a", "b", "c"], ["b", "c", "a"], 10) == ["a"]  # re-click moved to the end
+    assert appended_items(["a", "b"], ["x", "y"], 10) == ["x", "y"]  # no overlap: a reset
+    assert appended_items(["a", "b", "c", "d"], ["c", "d", "e", "f"], 2) == ["e", "f"]  # limit
+
+
+def test_popularity_decays_in_event_time() -> None:
+    pop = Popularity(half_life_s=10.0)
+    pop.add(["old"] * 4, ts=0)
+    pop.add(["new"], ts=20_000)  # two half-lives later: 1 click now = 4 clicks then
+    v = pop.vector(["old", "new", "never"])
+    assert v[0] == pytest.approx(1.0) and v[1] == pytest.approx(1.0) and v[2] == 0.0
+    pop.add(["new"], ts=20_000)
+    assert list(np.argsort(-pop.vector(["old", "new"]))) == [1, 0]
+
+
+def test_popularity_survives_long_gaps_without_overflow() -> None:
+    pop = Popularity(half_life_s=1.0)
+    pop.add(["a"], ts=0)
+    pop.add(["b", "b"], ts=10_000_000)  # 10,000 half-lives later: rebased, "a" decayed to 0
+    v = pop.vector(["a", "b"])
+    assert np.isfinite(v).all() and v[1] == 1.0 and v[0] == 0.0
+    pop.add(["a"], ts=10_000_000)
+    assert pop.vector(["a", "b"]) == pytest.approx([0.5, 1.0])
+
+
+def test_popularity_vector_without_clicks_is_zero() -> None:
+    assert Popularity(60).vector(["a", "b"]).tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- cold start
+def test_cold_start_blends_popularity_and_text_similarity() -> None:
+    vecs = np.array([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0], [0.0, 1.0]])
+    pop = np.array([1.0, 0.0, 0.0, 0.0])  # item 0 trends
+    s = cold_start_scores(pop, vecs, trending=5, blend=0.5)
+    assert s is not None
+    assert s[0] == pytest.approx(1.0)  # 0.5 * 1 + 0.5 * (1 + 1) / 2
+    assert s[1] > s[3] > s[2]  # no clicks: ranked by similarity to what trends
+    assert s[2] == pytest.approx(0.0)
+    assert cold_start_scores(pop, vecs, trending=5, blend=0.0).tolist() == pop.tolist()
+    assert cold_start_scores(pop, None, trending=5, blend=0.5).tolist() == pop.tolist()
+    assert cold_start_scores(np.zeros(4), vecs, trending=5, blend=0.5) is None
+
+
+# --------------------------------------------------------------------------- exploration
+def _position_distribution(policy: ExplorePolicy, scores: list[float], remaining: list[int]) -> dict[int, float]:
+    """The probability of each remaining pool position being chosen next (closed form)."""
+    r = len(remaining)
+    if policy.kind == "epsilon":
+        return {j: (1 - policy.epsilon if n == 0 else 0.0) + policy.epsilon / r for n, j in enumerate(remaining)}
+    p = softmax_probs(np.array([scores[j] for j in remaining]) / policy.temperature)
+    return dict(zip(remaining, p.tolist(), strict=True))
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [ExplorePolicy("epsilon", epsilon=0.3), ExplorePolicy("epsilon", epsilon=1.0), ExplorePolicy("softmax", temperature=0.5)],
+)
+def test_exploration_propensities_are_the_conditional_choice_probabilities(policy: ExplorePolicy) -> None:
+    scores = [3.0, 2.5, 1.0, 0.0, -1.0, -4.0]
+    rng = np.random.default_rng(7)
+    first = Counter()
+    runs = 6000
+    for _ in range(runs):
+        chosen, props = explore(scores, 3, policy, rng)
+        assert len(chosen) == 3 == len(set(chosen))
+        assert all(0.0 < p <= 1.0 for p in props)
+        remaining = list(range(len(scores)))
+        for c, p in zip(chosen, props, strict=True):
+            dist = _position_distribution(policy, scores, remaining)
+            assert sum(dist.values()) == pytest.approx(1.0)
+            assert p == pytest.approx(dist[c])
+            remaining.remove(c)
+        first[chosen[0]] += 1
+    dist0 = _position_distribution(policy, scores, list(range(len(scores))))
+    for j, p in dist0.items():  # the empirical first-position frequencies match the propensities
+        assert first[j] / runs == pytest.approx(p, abs=0.03)
+
+
+def test_exploration_off_is_greedy_and_seeded_per_request() -> None:
+    assert explore([3.0, 2.0, 1.0], 2, ExplorePolicy(), np.random.default_rng(0)) == ([0, 1], [1.0, 1.0])
+    policy = ExplorePolicy("softmax", seed=3)
+    a = explore([1.0] * 10, 5, policy, policy.rng("req-1"))
+    b = explore([1.0] * 10, 5, policy, policy.rng("req-1"))
+    assert a == b
+    assert softmax_probs(np.array([-np.inf, -np.inf])).tolist() == [0.5, 0.5]
+
+
+def test_explore_policy_rejects_bad_values() -> None:
+    with pytest.raises(ValueError):
+        ExplorePolicy("epsilon", epsilon=1.5)
+    with pytest.raises(ValueError):
+        ExplorePolicy("softmax", temperature=0.0)
+
+
+# --------------------------------------------------------------------------- the fallback scorer
+def _fallback_sm(ids: list[str]) -> ServingModel:
+    return ServingModel(
+        version=FALLBACK_VERSION, number=None, model=None, item_ids=tuple(ids),
+        index=MappingProxyType({i: r for r, i in enumerate(ids)}), item_vecs=None,
+        text_hashes=tuple("h" for _ in ids),
+    )
+
+
+def _req(rid: str, k: int, candidates: list[str] | None = None, user: str = "u1") -> RecRequest:
+    return RecRequest(request_id=rid, user_id=user, k=k, candidates=candidates, ts=1)
+
+
+def test_fallback_ranks_by_recent_clicks_and_skips_unknown_candidates() -> None:
+    pop = Popularity(3600)
+    pop.add(["i2", "i2", "i3"], ts=1000)
+    scorer = Scorer(pop, fallback_version=FALLBACK_VERSION, refresh_s=0)
+    sm = _fallback_sm(["i1", "i2", "i3", "i4"])
+    out = scorer.score(sm, [
+        Query(_req("r1", 3), ()),
+        Query(_req("r2", 5, ["i4", "nope", "i3"]), ("i1",)),
+        Query(_req("r3", 2, ["nope", "gone"]), ()),
+    ])
+    assert [s.item_id for s in out[0].items] == ["i2", "i3", "i1"]  # i1 before i4: tie -> item_id
+    assert [s.score for s in out[0].items] == [1.0, 0.5, 0.0]
+    assert out[0].model_version == FALLBACK_VERSION and out[0].path == "fallback"
+    assert [s.item_id for s in out[1].items] == ["i3", "i4"] and out[1].unknown_candidates == 1
+    assert [s.item_id for s in out[2].items] == ["i2", "i3"]  # none known: the whole catalog
+    assert out[2].unknown_candidates == 2 and out[2].path == "fallback"
+    assert all(s.propensity is None for r in out for s in r.items)
+
+
+def test_fallback_with_exploration_carries_propensities() -> None:
+    pop = Popularity(3600)
+    pop.add(["a", "a", "b"], ts=1)
+    scorer = Scorer(pop, fallback_version=FALLBACK_VERSION, policy=ExplorePolicy("epsilon", epsilon=0.5, pool=4))
+    out = scorer.score(_fallback_sm(["a", "b", "c", "d"]), [Query(_req("r", 2), ())])
+    items = out[0].items
+    assert len(items) == 2 and all(s.propensity is not None and 0 < s.propensity <= 1 for s in items)
+
+
+def test_an_empty_catalog_answers_with_no_items() -> None:
+    scorer = Scorer(Popularity(60), fallback_version=FALLBACK_VERSION)
+    out = scorer.score(_fallback_sm([]), [Query(_req("r", 3), ())])
+    assert out[0].items == []
+
+
+# --------------------------------------------------------------------------- offsets
+def test_offset_ledger_commits_only_a_finished_prefix() -> None:
+    ledger = OffsetLedger()
+    for off in (10, 11, 12):
+        ledger.track(0, off)
+    ledger.track(1, 5)
+    ledger.done(0, 11)
+    assert ledger.committable() == {}  # 10 is still in flight
+    ledger.done(0, 10)
+    assert ledger.committable() == {0: 12}
+    ledger.done(1, 5)
+    ledger.done(0, 12)
+    assert ledger.committable() == {0: 13, 1: 6}
+    assert ledger.committable() == {} and ledger.in_flight() == 0
+    ledger.track(2, 0)
+    ledger.forget({2})
+    ledger.done(2, 0)  # revoked meanwhile: ignored
+    assert ledger.committable() == {}
