@@ -87,6 +87,7 @@ def ensure_topics(
     partitions = partitions or settings.partitions
     replication = replication or settings.replication_factor
     admin = admin_client(settings)
+    _metadata(admin, settings, timeout)  # a clear "cannot reach" error before anything else
     new = [
         NewTopic(
             spec.real_name(settings),
@@ -236,7 +237,9 @@ def list_topics(settings: KafkaSettings, *, timeout: float = 30.0) -> list[str]:
 
 
 def _cmd_create(settings: KafkaSettings, args: argparse.Namespace) -> int:
-    created = set(ensure_topics(settings, partitions=args.partitions, replication=args.replication))
+    created = set(
+        ensure_topics(settings, partitions=args.partitions, replication=args.replication, timeout=args.timeout)
+    )
     for spec in ALL_TOPICS:
         name = spec.real_name(settings)
         print(f"{'created' if name in created else 'exists '}  {name}")
@@ -246,14 +249,14 @@ def _cmd_create(settings: KafkaSettings, args: argparse.Namespace) -> int:
 
 
 def _cmd_list(settings: KafkaSettings, args: argparse.Namespace) -> int:
-    for name in list_topics(settings):
+    for name in list_topics(settings, timeout=args.timeout):
         print(name)
     return 0
 
 
 def _cmd_describe(settings: KafkaSettings, args: argparse.Namespace) -> int:
     names = [spec.real_name(settings) for spec in ALL_TOPICS]
-    info = describe_topics(settings, names)
+    info = describe_topics(settings, names, timeout=args.timeout)
     missing = 0
     for name in names:
         ti = info.get(name)
@@ -273,14 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m infra.admin",
         description="Create and inspect the streamrec topics on $STREAMREC_BOOTSTRAP_SERVERS.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the cluster (default 15)")
     sub = parser.add_subparsers(dest="command", required=True)
-    create = sub.add_parser("create", help="create the missing topics of DESIGN.md (idempotent)")
+    create = sub.add_parser("create", parents=[common], help="create the missing topics of DESIGN.md (idempotent)")
     create.add_argument("--partitions", type=int, default=None, help="default: $STREAMREC_PARTITIONS (4)")
     create.add_argument("--replication", type=int, default=None,
                         help="default: $STREAMREC_REPLICATION_FACTOR (1)")  # fmt: skip
-    sub.add_parser("list", help="list the cluster's topics")
-    sub.add_parser("describe", help="partitions and config of each DESIGN.md topic (exit 1 if any is missing)")
+    sub.add_parser("list", parents=[common], help="list the cluster's topics")
+    sub.add_parser("describe", parents=[common], help="partitions and config of each DESIGN.md topic (exit 1 if any is missing)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

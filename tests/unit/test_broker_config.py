@@ -141,3 +141,12 @@ def test_stale_temporary_homes_are_pruned(tmp_path: Path) -> None:
     broker._prune_stale_homes(tmp_path)
     assert not old.exists()
     assert young.is_dir(), "a home created moments ago may belong to a broker that is starting"
+
+
+def test_admin_cli_names_an_unreachable_cluster(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    monkeypatch.setenv("STREAMREC_BOOTSTRAP_SERVERS", address)
+    assert admin.main(["create", "--timeout", "1"]) == 1
+    assert f"cannot reach Kafka at {address}" in capsys.readouterr().err
