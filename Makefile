@@ -40,7 +40,7 @@ kafka-down: $(STAMP)  ## stop the local broker (keeps its data)
 	$(PY) -m infra.broker down
 
 kafka-status: $(STAMP)  ## is the local broker running, and where
-	$(PY) -m infra.broker status
+	@$(PY) -m infra.broker status || true
 
 topics: $(STAMP)  ## create every DESIGN.md topic on $$STREAMREC_BOOTSTRAP_SERVERS (idempotent)
 	$(PY) -m infra.admin create
