@@ -301,6 +301,7 @@ class ModelLoader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.refused: list[tuple[int, str]] = []
+        self._attempts = threading.Condition()
         catalog.wakeup = self._notify
 
     # --- feeding -----------------------------------------------------------------------
@@ -313,6 +314,15 @@ class ModelLoader:
     def _notify(self) -> None:
         with self._wake:
             self._wake.notify()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` holds after some version was swapped in or refused."""
+        with self._attempts:
+            return self._attempts.wait_for(predicate, timeout=timeout)
+
+    def _attempted(self) -> None:
+        with self._attempts:
+            self._attempts.notify_all()
 
     # --- start-up ------------------------------------------------------------------------
     def load_initial(self, announced: ModelUpdate | None) -> ServingModel:
@@ -369,6 +379,12 @@ class ModelLoader:
     # --- steps -----------------------------------------------------------------------------------
     def _try_swap(self, update: ModelUpdate) -> bool:
         """Load, verify, build, encode and swap one version; False (refused or skipped) otherwise."""
+        try:
+            return self._swap(update)
+        finally:
+            self._attempted()
+
+    def _swap(self, update: ModelUpdate) -> bool:
         if update.model != self.model_name:
             log.debug("ignoring model-updates for model %r", update.model)
             return False
