@@ -246,6 +246,16 @@ class TrainerService:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def progress(self) -> dict[str, Any]:
+        """A snapshot for monitoring and tests (safe to call from another thread)."""
+        return {
+            "offsets": {offsets_key(self.labeled_topic, p): o for p, o in dict(self._offsets).items()},
+            "steps": self._steps,
+            "examples_trained": self._examples_trained(),
+            "live_version": self._live_version,
+            **{k: v for k, v in self._counts.items() if not k.startswith("_")},
+        }
+
     def run(self) -> None:
         """Start, train until :meth:`stop`, checkpoint, close.  Raises on a fatal error."""
         server = None
