@@ -220,10 +220,14 @@ class JoinCore:
         self._advance(self._clock(), out)
         return out
 
-    def reset_idle(self) -> None:
-        """Count both streams as just active (after a pause in consuming, e.g. a rebalance)."""
+    def touch(self, impressions: bool = True, clicks: bool = True) -> None:
+        """Count a stream as active now: events of it are waiting to be consumed (backlog),
+        or consuming paused (a rebalance).  An idle stream is one with nothing to read."""
         now = self._clock()
-        self._last_arrival = [now, now]
+        if impressions:
+            self._last_arrival[_IMP] = now
+        if clicks:
+            self._last_arrival[_CLK] = now
 
     # --- observation ----------------------------------------------------------------------
     @property

@@ -264,12 +264,15 @@ def test_impression_closed_by_idleness_is_remembered_for_its_retention() -> None
     assert labels(core.on_click(clk("i", "b", 1_500))) == [("i:b", 1, True, 1_500)]
 
 
-def test_reset_idle_after_a_pause_keeps_windows_open() -> None:
+def test_touch_after_a_pause_keeps_windows_open() -> None:
     core, clock = make(idle_timeout_s=5.0)
-    feed(core, [imp("i", 1_000, ["a"])])
+    feed(core, [imp("i", 1_000, ["a"]), clk("i", "a", 1_000), imp("j", 1_500, ["b"])])
     clock.advance(60)  # e.g. a rebalance paused consumption
-    core.reset_idle()
-    assert core.tick() == [] and core.open_impressions == 1
+    core.touch()
+    assert core.tick() == [] and core.open_impressions == 2
+    clock.advance(60)
+    core.touch(impressions=False, clicks=True)  # clicks wait in the consumer: not idle
+    assert core.tick() == [] and core.watermark == 1_000
 
 
 # --- history ---------------------------------------------------------------------------------------

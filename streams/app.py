@@ -1,0 +1,513 @@
+"""The Faust app around the pure join core: ``create_app(kafka_settings, join_settings)``.
+
+One agent reads **both** input topics through one Faust topic description, so
+the events of impressions[p] and clicks[p] reach one loop in arrival order.
+Both topics have the same partition count, so Faust's assignor gives partition
+``p`` of both (and of the state changelog) to the same worker; that worker
+owns one :class:`~streams.join.JoinCore` per partition.
+
+Per batch (``stream.take_events``), in this order:
+
+1. decode each value with :mod:`streams.records` (values are consumed raw, so
+   a malformed one reaches us instead of being dropped by Faust); a value
+   that does not decode, or whose message key is not its user_id, goes to
+   ``dead-letters`` with the reason (logged as ``topic[partition]@offset``);
+2. feed the core of the event's partition;
+3. produce the outputs (``labeled``, ``user-history`` coalesced per user,
+   ``dead-letters`` for orphan and contradicting clicks) and **wait until the
+   broker has them**;
+4. write the state keys the batch changed to the changelog of the Faust table
+   ``join-state`` (key ``"<partition>/<state key>"``, on changelog partition
+   = input partition, the watermark key last) and wait until the broker has
+   them too;
+5. only then return, so Faust acks the batch and may commit its offsets.
+
+So the changelog never holds state whose outputs are not durable, and
+committed offsets never run ahead of the state: a crash at any point replays
+at most the uncommitted events, whose outputs are either suppressed as
+duplicates (the state has them) or emitted again with the same example_id.
+
+On assignment Faust recovers ``join-state`` from its changelog; the core of
+a partition is rebuilt from the recovered keys on first use.  On revocation
+the core and its keys are dropped.  A timer advances idle partitions by the
+wall clock (never while rebalancing; the idle clocks restart after a
+rebalance, so a pause in consuming never closes windows).
+
+Outputs and state go through one confluent-kafka producer (idempotent,
+murmur2 partitioner like Faust and Java): it is much cheaper per message than
+Faust's producer path and its ``flush`` is a real delivery barrier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faust
+from confluent_kafka import KafkaError, Producer
+
+from streams.errors import RecordError, StreamrecError
+from streams.join import JoinCore, Rejected
+from streams.join_settings import JoinSettings
+from streams.metrics import JoinMetrics
+from streams.records import Click, DeadLetter, Impression, Labeled, UserHistory
+from streams.settings import KafkaSettings, default_cache_dir
+from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
+
+log = logging.getLogger(__name__)
+_rdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
+
+STATE_TABLE = "join-state"
+FLUSH_TIMEOUT_S = 60.0
+
+
+class JoinWorkerError(StreamrecError):
+    """The worker cannot make its outputs or state durable; it stops rather than lose work."""
+
+
+def app_id(kafka: KafkaSettings, join: JoinSettings) -> str:
+    """Consumer group id and changelog prefix: the topic prefix + ``STREAMREC_JOIN_APP_ID``."""
+    return f"{kafka.topic_prefix}{join.app_id}"
+
+
+def changelog_topic_name(kafka: KafkaSettings, join: JoinSettings) -> str:
+    return f"{app_id(kafka, join)}-{STATE_TABLE}-changelog"
+
+
+def state_key(partition: int, key: str) -> bytes:
+    return f"{partition}/{key}".encode()
+
+
+class JoinService:
+    """Owns the partition cores, the producer and the metrics of one worker."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        kafka: KafkaSettings,
+        join: JoinSettings,
+        table: Any,
+        metrics: JoinMetrics,
+    ) -> None:
+        self.app = app
+        self.kafka = kafka
+        self.join = join
+        self.config = join.join_config()
+        self.table = table
+        self.metrics = metrics
+        self.cores: dict[int, JoinCore] = {}
+        self.impressions_topic = IMPRESSIONS.real_name(kafka)
+        self.clicks_topic = CLICKS.real_name(kafka)
+        self.labeled_topic = LABELED.real_name(kafka)
+        self.history_topic = USER_HISTORY.real_name(kafka)
+        self.dead_letter_topic = DEAD_LETTERS.real_name(kafka)
+        self.changelog_topic = changelog_topic_name(kafka, join)
+        self._lock = asyncio.Lock()
+        self._producer: Producer | None = None
+        self._delivery_errors: list[str] = []
+        self._rebalances_seen = 0
+        self._duplicates_seen: dict[int, Counter[str]] = {}
+        self._next_offset: dict[tuple[str, int], int] = {}  # next input offset to process
+
+    # --- the producer ----------------------------------------------------------------------
+    def producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(
+                self.kafka.producer_config(
+                    logger=_rdkafka_log,
+                    **{"linger.ms": 5, "queue.buffering.max.messages": 1_000_000},
+                )
+            )
+        return self._producer
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int = -1) -> None:
+        producer = self.producer()
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: serve delivery reports and retry
+                producer.poll(0.05)
+
+    async def _flush(self, what: str) -> None:
+        """Wait until the broker acknowledged everything produced so far; raise otherwise."""
+        producer = self.producer()
+        left = await asyncio.to_thread(producer.flush, FLUSH_TIMEOUT_S)
+        if left or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            detail = "; ".join(errors[:5]) or f"{left} message(s) undelivered after {FLUSH_TIMEOUT_S:.0f} s"
+            raise JoinWorkerError(f"could not deliver the {what}: {detail}")
+
+    def close(self) -> None:
+        if self._producer is not None:
+            left = self._producer.flush(10)
+            if left:
+                log.warning("%d message(s) undelivered at shutdown (they will be redone)", left)
+            self._producer = None
+
+    # --- partitions --------------------------------------------------------------------------
+    def core(self, partition: int) -> JoinCore:
+        core = self.cores.get(partition)
+        if core is None:
+            prefix = f"{partition}/"
+            state = []
+            for key, value in self.table.data.items():
+                k = key.decode() if isinstance(key, bytes) else str(key)
+                if k.startswith(prefix):
+                    state.append((k[len(prefix) :], value))
+            core = self.cores[partition] = JoinCore.restore(self.config, state)
+            self._duplicates_seen[partition] = Counter(core.counts)
+            log.info(
+                "partition %d: join state restored (%d impressions, %d early clicks, watermark %s)",
+                partition,
+                core.remembered_impressions,
+                core.early_clicks,
+                core.watermark if core.max_event_ts is not None else "none",
+            )
+        return core
+
+    async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+        partitions = {tp.partition for tp in revoked if tp.topic == self.impressions_topic}
+        async with self._lock:
+            for p in partitions:
+                if self.cores.pop(p, None) is not None:
+                    log.info("partition %d revoked: join state dropped", p)
+                self._duplicates_seen.pop(p, None)
+                self._next_offset.pop((self.impressions_topic, p), None)
+                self._next_offset.pop((self.clicks_topic, p), None)
+                prefix = f"{p}/".encode()
+                store = self.table.data
+                for key in [k for k in store if isinstance(k, bytes) and k.startswith(prefix)]:
+                    store.pop(key, None)
+                self.metrics.forget_partition(p)
+
+    def _assigned_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.impressions_topic}
+
+    def _ready(self) -> bool:
+        return not self.app.rebalancing and self.app.tables.recovery.completed.is_set()
+
+    def _restart_idle_clocks_after_rebalance(self) -> None:
+        count = self.app.rebalancing_count
+        if count != self._rebalances_seen and not self.app.rebalancing:
+            self._rebalances_seen = count
+            for core in self.cores.values():
+                core.touch()
+
+    async def _backlog(self) -> dict[int, tuple[bool, bool]]:
+        """Partitions whose impressions / clicks have records waiting to be processed.
+
+        A stream is idle only when there is nothing to read: one whose consumer
+        lags (CPU starvation, a slow fetch) must not let the watermark run ahead.
+        """
+        consumer = self.app.consumer
+        waiting: dict[int, list[bool]] = {}
+        for tp in consumer.assignment():
+            if tp.topic not in (self.impressions_topic, self.clicks_topic):
+                continue
+            try:
+                highwater = consumer.highwater(tp)
+                nxt = self._next_offset.get((tp.topic, tp.partition))
+                if nxt is None and highwater:
+                    # nothing processed yet in this assignment: start from the consumer position
+                    nxt = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
+                    if nxt is not None:
+                        self._next_offset[(tp.topic, tp.partition)] = nxt
+            except Exception as exc:  # not fetched yet, mid-rebalance: no information
+                log.debug("no backlog information for %s: %r", tp, exc)
+                continue
+            if nxt is None:
+                continue
+            if highwater is not None and highwater > nxt:
+                flags = waiting.setdefault(tp.partition, [False, False])
+                flags[0 if tp.topic == self.impressions_topic else 1] = True
+        return {p: (f[0], f[1]) for p, f in waiting.items()}
+
+    async def _touch_backlogged(self) -> None:
+        for p, (impressions, clicks) in (await self._backlog()).items():
+            core = self.cores.get(p)
+            if core is not None:
+                core.touch(impressions, clicks)
+
+    # --- processing -------------------------------------------------------------------------
+    async def process(self, events: Sequence[Any]) -> None:
+        """Join one batch of input events; return once outputs and state are durable."""
+        started = time.perf_counter()
+        async with self._lock:
+            self._restart_idle_clocks_after_rebalance()
+            await self._touch_backlogged()
+            sends: list[tuple[str, bytes | None, bytes | None]] = []
+            histories: dict[str, UserHistory] = {}
+            counts: Counter[str] = Counter()
+            touched: set[int] = set()
+            next_offset = self._next_offset
+            for event in events:
+                msg = event.message
+                touched.add(msg.partition)
+                self._handle(msg, sends, histories, counts)
+                next_offset[(msg.topic, msg.partition)] = msg.offset + 1
+            for topic, n in counts.items():
+                self.metrics.events_in.labels(topic=topic).inc(n)
+            await self._emit_and_persist(sends, histories, touched)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _handle(
+        self,
+        msg: Any,
+        sends: list[tuple[str, bytes | None, bytes | None]],
+        histories: dict[str, UserHistory],
+        counts: Counter[str],
+    ) -> None:
+        is_impression = msg.topic == self.impressions_topic
+        record_type: type[Impression] | type[Click] = Impression if is_impression else Click
+        counts[IMPRESSIONS.name if is_impression else CLICKS.name] += 1
+        try:
+            record = record_type.from_json(msg.value)
+            if msg.key != record.user_id.encode():
+                raise RecordError(
+                    record_type.__name__,
+                    "<key>",
+                    f"message key {msg.key!r} is not the user_id {record.user_id!r} (co-partitioning)",
+                )
+        except RecordError as exc:
+            log.warning("dead-letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
+            dead = DeadLetter.of(
+                source_topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                key=msg.key,
+                value=msg.value,
+                error=exc,
+                ts=int(time.time() * 1000),
+            )
+            sends.append((self.dead_letter_topic, msg.key, dead.to_json()))
+            self.metrics.dead_letters.labels(reason="malformed").inc()
+            return
+        core = self.core(msg.partition)
+        if is_impression:
+            outputs = core.on_impression(record, msg.offset)  # type: ignore[arg-type]
+        else:
+            outputs = core.on_click(record, msg.offset)  # type: ignore[arg-type]
+        if outputs:
+            self._route(outputs, msg.partition, sends, histories)
+
+    def _route(
+        self,
+        outputs: list[Any],
+        partition: int,
+        sends: list[tuple[str, bytes | None, bytes | None]],
+        histories: dict[str, UserHistory],
+    ) -> None:
+        positives = negatives = late = 0
+        for out in outputs:
+            if isinstance(out, Labeled):
+                sends.append((self.labeled_topic, out.user_id.encode(), out.to_json()))
+                if out.label:
+                    positives += 1
+                    late += out.late
+                else:
+                    negatives += 1
+            elif isinstance(out, UserHistory):
+                histories[out.user_id] = out
+            elif isinstance(out, Rejected):
+                self._dead_letter_click(out, partition, sends)
+        if positives:
+            self.metrics.labeled.labels(label="positive").inc(positives)
+        if negatives:
+            self.metrics.labeled.labels(label="negative").inc(negatives)
+        if late:
+            self.metrics.late_positives.inc(late)
+
+    def _dead_letter_click(
+        self, rejected: Rejected, partition: int, sends: list[tuple[str, bytes | None, bytes | None]]
+    ) -> None:
+        click = rejected.click
+        log.info(
+            "dead-letter %s[%d]@%d: %s", self.clicks_topic, partition, rejected.offset, rejected.reason
+        )
+        dead = DeadLetter.of(
+            source_topic=self.clicks_topic,
+            partition=partition,
+            offset=rejected.offset,
+            key=click.user_id,
+            value=click.to_json(),
+            error=rejected.reason,
+            ts=click.ts,
+        )
+        sends.append((self.dead_letter_topic, click.user_id.encode(), dead.to_json()))
+        if rejected.orphan:
+            self.metrics.orphans.inc()
+            self.metrics.dead_letters.labels(reason="orphan").inc()
+        else:
+            self.metrics.dead_letters.labels(reason="invalid").inc()
+
+    async def _emit_and_persist(
+        self,
+        sends: list[tuple[str, bytes | None, bytes | None]],
+        histories: dict[str, UserHistory],
+        touched: Iterable[int],
+    ) -> None:
+        for user, hist in histories.items():
+            sends.append((self.history_topic, user.encode(), hist.to_json()))
+        if histories:
+            self.metrics.history_updates.inc(len(histories))
+        if sends:
+            for topic, key, value in sends:
+                self._produce(topic, key, value)
+            await self._flush("outputs")
+        # Outputs are durable: now the state that says they were emitted.
+        wrote = False
+        store = self.table.data
+        for p, core in self.cores.items():
+            changes = core.drain_changes()
+            if not changes:
+                continue
+            watermark = changes.pop("w", None)
+            items = list(changes.items())
+            if watermark is not None:
+                items.append(("w", watermark))  # last: if it is durable, the rest of the batch is
+            for key, value in items:
+                skey = state_key(p, key)
+                if value is None:
+                    store.pop(skey, None)
+                    self._produce(self.changelog_topic, skey, None, p)
+                else:
+                    store[skey] = value
+                    self._produce(self.changelog_topic, skey, json.dumps(value).encode(), p)
+            wrote = True
+        if wrote:
+            await self._flush("join state")
+        self._update_gauges(touched)
+
+    def _update_gauges(self, partitions: Iterable[int]) -> None:
+        m = self.metrics
+        for p in partitions:
+            core = self.cores.get(p)
+            if core is None:
+                continue
+            label = str(p)
+            m.pending.labels(partition=label).set(core.open_impressions)
+            m.remembered.labels(partition=label).set(core.remembered_impressions)
+            m.early_clicks.labels(partition=label).set(core.early_clicks)
+            newest = core.max_event_ts
+            if newest is not None and core.watermark > -(2**61):
+                m.watermark.labels(partition=label).set(core.watermark)
+                m.watermark_lag.labels(partition=label).set(newest - core.watermark)
+            seen = self._duplicates_seen.setdefault(p, Counter())
+            for kind in ("duplicate_impressions", "duplicate_clicks"):
+                new = core.counts[kind] - seen[kind]
+                if new:
+                    m.duplicates.labels(kind=kind.removeprefix("duplicate_")).inc(new)
+                    seen[kind] = core.counts[kind]
+
+    async def tick(self) -> None:
+        """Advance every owned partition by the wall clock (idle streams close windows)."""
+        if not self._ready():
+            return
+        async with self._lock:
+            if not self._ready():
+                return
+            self._restart_idle_clocks_after_rebalance()
+            sends: list[tuple[str, bytes | None, bytes | None]] = []
+            histories: dict[str, UserHistory] = {}
+            owned = self._assigned_partitions()
+            for p in sorted(owned):
+                self.core(p)
+            await self._touch_backlogged()
+            for p in sorted(owned):
+                outputs = self.core(p).tick()
+                if outputs:
+                    self._route(outputs, p, sends, histories)
+            await self._emit_and_persist(sends, histories, owned)
+
+
+def create_app(
+    kafka_settings: KafkaSettings,
+    join_settings: JoinSettings,
+    *,
+    metrics: JoinMetrics | None = None,
+) -> faust.App:
+    """Build the join worker's Faust app (nothing connects until the app starts).
+
+    The :class:`JoinService` is reachable as ``app.join_service``.
+    """
+    kafka, join = kafka_settings, join_settings
+    ident = app_id(kafka, join)
+    datadir = Path(join.data_dir or default_cache_dir() / "join" / ident)
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
+    session = join.session_timeout_s
+    app = faust.App(
+        ident,
+        broker=kafka.faust_broker(),
+        broker_credentials=kafka.faust_credentials(),
+        store="memory://",
+        autodiscover=False,
+        datadir=str(datadir),
+        topic_partitions=join.partitions,
+        topic_replication_factor=kafka.replication_factor,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=session,
+        broker_heartbeat_interval=max(1.0, session / 5),
+        broker_commit_interval=join.commit_interval_s,
+        stream_buffer_maxsize=max(4_096, 2 * join.batch_max),
+        web_enabled=bool(join.web_port),
+        web_port=join.web_port or 6066,
+    )
+    inputs = app.topic(
+        IMPRESSIONS.real_name(kafka),
+        CLICKS.real_name(kafka),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    table = app.Table(
+        STATE_TABLE,
+        default=None,
+        partitions=join.partitions,
+        key_type=bytes,  # raw keys "<partition>/<state key>"; values are JSON
+    )
+    service = JoinService(app, kafka, join, table, metrics or JoinMetrics())
+    app.join_service = service  # type: ignore[attr-defined]
+
+    async def join_agent(stream: Any) -> None:
+        async for events in stream.take_events(join.batch_max, within=join.batch_within_s):
+            try:
+                await service.process(events)
+            except JoinWorkerError as exc:
+                log.critical("%s; stopping the worker (the batch will be redone after a restart)", exc)
+                await app.crash(exc)
+                raise
+
+    app.agent(inputs, name="join")(join_agent)
+
+    async def idle_tick() -> None:
+        try:
+            await service.tick()
+        except JoinWorkerError as exc:
+            log.critical("%s; stopping the worker", exc)
+            await app.crash(exc)
+
+    app.timer(join.tick_interval_s(), name="join-idle-tick")(idle_tick)
+
+    async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        await service.on_partitions_revoked(revoked)
+
+    app.on_partitions_revoked.connect(on_revoked, weak=False)
+
+    async def on_shutdown(sender: Any, **kwargs: Any) -> None:
+        service.close()
+
+    app.on_before_shutdown.connect(on_shutdown, weak=False)
+    return app

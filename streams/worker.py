@@ -1,0 +1,135 @@
+"""``python -m streams.worker``: run one impression–click join worker.
+
+Several workers with the same ``STREAMREC_JOIN_APP_ID`` (the consumer group)
+on one topic set share the partitions; a worker that dies hands its
+partitions, and their state, to the others.  Settings come from the
+environment (``STREAMREC_*`` for Kafka, ``STREAMREC_JOIN_*`` for the join,
+listed by ``--help``); a setting that cannot work stops the worker before it
+connects, naming the variable (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from streams.errors import ConfigError, StreamrecError
+from streams.join_settings import ENV_PREFIX, JoinSettings
+from streams.settings import KafkaSettings, load
+from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+INPUTS = (IMPRESSIONS, CLICKS)
+OUTPUTS = (LABELED, USER_HISTORY, DEAD_LETTERS)
+
+
+def _settings_epilog() -> str:
+    lines = ["join settings (environment):"]
+    for name, field in JoinSettings.model_fields.items():
+        default = field.default if field.default is not None else "-"
+        lines.append(f"  {ENV_PREFIX}{name.upper():<22} {field.description or ''} [default: {default}]")
+    lines.append("Kafka settings: STREAMREC_BOOTSTRAP_SERVERS, STREAMREC_TOPIC_PREFIX, ... (see README)")
+    return "\n".join(lines)
+
+
+def check_topics(kafka: KafkaSettings, join: JoinSettings, *, create: bool = False, timeout: float = 30.0) -> None:
+    """Fail (ConfigError naming the setting) unless the topics exist with matching partition counts.
+
+    The two inputs and the state changelog must have ``STREAMREC_JOIN_PARTITIONS``
+    partitions: co-partitioning (and Faust's changelog recovery) depend on it.
+    With ``create``, missing DESIGN.md topics are created first.
+    """
+    from streams.app import changelog_topic_name
+
+    if create:
+        from infra.admin import ensure_topics
+
+        made = ensure_topics(kafka, INPUTS + OUTPUTS, partitions=join.partitions)
+        if made:
+            log.info("created topics %s", ", ".join(made))
+    admin = AdminClient(kafka.confluent_config(logger=logging.getLogger(f"{__name__}.librdkafka")))
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise ConfigError("STREAMREC_BOOTSTRAP_SERVERS", f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}") from exc
+    topics = metadata.topics
+    for spec in INPUTS + OUTPUTS:
+        name = spec.real_name(kafka)
+        if name not in topics or topics[name].error is not None:
+            raise ConfigError(
+                "STREAMREC_TOPIC_PREFIX",
+                f"topic {name!r} does not exist on {kafka.bootstrap_servers} "
+                "(create the topics with `python -m infra.admin create`, or pass --create-topics)",
+            )
+    for name in [s.real_name(kafka) for s in INPUTS] + [changelog_topic_name(kafka, join)]:
+        meta = topics.get(name)
+        if meta is not None and len(meta.partitions) != join.partitions:
+            raise ConfigError(
+                f"{ENV_PREFIX}PARTITIONS",
+                f"is {join.partitions} but topic {name!r} has {len(meta.partitions)} partitions; "
+                "the inputs and the state changelog must all have the same count",
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m streams.worker",
+        description="Run one impression–click join worker (reads impressions and clicks, "
+        "writes labeled, user-history and dead-letters).",
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--create-topics", action="store_true", help="create missing topics first (as `python -m infra.admin create`)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        kafka = load(KafkaSettings)
+        join = load(JoinSettings)
+        check_topics(kafka, join, create=args.create_topics)
+    except ConfigError as exc:
+        print(f"streams.worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StreamrecError as exc:
+        print(f"streams.worker: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    import faust
+
+    from streams.app import create_app
+
+    app = create_app(kafka, join)
+    app.join_service.metrics.serve(join.metrics_port)  # type: ignore[attr-defined]
+    log.info(
+        "join worker: group %s, %d partitions, window %d ms, lateness %d ms, idle %.1f s",
+        app.conf.id,
+        join.partitions,
+        join.window_ms,
+        join.allowed_lateness_ms,
+        join.idle_timeout_s,
+    )
+    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True, override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
+        if app.crash_reason is not None:
+            return EXIT_FAILED
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
