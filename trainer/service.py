@@ -59,6 +59,7 @@ from streams.settings import KafkaSettings
 from streams.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
 from trainer.catalog import Catalog
 from trainer.checkpoint import Checkpoint, check_model_config, load_checkpoint, save_checkpoint
+from trainer.metrics import binary_metrics
 from trainer.service_settings import TrainerSettings
 from trainer.weights import WeightsError, WeightStore
 
@@ -229,6 +230,9 @@ class TrainerService:
         self._steps_since_attempt = 0
         self._steps_since_checkpoint = 0
         self._last_publish = time.monotonic()
+        self._last_checkpoint = time.monotonic()
+        self._checkpointed_offsets: dict[int, int] = {}
+        self._live_probs: dict[str, float] = {}
         self._last_log = time.monotonic()
         self._last_partition_check = time.monotonic()
         self._last_step_metrics: dict[str, float] = {}
@@ -267,16 +271,17 @@ class TrainerService:
                     f"setting STREAMREC_TRAINER_METRICS_PORT: cannot listen on {self.settings.metrics_port}: {exc}"
                 ) from exc
             log.info("metrics on http://0.0.0.0:%d/metrics", self.settings.metrics_port)
-        started = False
+        clean = False
         try:
             self._start()
-            started = True
             self.ready.set()
             while not self._stop.is_set():
                 self._iterate()
+            clean = True
         finally:
             try:
-                if started:
+                # After a failure the last good checkpoint stays: the restart resumes from it.
+                if clean:
                     self._checkpoint(reason="shutdown")
             finally:
                 self._close()
@@ -443,6 +448,8 @@ class TrainerService:
         if live is not None:
             try:
                 self._live_model = self.store.load(int(live), device=self._device())
+                if self.model.prefix_cache is not None:
+                    self._live_model.attach_cache(self.model.prefix_cache)
                 self._live_version = int(live)  # the teacher came back with the learner state
                 self.metrics.live_version.set(self._live_version)
             except WeightsError as exc:
@@ -510,6 +517,12 @@ class TrainerService:
             self._publish(now)
         if self._steps_since_checkpoint >= self.settings.checkpoint_every_steps:
             self._checkpoint(reason=f"{self._steps_since_checkpoint} steps")
+        elif (
+            self._offsets != self._checkpointed_offsets
+            and not any(q.entries for q in self._queues.values())
+            and now - self._last_checkpoint >= self.settings.publish_every_s
+        ):  # idle, with progress no step covers (duplicates, dead letters, held back)
+            self._checkpoint(reason="idle")
         self._backpressure()
         if now - self._last_log >= self.settings.log_every_s:
             self._log_progress(now)
@@ -607,6 +620,7 @@ class TrainerService:
     def _train_batch(self, now: float) -> None:
         train: list[Labeled] = []
         held: list[Labeled] = []
+        advanced: dict[int, int] = {}  # applied once the step succeeded
         while len(train) + len(held) < self.settings.batch_size:
             nxt = self._next_head(now)
             if nxt is None:
@@ -614,7 +628,7 @@ class TrainerService:
             p, q = nxt
             entry = q.entries.popleft()
             q.blocked_since = None
-            self._offsets[p] = entry.offset + 1
+            advanced[p] = entry.offset + 1
             self.metrics.consumed.inc()
             ex = entry.example
             if ex is None:
@@ -652,6 +666,7 @@ class TrainerService:
                 auc = pq.get(f"{scope}_auc")
                 if _finite(auc):
                     self.metrics.auc.labels(scope=scope).set(float(auc))  # type: ignore[arg-type]
+        self._offsets.update(advanced)
         if self._ids_log is not None and (train or held):
             lines = [f"T {ex.example_id}\n" for ex in train] + [f"H {ex.example_id}\n" for ex in held]
             self._ids_log.write("".join(lines).encode())
@@ -673,36 +688,49 @@ class TrainerService:
             or now - self._last_publish >= self.settings.publish_every_s
         )
 
-    def _guardrail(self) -> tuple[bool, dict[str, float]]:
-        """(publish?, guardrail metrics for the manifest)."""
+    def _guardrail(self) -> tuple[bool, dict[str, float], dict[str, float]]:
+        """(publish?, guardrail metrics for the manifest, candidate predictions by example key)."""
         s = self.settings
-        if self._live_model is None or s.holdout_fraction <= 0:
-            return True, {}
+        if s.holdout_fraction <= 0:
+            return True, {}, {}
         holdout = list(self._holdout)
-        if len(holdout) < s.guardrail_min_examples:
+        if self._live_model is not None and len(holdout) < s.guardrail_min_examples:
             log.info("publish postponed: %d held-back examples, the guardrail needs %d",
                      len(holdout), s.guardrail_min_examples)
-            return False, {}
-        cand = self.learner.evaluate(holdout)
-        live = self.learner.evaluate(holdout, model=self._live_model)
-        ok, why = guardrail_passes(cand, live, metric=s.guardrail_metric, margin=s.guardrail_margin)
-        extra = {f"holdout_{k}": float(v) for k, v in cand.items() if _finite(v)}
-        extra.update({f"live_holdout_{k}": float(v) for k, v in live.items() if _finite(v)})
-        extra["holdout_examples"] = float(len(holdout))
+            return False, {}, {}
+        cand_probs, kept = self.learner.predict(holdout)
+        cand = {dedupe_key(holdout[i]): float(p) for i, p in zip(kept, cand_probs, strict=True)}
+        if self._live_model is None:
+            return True, {}, cand  # the first version: nothing to compare with
+        # The live version does not change between publishes: score each held-back example once.
+        new = [ex for ex in holdout if dedupe_key(ex) in cand and dedupe_key(ex) not in self._live_probs]
+        if new:
+            live_probs, live_kept = self.learner.predict(new, self._live_model)
+            for i, p in zip(live_kept, live_probs, strict=True):
+                self._live_probs[dedupe_key(new[i])] = float(p)
+        keys = [k for k in cand if k in self._live_probs]
+        labels = {dedupe_key(ex): ex.label for ex in holdout}
+        y = [labels[k] for k in keys]
+        cand_m = binary_metrics(y, [cand[k] for k in keys])
+        live_m = binary_metrics(y, [self._live_probs[k] for k in keys])
+        ok, why = guardrail_passes(cand_m, live_m, metric=s.guardrail_metric, margin=s.guardrail_margin)
+        extra = {f"holdout_{k}": float(v) for k, v in cand_m.items() if _finite(v)}
+        extra.update({f"live_holdout_{k}": float(v) for k, v in live_m.items() if _finite(v)})
         if not ok:
             self.metrics.rejections.inc()
             log.warning("guardrail refused the candidate after step %d against live version %s: %s",
                         self._steps, self._live_version, why)
         else:
-            log.info("guardrail passed against live version %s: %s", self._live_version, why)
-        return ok, extra
+            log.info("guardrail passed against live version %s on %d held-back examples: %s",
+                     self._live_version, len(keys), why)
+        return ok, extra, cand
 
     def _publish(self, now: float) -> None:
         s = self.settings
         # A refused or postponed attempt waits a full interval (steps or seconds) too.
         self._last_publish = now
         self._steps_since_attempt = 0
-        ok, guard = self._guardrail()
+        ok, guard, cand_probs = self._guardrail()
         if not ok:
             return
         delta = (
@@ -742,6 +770,7 @@ class TrainerService:
         self._announce(update)
         self._live_version = version
         self._refresh_live_model(version)
+        self._live_probs = cand_probs  # the candidate is the live version now
         self.learner.set_teacher(self.model.trainable_state_dict())
         self.metrics.published.labels(kind=update.kind).inc()
         self.metrics.live_version.set(version)
@@ -763,6 +792,8 @@ class TrainerService:
         """The guardrail's copy of the live version: loaded once from the store, then copied in."""
         if self._live_model is None:
             self._live_model = self.store.load(version, device=self._device())
+            if self.model.prefix_cache is not None:  # same frozen prefix: share its cached states
+                self._live_model.attach_cache(self.model.prefix_cache)
         else:
             self._live_model.load_state_dict(self.model.state_dict())
         self._live_model.eval()
@@ -845,6 +876,8 @@ class TrainerService:
         )
         save_checkpoint(self.settings.checkpoint_dir, ckpt)
         self._steps_since_checkpoint = 0
+        self._checkpointed_offsets = dict(self._offsets)
+        self._last_checkpoint = time.monotonic()
         log.info("checkpoint (%s): %d examples trained, offsets %s, in %.2fs",
                  reason, ckpt.examples_trained, ckpt.offsets, time.perf_counter() - started)
         self._commit()

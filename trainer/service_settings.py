@@ -87,14 +87,14 @@ class TrainerSettings(BaseSettings):
         default=10, ge=1, description="With publish_kind=delta, every N-th version is full (bounds chains)."
     )
     keep_versions: int = Field(
-        default=20, ge=0, description="Versions kept in the weight store (older pruned; 0 = keep all)."
+        default=10, ge=0, description="Versions kept in the weight store (older pruned; 0 = keep all)."
     )
     holdout_fraction: float = Field(
         default=0.1, ge=0.0, lt=1.0,
         description="Fraction of examples held back from training for the guardrail (0 = no guardrail).",
     )
     holdout_size: int = Field(
-        default=2_000, ge=1, description="Most recent held-back examples the guardrail evaluates on."
+        default=500, ge=1, description="Most recent held-back examples the guardrail evaluates on."
     )
     guardrail_min_examples: int = Field(
         default=32, ge=1,
