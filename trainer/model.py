@@ -103,6 +103,9 @@ class ModelConfig(BaseModel):
         description="Dropout of the towers, heads and unfrozen encoder layers.  0 lets the "
         "learner score (prequential) and train with one forward pass.",
     )
+    init_ctr: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="Click rate the click head starts at (its bias = log odds)."
+    )
     encode_chunk: int = Field(default=256, ge=1, description="Items per encoder call (length-sorted).")
     seed: int = Field(default=0, description="Seeds the initialisation of the new parameters.")
 
@@ -465,13 +468,13 @@ class UserTower(nn.Module):
 class ClickHead(nn.Module):
     """logit = scale * cos(user, item) + w . item/|item| + b (pairwise or all pairs)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, init_ctr: float = 0.5) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.item_bias = nn.Linear(dim, 1)
         nn.init.zeros_(self.item_bias.weight)
         nn.init.zeros_(self.item_bias.bias)
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.tensor(math.log(init_ctr / (1.0 - init_ctr))))
 
     def _scale(self) -> Tensor:
         return self.log_scale.clamp(max=math.log(100.0)).exp()
@@ -714,7 +717,7 @@ def build_model(config: ModelConfig) -> RecModel:
                 user_buckets=config.user_buckets,
                 dropout=config.dropout,
             ),
-            click_head=ClickHead(dim),
+            click_head=ClickHead(dim, config.init_ctr),
             category_head=CategoryHead(dim, len(config.categories), config.dropout)
             if config.categories
             else None,

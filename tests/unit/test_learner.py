@@ -1,0 +1,183 @@
+"""The continual learner: prequential order, checkpoint/restart, forgetting tools, drift recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streams.records import Labeled
+from streams.replay.synthetic import SyntheticConfig, SyntheticStream
+from trainer.catalog import Catalog
+from trainer.evaluate import _split, labeled_examples
+from trainer.learner import ContinualLearner, LearnerConfig, LearnerError, iter_batches
+from trainer.metrics import auc
+from trainer.model import ModelConfig, build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: threads cost more than they give (and the suite shares the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world() -> tuple[Catalog, list[Labeled], SyntheticStream]:
+    stream = SyntheticStream(
+        SyntheticConfig(users=30, items=60, new_items=0, events=1200, topics=4, slate_size=5,
+                        shift_at=0.5, shift_fraction=1.0, seed=1)
+    )
+    items, imps, clicks = _split(stream.stream())
+    examples = labeled_examples(imps, clicks, window_ms=3_600_000, history_length=20)
+    return Catalog(items), examples, stream
+
+
+def tiny_model(catalog: Catalog, **kw) -> ModelConfig:
+    base = dict(encoder_layers=1, freeze_layers=1, max_text_len=24, embed_dim=32, max_history=8,
+                categories=catalog.category_names())
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_step_scores_before_it_learns(world) -> None:
+    catalog, examples, _ = world
+    learner = ContinualLearner(build_model(tiny_model(catalog)), LearnerConfig(device="cpu"), catalog)
+    batch = examples[:100]
+    before = learner.evaluate(batch)  # the model as it is before the step
+    stats = learner.step(batch)
+    snap = learner.metrics.snapshot()
+    assert snap["cumulative_log_loss"] == pytest.approx(before["log_loss"], rel=1e-4)
+    assert snap["window_auc"] == pytest.approx(before["auc"], rel=1e-4)
+    assert stats["batch_log_loss"] == pytest.approx(before["log_loss"], rel=1e-4)
+    after = learner.evaluate(batch)
+    assert after["log_loss"] < before["log_loss"]  # and then it learned
+    assert learner.examples_trained == 100 and learner.steps == 1
+    assert learner.metrics.snapshot() == snap  # evaluate changes nothing
+
+
+def test_duplicates_and_unknown_items_are_not_trained(world) -> None:
+    catalog, examples, _ = world
+    learner = ContinualLearner(build_model(tiny_model(catalog)), LearnerConfig(device="cpu"), catalog)
+    learner.step(examples[:50])
+    again = learner.step(examples[:50])
+    assert again["duplicates"] == 50 and again["examples"] == 0
+    assert learner.examples_trained == 50
+    ghost = examples[60].model_copy(update={"item_id": "not-in-catalog", "example_id": examples[60].impression_id + ":not-in-catalog"})
+    stats = learner.step([ghost, examples[61]])
+    assert stats["skipped"] == 1 and stats["examples"] == 1
+    late = examples[62].model_copy(update={"label": 1, "late": True})
+    stats = learner.step([late])  # a late positive corrects its negative: trained, not scored
+    assert stats["examples"] == 1 and learner.metrics.count == 51
+
+
+def test_checkpoint_restart_gives_identical_parameters_and_next_step(world, tmp_path) -> None:
+    catalog, examples, _ = world
+    cfg = tiny_model(catalog, encoder_layers=2, freeze_layers=1, user_buckets=16, value_head=True)
+    lcfg = LearnerConfig(device="cpu", replay_size=64, replay_ratio=0.5, negative_sampling_rate=0.5)
+    a = ContinualLearner(build_model(cfg), lcfg, catalog)
+    batches = list(iter_batches(examples[:400], 80))
+    for b in batches[:3]:
+        a.step(b)
+    a.set_teacher({k: v.clone() for k, v in a.model.trainable_state_dict().items()})
+    a.step(batches[3])
+    path = tmp_path / "ckpt.pt"
+    torch.save(a.state_dict(), path)
+
+    b = ContinualLearner(build_model(cfg), lcfg, catalog)
+    b.load_state_dict(torch.load(path, weights_only=True))
+    for (na, pa), (nb, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(pa, pb), na
+    assert b.examples_trained == a.examples_trained and b.metrics.snapshot() == a.metrics.snapshot()
+    assert b.replay.items() == a.replay.items()
+
+    sa, sb = a.step(batches[4]), b.step(batches[4])
+    for key in ("loss", "click", "distill", "trained", "replayed", "batch_auc"):
+        assert sa[key] == pytest.approx(sb[key], rel=1e-5, abs=1e-7), key
+    for (na, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=na)
+
+
+def test_checkpoint_of_another_model_is_refused(world) -> None:
+    catalog, _, _ = world
+    a = ContinualLearner(build_model(tiny_model(catalog)), LearnerConfig(device="cpu"), catalog)
+    b = ContinualLearner(build_model(tiny_model(catalog, embed_dim=16)), LearnerConfig(device="cpu"), catalog)
+    with pytest.raises(LearnerError, match="embed_dim"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(LearnerError):
+        a.set_teacher(b.model.trainable_state_dict())
+
+
+def test_distillation_pulls_towards_the_teacher(world) -> None:
+    catalog, examples, _ = world
+    cfg = tiny_model(catalog)
+    teacher = build_model(cfg)
+    with torch.no_grad():
+        teacher.click_head.bias.fill_(3.0)  # a teacher that predicts clicks everywhere
+    lcfg = LearnerConfig(device="cpu", distill_weight=5.0, replay_size=0)
+    learner = ContinualLearner(build_model(cfg), lcfg, catalog)
+    learner.set_teacher(teacher.trainable_state_dict())
+    plain = ContinualLearner(build_model(cfg), lcfg.model_copy(update={"distill_weight": 0.0}), catalog)
+    for b in iter_batches(examples[:600], 100):
+        s = learner.step(b)
+        assert "distill" in s
+        plain.step(b)
+    p_distilled, _ = learner.predict(examples[600:800])
+    p_plain, _ = plain.predict(examples[600:800])
+    assert p_distilled.mean() > p_plain.mean() + 0.05
+
+
+def test_negative_downsampling_keeps_probabilities_calibrated(world) -> None:
+    catalog, examples, _ = world
+    lcfg = LearnerConfig(device="cpu", replay_size=0, lr_heads=1e-2, lr_towers=1e-2)
+    full = ContinualLearner(build_model(tiny_model(catalog)), lcfg, catalog)
+    sampled = ContinualLearner(
+        build_model(tiny_model(catalog)), lcfg.model_copy(update={"negative_sampling_rate": 0.25}), catalog
+    )
+    trained = 0
+    for b in iter_batches(examples[:3000], 100):
+        full.step(b)
+        trained += sampled.step(b)["trained"]
+    labels = np.array([e.label for e in examples[:3000]])
+    expected = labels.sum() + 0.25 * (1 - labels).sum()
+    assert abs(trained - expected) < 0.1 * expected  # about a quarter of the negatives
+    assert sampled.metrics.count == full.metrics.count == 3000  # but every example is scored
+    test = examples[3000:4000]
+    ctr = np.mean([e.label for e in test])
+    p_full, _ = full.predict(test)
+    p_sampled, _ = sampled.predict(test)
+    # uncorrected, the kept negatives would push the mean towards ctr / (ctr + 0.25 (1 - ctr)) ~ 0.5
+    assert abs(p_sampled.mean() - p_full.mean()) < 0.03
+    assert abs(p_sampled.mean() - ctr) < 0.06
+
+
+def test_continual_learner_recovers_after_drift_and_static_does_not(world) -> None:
+    catalog, examples, stream = world
+    # users known by a hashed embedding only (no history): adapting needs learning
+    cfg = tiny_model(catalog, max_history=0, user_buckets=256)
+    lcfg = LearnerConfig(device="cpu", lr_towers=1e-2, lr_heads=1e-2)
+    shift = stream.shift_ts
+    pre = [e for e in examples if e.impression_ts < shift]
+    post = [e for e in examples if e.impression_ts >= shift]
+    continual = ContinualLearner(build_model(cfg), lcfg, catalog)
+    static = ContinualLearner(build_model(cfg), lcfg, catalog)
+    for b in iter_batches(pre, 50):
+        continual.step(b)
+        static.step(b)
+    assert continual.evaluate(pre[-1000:])["auc"] > 0.75  # it learned the world before the shift
+
+    continual.set_teacher({k: v.clone() for k, v in continual.model.trainable_state_dict().items()})
+    ys, pc, ps = [], [], []
+    for b in iter_batches(post, 50):
+        p_static, _ = static.predict(b)  # frozen after the first part
+        continual.step(b)
+        ys.append(np.array([e.label for e in b]))
+        pc.append(continual.last_scored[1])
+        ps.append(p_static)
+    y, c, s = np.concatenate(ys), np.concatenate(pc), np.concatenate(ps)
+    first, last = slice(0, 500), slice(len(y) - 1000, len(y))
+    assert auc(y[first], c[first]) < 0.65  # the shift hurt both
+    assert auc(y[last], c[last]) > 0.72  # the continual learner recovered within the stream
+    assert auc(y[last], s[last]) < 0.62  # the static model did not

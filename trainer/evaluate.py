@@ -1,0 +1,555 @@
+"""Offline evaluation: run the continual learner over a replay, without Kafka, and compare strategies.
+
+Every strategy sees the same labeled stream, in event-time order, batch by
+batch, and is scored prequentially (each batch is predicted before anything
+learns from it):
+
+- ``static``: trained on the first period, then frozen;
+- ``naive``: fine-tunes everything (all encoder layers), no replay, no distillation;
+- ``default``: the production setting: top encoder layer(s) tuned on cached
+  frozen prefixes (+ LoRA with ``--lora-rank``), reservoir replay, and
+  distillation from the last published model (published every
+  ``--publish-every`` batches, as the trainer service does);
+- ``retrain``: periodic full retraining: at the end of each period a fresh
+  model is trained on everything so far, then serves the next period frozen.
+
+Printed: prequential AUC and log loss per period and overall, and forgetting:
+the AUC on an early held-out slice (impressions of the first period that no
+strategy trains on) right after the first period and after the whole run.
+On the synthetic drift stream the best achievable AUC (of the true click
+probabilities) is printed too.  A PNG plot of AUC over event time goes to
+``--out``.
+
+    python -m trainer.evaluate --dataset synthetic
+    python -m trainer.evaluate --dataset movielens --limit 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from streams.records import Click, Impression, Item, Labeled, example_id
+from streams.settings import default_cache_dir
+from trainer.catalog import Catalog
+from trainer.learner import ContinualLearner, LearnerConfig
+from trainer.metrics import auc, log_loss
+from trainer.model import ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("static", "naive", "default", "retrain")
+
+
+# --------------------------------------------------------------------------- replays
+@dataclass
+class Replay:
+    """A labeled stream ready for offline learning."""
+
+    name: str
+    items: list[Item]
+    examples: list[Labeled]
+    """In event-time order (impression time, then slate position)."""
+    truth: Callable[[Sequence[Labeled]], float] | None = None
+    """Best achievable AUC on some examples (synthetic only)."""
+    shift_ts: int | None = None
+    notes: dict[str, float] = field(default_factory=dict)
+
+
+def labeled_examples(
+    impressions: Sequence[Impression], clicks: Sequence[Click], *, window_ms: int, history_length: int
+) -> list[Labeled]:
+    """Labeled examples of a whole stream: the streams engineer's batch reference join when present.
+
+    Fallback (same rules, simplified): each shown item is a positive if the
+    user clicked it within ``window_ms`` of the impression (a later click is a
+    negative then a late positive), else a negative; the history is the user's
+    clicked items before the impression time.
+    """
+    try:
+        from streams.join import reference_join
+    except ImportError:  # the join module is part of the project; this keeps evaluate standalone
+        reference_join = None
+    if reference_join is not None:
+        examples = list(reference_join(impressions, clicks, window_ms=window_ms, history_length=history_length).examples)
+    else:
+        examples = _local_join(impressions, clicks, window_ms=window_ms, history_length=history_length)
+    order = {imp.impression_id: n for n, imp in enumerate(impressions)}
+    examples.sort(key=lambda e: (e.impression_ts, order.get(e.impression_id, 0), e.position, e.late))
+    return examples
+
+
+def _local_join(
+    impressions: Sequence[Impression], clicks: Sequence[Click], *, window_ms: int, history_length: int
+) -> list[Labeled]:
+    first: dict[str, Impression] = {}
+    for imp in impressions:
+        first.setdefault(imp.impression_id, imp)
+    clicked: dict[tuple[str, str], Click] = {}
+    for c in clicks:
+        imp = first.get(c.impression_id)
+        if imp is None or c.user_id != imp.user_id or c.item_id not in imp.items:
+            continue
+        key = (c.impression_id, c.item_id)
+        if key not in clicked or c.ts < clicked[key].ts:
+            clicked[key] = c
+    by_user: dict[str, list[tuple[int, str, str]]] = {}
+    for (iid, item), c in clicked.items():
+        by_user.setdefault(c.user_id, []).append((c.ts, item, iid))
+    for v in by_user.values():
+        v.sort()
+    out: list[Labeled] = []
+    for imp in first.values():
+        hist = [i for ts, i, iid in by_user.get(imp.user_id, []) if ts < imp.ts and iid != imp.impression_id]
+        hist = hist[-history_length:]
+        end = imp.ts + window_ms
+        for pos, item in enumerate(imp.items):
+            c = clicked.get((imp.impression_id, item))
+            common = dict(
+                example_id=example_id(imp.impression_id, item), impression_id=imp.impression_id,
+                user_id=imp.user_id, item_id=item, position=pos, history=hist, impression_ts=imp.ts,
+            )
+            if c is not None and c.ts <= end:
+                out.append(Labeled(label=1, value=c.value, label_ts=c.ts, ts=c.ts, **common))
+                continue
+            out.append(Labeled(label=0, label_ts=end, ts=end, **common))
+            if c is not None:
+                out.append(Labeled(label=1, value=c.value, label_ts=c.ts, ts=c.ts, late=True, **common))
+    return out
+
+
+def _split(events) -> tuple[list[Item], list[Impression], list[Click]]:  # noqa: ANN001
+    items, imps, clicks = [], [], []
+    for _spec, rec in events:
+        if isinstance(rec, Item):
+            items.append(rec)
+        elif isinstance(rec, Impression):
+            imps.append(rec)
+        elif isinstance(rec, Click):
+            clicks.append(rec)
+    return items, imps, clicks
+
+
+def load_synthetic(*, events: int, seed: int, history_length: int) -> Replay:
+    from streams.replay.synthetic import SyntheticConfig, SyntheticStream
+
+    world = SyntheticStream(SyntheticConfig(events=events, seed=seed))
+    items, imps, clicks = _split(world.stream())
+    examples = labeled_examples(imps, clicks, window_ms=3_600_000, history_length=history_length)
+    return Replay(
+        name="synthetic",
+        items=sorted(items, key=lambda i: i.ts),
+        examples=examples,
+        truth=lambda exs: world.best_auc(list(exs)),
+        shift_ts=world.shift_ts,
+    )
+
+
+def load_movielens(*, limit: int, slate_size: int, seed: int, history_length: int) -> Replay:
+    from infra.assets import movielens_path
+    from streams.replay.movielens import MovieLensReplay, MovieLensReplayConfig
+
+    replay = MovieLensReplay.from_path(
+        movielens_path(), MovieLensReplayConfig(limit=limit, slate_size=slate_size, seed=seed)
+    )
+    items, imps, clicks = _split(replay.stream())
+    examples = labeled_examples(imps, clicks, window_ms=3_600_000, history_length=history_length)
+    return Replay(name="movielens", items=sorted(items, key=lambda i: i.ts), examples=examples)
+
+
+# --------------------------------------------------------------------------- strategies
+@dataclass
+class StrategyResult:
+    name: str
+    ts: np.ndarray  # impression ts of each scored example
+    labels: np.ndarray
+    probs: np.ndarray
+    early_auc_after_first: float
+    early_auc_end: float
+    seconds: float
+    trained_examples: int
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 256
+    periods: int = 4
+    holdout: float = 0.1
+    publish_every: int = 20
+
+
+class _Feed:
+    """Feeds catalog items into a catalog as event time advances."""
+
+    def __init__(self, items: Sequence[Item], catalog: Catalog) -> None:
+        self.items, self.catalog, self.next = items, catalog, 0
+
+    def until(self, ts: int) -> None:
+        while self.next < len(self.items) and self.items[self.next].ts <= ts:
+            self.catalog.upsert(self.items[self.next])
+            self.next += 1
+
+
+def _holdout(examples: Sequence[Labeled], first_period_end: int, share: float) -> tuple[list[Labeled], list[Labeled]]:
+    """Split off a share of the first period's impressions (whole impressions, by id hash)."""
+    keep, held = [], []
+    for ex in examples:
+        digest = hashlib.blake2b(ex.impression_id.encode(), digest_size=4).digest()
+        if ex.impression_ts < first_period_end and int.from_bytes(digest, "little") / 2**32 < share:
+            held.append(ex)
+        else:
+            keep.append(ex)
+    return keep, held
+
+
+def _batches(examples: Sequence[Labeled], size: int) -> list[list[Labeled]]:
+    return [list(examples[i : i + size]) for i in range(0, len(examples), size)]
+
+
+def _period_bounds(examples: Sequence[Labeled], periods: int) -> list[int]:
+    """Impression-time boundaries splitting the examples into equal-count periods."""
+    ts = np.array([e.impression_ts for e in examples])
+    qs = [int(np.quantile(ts, k / periods)) for k in range(1, periods)]
+    return [*qs, int(ts.max()) + 1]
+
+
+def run_strategy(
+    name: str,
+    replay: Replay,
+    stream: Sequence[Labeled],
+    held: Sequence[Labeled],
+    bounds: Sequence[int],
+    model_config: ModelConfig,
+    learner_config: LearnerConfig,
+    settings: EvalSettings,
+) -> StrategyResult:
+    """Run one strategy over the stream; return its prequential predictions and forgetting."""
+    t0 = time.perf_counter()
+    catalog = Catalog()
+    feed = _Feed(replay.items, catalog)
+    learner = ContinualLearner(build_model(model_config), learner_config, catalog)
+    ts_out: list[np.ndarray] = []
+    y_out: list[np.ndarray] = []
+    p_out: list[np.ndarray] = []
+    early_first = math.nan
+    period = 0
+    frozen = False
+    trained = 0
+    batches = _batches(stream, settings.batch_size)
+    for n, batch in enumerate(tqdm(batches, desc=name, unit="batch", leave=False, file=sys.stderr)):
+        start_ts = batch[0].impression_ts
+        while period < len(bounds) - 1 and start_ts >= bounds[period]:
+            # a period ended: the first period's end is where forgetting is measured from
+            if period == 0:
+                early_first = learner.evaluate(held).get("auc", math.nan)
+            period += 1
+            if name == "static":
+                frozen = True
+            elif name == "retrain":
+                if period == 1:  # the first model learned continually during the first period
+                    trained += learner.examples_trained
+                learner = _retrain(model_config, learner_config, replay, stream, bounds[period - 1], settings, catalog)
+                trained += learner.examples_trained
+                frozen = True
+        feed.until(max(e.impression_ts for e in batch))
+        if frozen:
+            probs, kept = learner.predict(batch)
+            scored = [batch[i] for i in kept]
+            mask = np.array([not e.late for e in scored], dtype=bool)
+            scored = [e for e, m in zip(scored, mask, strict=True) if m]
+            probs = probs[mask] if len(probs) else probs
+        else:
+            learner.step(batch)
+            scored, probs = learner.last_scored
+            if (
+                settings.publish_every
+                and learner.config.distill_weight > 0
+                and (n + 1) % settings.publish_every == 0
+            ):
+                learner.set_teacher({k: v.clone() for k, v in learner.model.trainable_state_dict().items()})
+        ts_out.append(np.array([e.impression_ts for e in scored], dtype=np.int64))
+        y_out.append(np.array([e.label for e in scored], dtype=np.float32))
+        p_out.append(np.asarray(probs, dtype=np.float64))
+    if math.isnan(early_first):
+        early_first = learner.evaluate(held).get("auc", math.nan)
+    early_end = learner.evaluate(held).get("auc", math.nan)
+    if name != "retrain":
+        trained = learner.examples_trained
+    return StrategyResult(
+        name=name,
+        ts=np.concatenate(ts_out) if ts_out else np.zeros(0, np.int64),
+        labels=np.concatenate(y_out) if y_out else np.zeros(0),
+        probs=np.concatenate(p_out) if p_out else np.zeros(0),
+        early_auc_after_first=early_first,
+        early_auc_end=early_end,
+        seconds=time.perf_counter() - t0,
+        trained_examples=trained,
+    )
+
+
+def _retrain(
+    model_config: ModelConfig,
+    learner_config: LearnerConfig,
+    replay: Replay,
+    stream: Sequence[Labeled],
+    until_ts: int,
+    settings: EvalSettings,
+    live: Catalog,
+) -> ContinualLearner:
+    """A fresh model trained (one pass, in order) on every example before ``until_ts``."""
+    catalog = Catalog()
+    feed = _Feed(replay.items, catalog)
+    learner = ContinualLearner(build_model(model_config), learner_config, catalog)
+    past = [e for e in stream if e.impression_ts < until_ts]
+    for batch in tqdm(_batches(past, settings.batch_size), desc="retrain", unit="batch", leave=False, file=sys.stderr):
+        feed.until(max(e.impression_ts for e in batch))
+        learner.step(batch)
+    learner.catalog = live  # from now on it scores with the catalog of the running replay
+    return learner
+
+
+# --------------------------------------------------------------------------- reporting
+def _metric(y: np.ndarray, p: np.ndarray, fn: Callable) -> float:  # noqa: ANN001
+    if y.size == 0 or (fn is auc and len(np.unique(y)) < 2):
+        return math.nan
+    return float(fn(y, p))
+
+
+def summarize(replay: Replay, results: Sequence[StrategyResult], bounds: Sequence[int]) -> dict:
+    """Per-strategy, per-period AUC and log loss, overall, forgetting (JSON-able)."""
+    edges = [-(2**62), *bounds]
+    out: dict = {"dataset": replay.name, "periods": len(bounds), "strategies": {}}
+    for r in results:
+        per_auc, per_ll = [], []
+        for k in range(len(bounds)):
+            m = (r.ts >= edges[k]) & (r.ts < edges[k + 1])
+            per_auc.append(_metric(r.labels[m], r.probs[m], auc))
+            per_ll.append(_metric(r.labels[m], r.probs[m], log_loss))
+        out["strategies"][r.name] = {
+            "auc_per_period": per_auc,
+            "log_loss_per_period": per_ll,
+            "auc": _metric(r.labels, r.probs, auc),
+            "log_loss": _metric(r.labels, r.probs, log_loss),
+            "early_auc_after_first_period": r.early_auc_after_first,
+            "early_auc_end": r.early_auc_end,
+            "forgetting": r.early_auc_after_first - r.early_auc_end,
+            "seconds": r.seconds,
+            "trained_examples": r.trained_examples,
+        }
+    if replay.truth is not None and results:
+        ex_ts = np.array([e.impression_ts for e in replay.examples])
+        best = []
+        for k in range(len(bounds)):
+            sel = [e for e, t in zip(replay.examples, ex_ts, strict=True) if edges[k] <= t < edges[k + 1]]
+            best.append(float(replay.truth(sel)) if sel else math.nan)
+        out["best_auc_per_period"] = best
+        out["best_auc"] = float(replay.truth(replay.examples))
+    return out
+
+
+def format_table(summary: dict) -> str:
+    periods = summary["periods"]
+    head = f"{'strategy':<10}" + "".join(f"{'P' + str(k + 1):>8}" for k in range(periods))
+    lines = [f"dataset: {summary['dataset']}", "", "prequential AUC per period", head + f"{'overall':>9}"]
+
+    def fmt(x: float) -> str:
+        return f"{x:8.3f}" if x == x else f"{'-':>8}"
+
+    for name, s in summary["strategies"].items():
+        lines.append(f"{name:<10}" + "".join(fmt(a) for a in s["auc_per_period"]) + " " + fmt(s["auc"]))
+    if "best_auc" in summary:
+        lines.append(f"{'best':<10}" + "".join(fmt(a) for a in summary["best_auc_per_period"]) + " " + fmt(summary["best_auc"]) + "   (true probabilities)")
+    lines += ["", "prequential log loss per period", head + f"{'overall':>9}"]
+    for name, s in summary["strategies"].items():
+        lines.append(f"{name:<10}" + "".join(fmt(a) for a in s["log_loss_per_period"]) + " " + fmt(s["log_loss"]))
+    lines += [
+        "",
+        "forgetting: AUC on the early held-out slice",
+        f"{'strategy':<10}{'after P1':>10}{'at end':>10}{'drop':>10}{'trained':>10}{'seconds':>10}",
+    ]
+    for name, s in summary["strategies"].items():
+        lines.append(
+            f"{name:<10}{fmt(s['early_auc_after_first_period']):>10}{fmt(s['early_auc_end']):>10}"
+            f"{fmt(s['forgetting']):>10}{s['trained_examples']:>10d}{s['seconds']:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(replay: Replay, results: Sequence[StrategyResult], bounds: Sequence[int], out: Path, bins: int = 30) -> Path:
+    """AUC over event time (equal-count bins of the stream), one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts_all = np.array([e.impression_ts for e in replay.examples])
+    edges = np.unique(np.quantile(ts_all, np.linspace(0, 1, bins + 1)).astype(np.int64))
+    edges[-1] += 1
+    mids = [datetime.fromtimestamp((a + b) / 2000, tz=UTC) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for r in results:
+        ys = []
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            m = (r.ts >= a) & (r.ts < b)
+            ys.append(_metric(r.labels[m], r.probs[m], auc))
+        ax.plot(mids, ys, marker=".", label=r.name)
+    if replay.truth is not None:
+        best = []
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            sel = [e for e, t in zip(replay.examples, ts_all, strict=True) if a <= t < b]
+            best.append(replay.truth(sel) if sel else math.nan)
+        ax.plot(mids, best, "k--", label="best (truth)")
+    for b in bounds[:-1]:
+        ax.axvline(datetime.fromtimestamp(b / 1000, tz=UTC), color="grey", lw=0.5, ls=":")
+    if replay.shift_ts is not None:
+        ax.axvline(datetime.fromtimestamp(replay.shift_ts / 1000, tz=UTC), color="red", lw=1, label="drift")
+    ax.set_xlabel("event time")
+    ax.set_ylabel("prequential AUC")
+    ax.set_title(f"{replay.name}: AUC over event time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.autofmt_xdate()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def strategy_configs(
+    name: str, base_model: ModelConfig, base_learner: LearnerConfig
+) -> tuple[ModelConfig, LearnerConfig]:
+    plain = {"replay_size": 0, "distill_weight": 0.0}
+    if name == "default":
+        return base_model, base_learner
+    if name == "naive":
+        return base_model.model_copy(update={"freeze_layers": 0, "lora_rank": 0}), base_learner.model_copy(update=plain)
+    if name in ("static", "retrain"):
+        return base_model, base_learner.model_copy(update=plain)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def evaluate(
+    replay: Replay,
+    *,
+    strategies: Sequence[str],
+    model_config: ModelConfig,
+    learner_config: LearnerConfig,
+    settings: EvalSettings,
+) -> tuple[dict, list[StrategyResult], list[int]]:
+    bounds = _period_bounds(replay.examples, settings.periods)
+    stream, held = _holdout(replay.examples, bounds[0], settings.holdout)
+    log.info("%s: %d examples (%d held out), %d periods", replay.name, len(stream), len(held), len(bounds))
+    results = []
+    for name in strategies:
+        mc, lc = strategy_configs(name, model_config, learner_config)
+        results.append(run_strategy(name, replay, stream, held, bounds, mc, lc, settings))
+        log.info("%s done in %.1fs", name, results[-1].seconds)
+    return summarize(replay, results, bounds), results, bounds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.evaluate",
+        description="Compare continual-learning strategies on a replay (prequential AUC/log loss, forgetting).",
+    )
+    p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument("--events", type=int, default=1500, help="synthetic: impressions to generate")
+    p.add_argument("--limit", type=int, default=2000, help="movielens: ratings to replay (impressions)")
+    p.add_argument("--slate-size", type=int, default=5, help="movielens: items per impression")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--periods", type=int, default=4)
+    p.add_argument("--holdout", type=float, default=0.1, help="share of first-period impressions held out")
+    p.add_argument("--publish-every", type=int, default=10, help="batches between teacher updates (default strategy)")
+    p.add_argument("--encoder", default=None, help="encoder folder or HF name (default: offline all-MiniLM-L6-v2)")
+    p.add_argument("--encoder-layers", type=int, default=2, help="keep the first N layers (0 = all)")
+    p.add_argument("--freeze-layers", type=int, default=None, help="frozen lower layers (default: all but the top one)")
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--max-text-len", type=int, default=32)
+    p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--user-buckets", type=int, default=4096)
+    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--lr-towers", type=float, default=3e-3)
+    p.add_argument("--lr-heads", type=float, default=3e-3)
+    p.add_argument("--lr-encoder", type=float, default=5e-5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--out", type=Path, default=None, help="PNG plot path (default: .cache/evaluate/auc_<dataset>.png)")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = set(strategies) - set(STRATEGIES)
+    if bad:
+        p.error(f"unknown strategies {sorted(bad)}; choose from {', '.join(STRATEGIES)}")
+
+    t0 = time.perf_counter()
+    if args.dataset == "synthetic":
+        replay = load_synthetic(events=args.events, seed=args.seed, history_length=args.max_history)
+    else:
+        replay = load_movielens(limit=args.limit, slate_size=args.slate_size, seed=args.seed, history_length=args.max_history)
+    layers = args.encoder_layers or None
+    n_layers = layers or 6
+    freeze = args.freeze_layers if args.freeze_layers is not None else max(n_layers - 1, 0)
+    model_config = ModelConfig(
+        encoder=args.encoder,
+        encoder_layers=layers,
+        max_text_len=args.max_text_len,
+        embed_dim=args.embed_dim,
+        max_history=args.max_history,
+        user_buckets=args.user_buckets,
+        categories=Catalog(replay.items).category_names(),
+        value_head=replay.name == "movielens",
+        freeze_layers=freeze,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+    )
+    learner_config = LearnerConfig(
+        lr_towers=args.lr_towers, lr_heads=args.lr_heads, lr_encoder=args.lr_encoder, seed=args.seed
+    )
+    settings = EvalSettings(batch_size=args.batch_size, periods=args.periods, holdout=args.holdout, publish_every=args.publish_every)
+    summary, results, bounds = evaluate(
+        replay, strategies=strategies, model_config=model_config, learner_config=learner_config, settings=settings
+    )
+    out = args.out or default_cache_dir() / "evaluate" / f"auc_{replay.name}.png"
+    plot(replay, results, bounds, out)
+    summary["plot"] = str(out)
+    summary["seconds"] = time.perf_counter() - t0
+    print(format_table(summary))
+    print(f"\nplot: {out}  ({summary['seconds']:.0f}s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_no_nan(summary), indent=2))
+    return 0
+
+
+def _no_nan(x: object) -> object:
+    """JSON has no NaN: undefined metrics become null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""The continual learner: a plain class fed batches of labeled examples (no Kafka inside).
+
+Each :meth:`ContinualLearner.step` is *prequential* (test-then-train): the
+model scores the batch first, those predictions update the metrics, and only
+then does the model learn from the batch.  Forgetting countermeasures, each
+switchable in :class:`LearnerConfig` / :class:`~trainer.model.ModelConfig`:
+
+- a reservoir replay buffer mixes old examples into every update;
+- distillation towards the last published model (:meth:`set_teacher`);
+- parameter-efficient updates: frozen lower encoder layers, LoRA adapters.
+
+Cost: each unique item is encoded once per batch; the frozen encoder prefix
+of an item is computed once and cached (:class:`~trainer.model.PrefixCache`);
+the teacher's item vectors are cached too (it does not change between
+publishes).  Negative downsampling (off by default) drops a share of the
+negatives from the *update* and weights the kept ones by ``1/rate``, so the
+predicted probabilities stay calibrated.
+
+``state_dict()`` holds everything a checkpoint needs except Kafka offsets and
+loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from streams.errors import StreamrecError
+from streams.records import Labeled
+from trainer.batching import Batch, build_batch
+from trainer.catalog import Catalog
+from trainer.metrics import PrequentialMetrics, binary_metrics
+from trainer.model import ModelConfig, PrefixCache, RecModel, RecTrain
+from trainer.replay_buffer import ReservoirBuffer
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class LearnerError(StreamrecError):
+    """A learner that cannot run as configured, or a checkpoint that does not fit it."""
+
+
+class LearnerConfig(BaseModel):
+    """Optimisation and forgetting settings of the continual learner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr_encoder: float = Field(default=3e-5, ge=0.0, description="AdamW lr of unfrozen encoder layers / LoRA.")
+    lr_towers: float = Field(default=1e-3, ge=0.0, description="lr of the projection and the user tower.")
+    lr_heads: float = Field(default=1e-3, ge=0.0, description="lr of the click/category/value heads.")
+    weight_decay: float = Field(default=0.01, ge=0.0, description="On matrices only (not biases, norms).")
+    grad_clip: float = Field(default=1.0, ge=0.0, description="Max global grad norm; 0 = off.")
+    replay_size: int = Field(default=20_000, ge=0, description="Reservoir capacity; 0 = no replay.")
+    replay_ratio: float = Field(default=0.5, ge=0.0, description="Replayed examples per fresh one in an update.")
+    distill_weight: float = Field(default=0.5, ge=0.0, description="Weight of distillation; 0 = off.")
+    distill_temperature: float = Field(default=2.0, gt=0.0)
+    negative_sampling_rate: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Share of negatives kept for the update (1 = all)."
+    )
+    window: int = Field(default=10_000, ge=1, description="Sliding window of the prequential metrics.")
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="Click threshold of precision/recall.")
+    dedup_window: int = Field(default=100_000, ge=0, description="Recent example ids remembered; 0 = off.")
+    prefix_cache_size: int = Field(default=100_000, ge=0, description="Items in the prefix cache; 0 = off.")
+    teacher_cache_size: int = Field(default=100_000, ge=0, description="Cached teacher item vectors.")
+    eval_batch_size: int = Field(default=1024, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(default=True, description="bf16 autocast on CUDA.")
+    seed: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LearnerError("device 'cuda' asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def _example_key(ex: Labeled) -> str:
+    # a late positive corrects an earlier (fake) negative with the same example_id: not a duplicate
+    return f"{ex.example_id}#late" if ex.late else ex.example_id
+
+
+class ContinualLearner:
+    """Test-then-train multi-task learner over :class:`~streams.records.Labeled` batches."""
+
+    def __init__(self, model: RecModel, config: LearnerConfig | None = None, catalog: Catalog | None = None) -> None:
+        self.config = config or LearnerConfig()
+        self.catalog = catalog if catalog is not None else Catalog()
+        self.device = resolve_device(self.config.device)
+        self.model = model.to(self.device)
+        self.amp = self.device.type == "cuda" and self.config.bf16
+        if self.config.prefix_cache_size and model.item_tower.frozen > 0:
+            self.model.attach_cache(PrefixCache(self.config.prefix_cache_size))
+        self.train_wrapper = RecTrain(
+            self.model,
+            distill_weight=self.config.distill_weight,
+            distill_temperature=self.config.distill_temperature,
+        )
+        self.optimizer = self._make_optimizer()
+        self.metrics = PrequentialMetrics(self.config.window, threshold=self.config.threshold)
+        self.replay: ReservoirBuffer[Labeled] = ReservoirBuffer(self.config.replay_size, seed=self.config.seed)
+        self._rng = torch.Generator().manual_seed(self.config.seed)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.teacher: RecModel | None = None
+        self._teacher_state: dict[str, Tensor] | None = None
+        self._teacher_items = PrefixCache(max(self.config.teacher_cache_size, 1))
+        self.examples_trained = 0
+        self.examples_skipped = 0
+        self.steps = 0
+        self.last_scored: tuple[list[Labeled], np.ndarray] = ([], np.zeros(0))
+        """The examples the last step scored (prequential) and their predicted probabilities."""
+
+    # --- setup ------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        lrs = {"encoder": self.config.lr_encoder, "towers": self.config.lr_towers, "heads": self.config.lr_heads}
+        groups = []
+        for name, params in self.model.parameter_groups().items():
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            for suffix, ps, wd in (("", decay, self.config.weight_decay), ("_no_decay", no_decay, 0.0)):
+                if ps:
+                    groups.append({"name": name + suffix, "params": ps, "lr": lrs[name], "weight_decay": wd})
+        if not groups:
+            raise LearnerError("the model has no trainable parameters")
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, fused=fused) if fused else torch.optim.AdamW(groups)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- the teacher --------------------------------------------------------------------
+    def set_teacher(self, state: dict[str, Tensor] | None) -> None:
+        """Distil towards these weights (full or trainable-only state of the same config); None = off."""
+        if state is None:
+            self.teacher, self._teacher_state = None, None
+            self._teacher_items.clear()
+            return
+        cache = self.model.prefix_cache
+        self.model.attach_cache(None)  # do not deep-copy the cache
+        try:
+            teacher = copy.deepcopy(self.model)
+        finally:
+            self.model.attach_cache(cache)
+        own = teacher.state_dict()
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise LearnerError(f"teacher state does not fit the model: unknown keys {unknown[:5]}")
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise LearnerError(f"teacher state does not fit the model: {k} has shape {tuple(v.shape)}")
+        teacher.load_state_dict(state, strict=False)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if cache is not None and _same_prefix(teacher, self.model):
+            teacher.attach_cache(cache)
+        self.teacher = teacher
+        self._teacher_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self._teacher_items.clear()
+
+    def _teacher_logits(self, batch: Batch) -> Tensor | None:
+        teacher = self.teacher
+        if teacher is None or self.config.distill_weight <= 0:
+            return None
+        with torch.no_grad(), self._autocast():
+            vecs: list[Tensor | None] = [
+                self._teacher_items.get(i, h) for i, h in zip(batch.item_ids, batch.text_hashes, strict=True)
+            ]
+            missing = [n for n, v in enumerate(vecs) if v is None]
+            if missing:
+                fresh = teacher.encode_items(
+                    [batch.texts[n] for n in missing],
+                    [batch.item_ids[n] for n in missing],
+                    [batch.text_hashes[n] for n in missing],
+                ).float()
+                for row, n in enumerate(missing):
+                    vecs[n] = fresh[row]
+                    self._teacher_items.put(batch.item_ids[n], batch.text_hashes[n], fresh[row])
+            items = torch.stack([v.to(self.device) for v in vecs])  # type: ignore[union-attr]
+            hist = items[batch.history] if batch.history.numel() else items.new_zeros((len(batch), 0, items.shape[1]))
+            users = teacher.encode_users(hist, batch.history_mask, batch.user_ids)
+            return teacher.click_logits(users, items[batch.candidate]).float()
+
+    # --- learning -------------------------------------------------------------------------
+    def _dedup(self, examples: Sequence[Labeled]) -> list[Labeled]:
+        if not self.config.dedup_window:
+            return list(examples)
+        out = []
+        for ex in examples:
+            key = _example_key(ex)
+            if key in self._seen:
+                continue
+            self._seen[key] = None
+            out.append(ex)
+        while len(self._seen) > self.config.dedup_window:
+            self._seen.popitem(last=False)
+        return out
+
+    def step(self, examples: Sequence[Labeled]) -> dict[str, float]:
+        """Score the batch (metrics), then learn from it; return the step's losses and metrics."""
+        t0 = time.perf_counter()
+        fresh_all = self._dedup(examples)
+        fresh_batch, kept = build_batch(
+            fresh_all, self.catalog, max_history=self.model.config.max_history, categories=self.model.config.categories
+        )
+        skipped = len(fresh_all) - len(kept)
+        self.examples_skipped += skipped
+        stats: dict[str, float] = {
+            "examples": float(len(kept)),
+            "duplicates": float(len(examples) - len(fresh_all)),
+            "skipped": float(skipped),
+        }
+        if skipped:
+            log.debug("skipped %d examples whose item is not in the catalog", skipped)
+        if not kept:
+            self.last_scored = ([], np.zeros(0))
+            return stats
+        fresh = [fresh_all[i] for i in kept]
+        scored = [not ex.late for ex in fresh]  # a late positive was already scored as a negative
+
+        # negative downsampling of the update (the scores above cover every fresh example)
+        rate = self.config.negative_sampling_rate
+        if rate < 1.0:
+            draw = torch.rand(len(fresh), generator=self._rng).tolist()
+            train_idx = [i for i, ex in enumerate(fresh) if ex.label == 1 or draw[i] < rate]
+            weights = [1.0 if fresh[i].label == 1 else 1.0 / rate for i in train_idx]
+        else:
+            train_idx, weights = list(range(len(fresh))), [1.0] * len(fresh)
+        n_replay = int(round(self.config.replay_ratio * len(fresh))) if self.config.replay_size else 0
+        replayed = [ex for ex in self.replay.sample(n_replay) if ex.item_id in self.catalog]
+        update = [fresh[i] for i in train_idx] + replayed
+        weights += [1.0] * len(replayed)
+
+        one_pass = rate == 1.0 and self.model.config.dropout == 0.0
+        self.model.train()
+        if one_pass:
+            # train and eval mode compute the same function: the training forward is the score
+            batch, _ = build_batch(
+                update, self.catalog, max_history=self.model.config.max_history,
+                categories=self.model.config.categories, weights=weights,
+            )
+            batch = batch.to(self.device)
+        else:
+            probs = self._score(fresh_batch)
+            batch, _ = build_batch(
+                update, self.catalog, max_history=self.model.config.max_history,
+                categories=self.model.config.categories, weights=weights,
+            )
+            batch = batch.to(self.device)
+            self.model.train()
+
+        teacher_logits = self._teacher_logits(batch)
+        with self._autocast():
+            out = self.train_wrapper(batch, teacher_logits)
+        if one_pass:
+            probs = torch.sigmoid(out.output.click_logits[: len(fresh)].detach().float()).cpu().numpy()
+
+        labels = np.array([ex.label for ex in fresh], dtype=np.float32)
+        mask = np.array(scored)
+        self.metrics.update(labels[mask], probs[mask])
+        self.last_scored = ([ex for ex, s in zip(fresh, scored, strict=True) if s], probs[mask])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            log.warning("non-finite gradient norm at step %d: update skipped", self.steps)
+        self.model.eval()
+
+        for ex in fresh:
+            self.replay.add(ex)
+        self.examples_trained += len(fresh)
+        self.steps += 1
+        stats.update(out.losses)
+        stats.update({f"batch_{k}": v for k, v in binary_metrics(labels[mask], probs[mask], self.config.threshold).items() if k in ("auc", "log_loss", "ctr")})
+        stats.update(
+            {
+                "trained": float(len(train_idx)),
+                "replayed": float(len(replayed)),
+                "unique_items": float(len(batch.item_ids)),
+                "grad_norm": grad_norm,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        return stats
+
+    def _score(self, batch: Batch, model: RecModel | None = None) -> np.ndarray:
+        """Click probabilities of a batch, no gradients, inference mode."""
+        m = model if model is not None else self.model
+        was_training = m.training
+        m.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                logits = m(batch.to(self.device)).click_logits.float()
+        finally:
+            m.train(was_training)
+        return torch.sigmoid(logits).cpu().numpy()
+
+    def predict(self, examples: Sequence[Labeled], model: RecModel | None = None) -> tuple[np.ndarray, list[int]]:
+        """Click probabilities of the examples whose item is in the catalog, and their indices."""
+        probs: list[np.ndarray] = []
+        kept_all: list[int] = []
+        for start in range(0, len(examples), self.config.eval_batch_size):
+            chunk = examples[start : start + self.config.eval_batch_size]
+            batch, kept = build_batch(
+                chunk, self.catalog, max_history=self.model.config.max_history, categories=self.model.config.categories
+            )
+            if kept:
+                probs.append(self._score(batch, model))
+                kept_all.extend(start + k for k in kept)
+        return (np.concatenate(probs) if probs else np.zeros(0)), kept_all
+
+    def evaluate(self, examples: Sequence[Labeled], model: RecModel | None = None) -> dict[str, float]:
+        """Metrics of ``model`` (default: the learner's) on the examples; nothing learns."""
+        if model is not None and model is not self.model:
+            model = model.to(self.device)
+            cache = self.model.prefix_cache
+            if cache is not None and model.prefix_cache is None and _same_prefix(model, self.model):
+                model.attach_cache(cache)
+        probs, kept = self.predict(examples, model)
+        labels = np.array([examples[i].label for i in kept], dtype=np.float32)
+        out = binary_metrics(labels, probs, self.config.threshold)
+        out["skipped"] = float(len(examples) - len(kept))
+        return out
+
+    # --- checkpoint ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, replay buffer, metrics, teacher, RNG and counters (not Kafka offsets)."""
+        rng: dict[str, Any] = {
+            "learner": self._rng.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "version": STATE_VERSION,
+            "model_config": self.model.config.model_dump(mode="json"),
+            "learner_config": self.config.model_dump(mode="json"),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "replay": self.replay.state_dict(encode=lambda ex: ex.to_json().decode("utf-8")),
+            "metrics": self.metrics.state_dict(),
+            "teacher": self._teacher_state,
+            "rng": rng,
+            "seen": list(self._seen),
+            "examples_trained": self.examples_trained,
+            "examples_skipped": self.examples_skipped,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; refuses a checkpoint of another model config."""
+        if state.get("version") != STATE_VERSION:
+            raise LearnerError(f"checkpoint state version {state.get('version')!r} is not {STATE_VERSION}")
+        theirs = ModelConfig.model_validate(state["model_config"])
+        if theirs != self.model.config:
+            raise LearnerError(
+                "checkpoint was written for another model config: "
+                f"{_config_diff(theirs, self.model.config)}"
+            )
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.replay.load_state_dict(state["replay"], decode=Labeled.from_json)
+        self.metrics.load_state_dict(state["metrics"])
+        self.set_teacher(state["teacher"])
+        self._rng.set_state(state["rng"]["learner"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._seen = OrderedDict((k, None) for k in state["seen"])
+        self.examples_trained = int(state["examples_trained"])
+        self.examples_skipped = int(state["examples_skipped"])
+        self.steps = int(state["steps"])
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
+    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
+    diffs = [f"{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k)]
+    return "; ".join(diffs) or "(same fields)"
+
+
+def _same_prefix(a: RecModel, b: RecModel) -> bool:
+    """Whether two models compute the same frozen encoder prefix (so they can share a cache)."""
+    if a.prefix_signature() != b.prefix_signature():
+        return False
+    pa, pb = a.frozen_prefix_parameters(), b.frozen_prefix_parameters()
+    return len(pa) == len(pb) and all(x is y or torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
+def iter_batches(examples: Sequence[Labeled], batch_size: int) -> Iterator[list[Labeled]]:
+    """Consecutive batches of a sequence of examples (the last one may be short)."""
+    for start in range(0, len(examples), batch_size):
+        yield list(examples[start : start + batch_size])
