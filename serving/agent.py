@@ -272,8 +272,14 @@ class ServingAgent:
         if s.metrics_port:
             self.metrics.serve(s.metrics_port)
         self._producer = Producer(self.kafka.producer_config(**{"linger.ms": s.linger_ms, "logger": _rdkafka_log}))
-        latest = self._rebuild()
-        self.loader.load_initial(latest)
+        try:
+            latest = self._rebuild()
+            self.loader.load_initial(latest)
+        except BaseException:
+            if self._state_consumer is not None:
+                self._state_consumer.close()
+            self.stop()
+            raise
         self._live = True
         self.loader.start()
         self._spawn("serving-state", self._state_loop)
@@ -343,7 +349,6 @@ class ServingAgent:
             md = consumer.list_topics(topic, timeout=timeout)
             meta = md.topics.get(topic)
             if meta is None or meta.error is not None or not meta.partitions:
-                consumer.close()
                 reason = meta.error if meta is not None else "not in the metadata"
                 raise AgentError(f"topic {topic} is not usable: {reason} (create the topics first)")
             for p in sorted(meta.partitions):
@@ -385,7 +390,10 @@ class ServingAgent:
         assert consumer is not None
         try:
             while not self._stop.is_set():
-                for msg in consumer.consume(num_messages=1000, timeout=0.2):
+                first = consumer.poll(0.2)  # returns on the first record: a new item is applied at once
+                if first is None:
+                    continue
+                for msg in [first, *consumer.consume(num_messages=1000, timeout=0)]:
                     update = self._handle_state(msg)
                     if update is not None:
                         self.loader.announce(update)

@@ -367,10 +367,17 @@ class ModelLoader:
                     lambda: self._stop.is_set() or bool(self._updates) or self.catalog.has_changes(),
                     timeout=1.0,
                 )
-                update = self._updates.popleft() if self._updates else None
+                updates = list(self._updates)
+                self._updates.clear()
             try:
-                if update is not None:
-                    self._try_swap(update)
+                # Newest first: versions announced while another loaded are superseded, not loaded
+                # in turn; an older one is tried only when the newer ones are refused.
+                for n, update in enumerate(sorted(updates, key=lambda u: u.version, reverse=True)):
+                    if self._try_swap(update):
+                        if n + 1 < len(updates):
+                            log.info("version %d supersedes %d queued older announcement(s)",
+                                     update.version, len(updates) - n - 1)
+                        break
                 if self.catalog.has_changes():
                     self.refresh_items()
             except Exception:  # never let the loader die: the old snapshot keeps serving

@@ -77,8 +77,24 @@ def top_k(scores: np.ndarray, item_ids: Sequence[str], k: int) -> list[int]:
         pool = np.flatnonzero(s >= kth)
     else:
         pool = np.arange(n)
-    ranked = sorted(pool.tolist(), key=lambda i: (-s[i], item_ids[i]))
-    return ranked[:k]
+    positions, values = pool.tolist(), s[pool].tolist()
+    order = sorted(range(len(positions)), key=lambda j: (-values[j], item_ids[positions[j]]))
+    return [positions[j] for j in order[:k]]
+
+
+class _RowIds:
+    """The item_ids of some rows of a snapshot, as a sequence (no copy)."""
+
+    __slots__ = ("ids", "rows")
+
+    def __init__(self, ids: Sequence[str], rows: np.ndarray) -> None:
+        self.ids, self.rows = ids, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> str:
+        return self.ids[self.rows[i]]
 
 
 # --------------------------------------------------------------------------- popularity
@@ -351,7 +367,7 @@ class Scorer:
                 base = pop if p.path == "fallback" else cold
                 assert base is not None
                 scores = base if p.candidates is None else base[p.candidates]
-            ids = sm.item_ids if p.candidates is None else [sm.item_ids[r] for r in p.candidates]
+            ids = sm.item_ids if p.candidates is None else _RowIds(sm.item_ids, p.candidates)
             version = self.fallback_version if p.path == "fallback" else sm.version
             items = self._pick(scores, ids, p.query.request)
             out.append(Scored(p.query.request, items, version, p.path, p.unknown))
@@ -393,22 +409,24 @@ class Scorer:
         return out
 
     def _pick(self, scores: np.ndarray, ids: Sequence[str], request: RecRequest) -> list[ScoredItem]:
+        # model_construct: ids come from the catalog, scores are made finite, propensities lie in (0, 1].
+        make = ScoredItem.model_construct
         k = request.k
         if not self.policy.on:
             ranked = top_k(scores, ids, k)
-            return [ScoredItem(item_id=ids[i], score=_finite(scores[i])) for i in ranked]
+            values = scores[ranked].tolist() if len(ranked) else []
+            return [make(item_id=ids[i], score=_finite(v)) for i, v in zip(ranked, values, strict=True)]
         ranked = top_k(scores, ids, max(k, self.policy.pool))
         pool_scores = [float(scores[i]) for i in ranked]
         chosen, props = explore(pool_scores, k, self.policy, self.policy.rng(request.request_id))
         return [
-            ScoredItem(item_id=ids[ranked[c]], score=_finite(pool_scores[c]), propensity=max(pr, 1e-300))
+            make(item_id=ids[ranked[c]], score=_finite(pool_scores[c]), propensity=min(1.0, max(pr, 1e-300)))
             for c, pr in zip(chosen, props, strict=True)
         ]
 
 
 def _finite(x: float) -> float:
     """JSON has no NaN/inf: NaN -> the lowest float, inf clipped."""
-    x = float(x)
     if math.isfinite(x):
         return x
     return -1.7976931348623157e308 if math.isnan(x) or x < 0 else 1.7976931348623157e308
