@@ -18,7 +18,7 @@ import pytest
 import torch
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from serving.agent import ServingAgent
+from serving.agent import AgentError, ServingAgent
 from serving.settings import FALLBACK_VERSION, ServingSettings
 from streams.records import DeadLetter, Item, Recommendation, RecRequest, UserHistory
 from streams.settings import KafkaSettings
@@ -290,3 +290,10 @@ def test_malformed_requests_go_to_dead_letters_and_serving_continues(
         assert {tp.partition: max(tp.offset, 0) for tp in committed} == ends
     finally:
         check.close()
+
+
+def test_missing_topics_fail_at_start_up_naming_the_topic(kafka_bootstrap: str, tmp_path: Path) -> None:
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap, topic_prefix=f"missing-{uuid.uuid4().hex[:8]}-")
+    agent = ServingAgent(kafka, ServingSettings(weights_root=str(tmp_path), startup_timeout_s=20))
+    with pytest.raises(AgentError, match=f"topic {kafka.topic_prefix}items is not usable"):
+        agent.start()

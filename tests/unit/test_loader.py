@@ -182,3 +182,24 @@ def test_model_path_scores_equal_the_model_brute_force(model: RecModel) -> None:
 
     assert out[2].path == "cold" and out[2].model_version == "1"
     assert out[2].items[0].item_id == "m2"  # the only clicked item leads for a new user
+
+
+def test_settings_that_cannot_work_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.settings import ServingSettings, resolve_device
+    from streams.errors import ConfigError
+    from streams.settings import load
+
+    monkeypatch.setenv("STREAMREC_SERVING_EXPLORE", "epsilon")
+    monkeypatch.setenv("STREAMREC_SERVING_EXPLORE_EPSILON", "0")
+    with pytest.raises(ConfigError, match="STREAMREC_SERVING_EXPLORE_EPSILON"):
+        load(ServingSettings)
+    monkeypatch.setenv("STREAMREC_SERVING_EXPLORE", "off")
+    monkeypatch.setenv("STREAMREC_SERVING_MAX_BATCH", "0")
+    with pytest.raises(ConfigError, match="STREAMREC_SERVING_MAX_BATCH"):
+        load(ServingSettings)
+    with pytest.raises(ConfigError, match="STREAMREC_SERVING_DEVICE"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="STREAMREC_SERVING_DEVICE.*CUDA is not available"):
+            resolve_device("cuda")
+    assert resolve_device("auto") in ("cpu", "cuda")
