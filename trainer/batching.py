@@ -76,33 +76,45 @@ def build_batch(
     """
     index: dict[str, int] = {}
     item_ids: list[str] = []
-
-    def idx(item_id: str) -> int:
-        i = index.get(item_id)
-        if i is None:
-            i = index[item_id] = len(item_ids)
-            item_ids.append(item_id)
-        return i
+    entries = catalog.entries()
 
     kept: list[int] = []
     cands: list[int] = []
     hists: list[list[int]] = []
     for n, ex in enumerate(examples):
-        if ex.item_id not in catalog:
+        if ex.item_id not in entries:
             continue
         kept.append(n)
-        cands.append(idx(ex.item_id))
-        known = [h for h in ex.history if h in catalog]
-        hists.append([idx(h) for h in known[-max_history:]] if max_history > 0 else [])
+        i = index.get(ex.item_id)
+        if i is None:
+            i = index[ex.item_id] = len(item_ids)
+            item_ids.append(ex.item_id)
+        cands.append(i)
+        if max_history <= 0 or not ex.history:
+            hists.append([])
+            continue
+        recent = ex.history[-max_history:]
+        if not all(h in entries for h in recent):  # rare: drop unknown items, then keep the last ones
+            recent = [h for h in ex.history if h in entries][-max_history:]
+        row = []
+        for h in recent:
+            j = index.get(h)
+            if j is None:
+                j = index[h] = len(item_ids)
+                item_ids.append(h)
+            row.append(j)
+        hists.append(row)
 
     b = len(kept)
     h = max((len(x) for x in hists), default=0)
-    history = torch.zeros((b, h), dtype=torch.long)
-    history_mask = torch.zeros((b, h), dtype=torch.bool)
-    for row, hist in enumerate(hists):
-        if hist:
-            history[row, : len(hist)] = torch.tensor(hist, dtype=torch.long)
-            history_mask[row, : len(hist)] = True
+    flat = [0] * (b * h)
+    flat_mask = [False] * (b * h)
+    for r, row in enumerate(hists):
+        if row:
+            flat[r * h : r * h + len(row)] = row
+            flat_mask[r * h : r * h + len(row)] = [True] * len(row)
+    history = torch.tensor(flat, dtype=torch.long).view(b, h)
+    history_mask = torch.tensor(flat_mask, dtype=torch.bool).view(b, h)
 
     kept_ex = [examples[n] for n in kept]
     labels = torch.tensor([float(ex.label) for ex in kept_ex], dtype=torch.float32)
@@ -121,19 +133,25 @@ def build_batch(
     cat_index = {c: i for i, c in enumerate(categories)}
     targets = torch.zeros((len(item_ids), len(cat_index)), dtype=torch.float32)
     cat_mask = torch.zeros(len(item_ids), dtype=torch.bool)
-    entries = [catalog.get(i) for i in item_ids]
+    item_entries = [entries[i] for i in item_ids]
     if cat_index:
-        for row, e in enumerate(entries):
-            assert e is not None
-            cols = [cat_index[c] for c in e.categories if c in cat_index]
-            if cols:
-                targets[row, cols] = 1.0
-                cat_mask[row] = True
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, e in enumerate(item_entries):
+            for c in e.categories:
+                col = cat_index.get(c)
+                if col is not None:
+                    rows.append(row)
+                    cols.append(col)
+        if rows:
+            r, c = torch.tensor(rows), torch.tensor(cols)
+            targets[r, c] = 1.0
+            cat_mask[r] = True
 
     batch = Batch(
         item_ids=item_ids,
-        texts=[e.text for e in entries],  # type: ignore[union-attr]
-        text_hashes=[e.text_hash for e in entries],  # type: ignore[union-attr]
+        texts=[e.text for e in item_entries],
+        text_hashes=[e.text_hash for e in item_entries],
         candidate=torch.tensor(cands, dtype=torch.long),
         history=history,
         history_mask=history_mask,

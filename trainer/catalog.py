@@ -9,8 +9,9 @@ cache of :mod:`trainer.model` uses to invalidate stale entries.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from streams.records import Item
 
@@ -65,6 +66,10 @@ class Catalog:
 
     def get(self, item_id: str) -> CatalogEntry | None:
         return self._entries.get(item_id)
+
+    def entries(self) -> Mapping[str, CatalogEntry]:
+        """Read-only view item_id -> entry (for hot loops that look up many items)."""
+        return MappingProxyType(self._entries)
 
     def item_ids(self) -> list[str]:
         """All known item_ids, in first-insertion order."""

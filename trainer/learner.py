@@ -192,8 +192,7 @@ class ContinualLearner:
                     vecs[n] = fresh[row]
                     self._teacher_items.put(batch.item_ids[n], batch.text_hashes[n], fresh[row])
             items = torch.stack([v.to(self.device) for v in vecs])  # type: ignore[union-attr]
-            hist = items[batch.history] if batch.history.numel() else items.new_zeros((len(batch), 0, items.shape[1]))
-            users = teacher.encode_users(hist, batch.history_mask, batch.user_ids)
+            users = teacher.encode_users_indexed(items, batch.history, batch.history_mask, batch.user_ids)
             return teacher.click_logits(users, items[batch.candidate]).float()
 
     # --- learning -------------------------------------------------------------------------
@@ -212,7 +211,11 @@ class ContinualLearner:
         return out
 
     def step(self, examples: Sequence[Labeled]) -> dict[str, float]:
-        """Score the batch (metrics), then learn from it; return the step's losses and metrics."""
+        """Score the batch (metrics), then learn from it; return the step's losses and metrics.
+
+        The model is left in training mode; :meth:`predict` and :meth:`evaluate`
+        switch to inference mode themselves.
+        """
         t0 = time.perf_counter()
         fresh_all = self._dedup(examples)
         fresh_batch, kept = build_batch(
@@ -247,7 +250,6 @@ class ContinualLearner:
         weights += [1.0] * len(replayed)
 
         one_pass = rate == 1.0 and self.model.config.dropout == 0.0
-        self.model.train()
         if one_pass:
             # train and eval mode compute the same function: the training forward is the score
             batch, _ = build_batch(
@@ -262,6 +264,7 @@ class ContinualLearner:
                 categories=self.model.config.categories, weights=weights,
             )
             batch = batch.to(self.device)
+        if not self.model.training:  # (toggling every module each step costs more than it seems)
             self.model.train()
 
         teacher_logits = self._teacher_logits(batch)
@@ -284,7 +287,6 @@ class ContinualLearner:
             self.optimizer.step()
         else:
             log.warning("non-finite gradient norm at step %d: update skipped", self.steps)
-        self.model.eval()
 
         for ex in fresh:
             self.replay.add(ex)
@@ -297,6 +299,8 @@ class ContinualLearner:
                 "trained": float(len(train_idx)),
                 "replayed": float(len(replayed)),
                 "unique_items": float(len(batch.item_ids)),
+                "item_tokens": float(self.model.item_tower.last_encode.get("tokens", 0)),
+                "prefix_tokens": float(self.model.item_tower.last_encode.get("prefix_tokens", 0)),
                 "grad_norm": grad_norm,
                 "seconds": time.perf_counter() - t0,
             }

@@ -248,6 +248,8 @@ class ItemTower(nn.Module):
         self.proj = nn.Linear(self.hidden, embed_dim)
         self.cache: PrefixCache | None = None
         self._signature = ""
+        self.last_encode: dict[str, int] = {}
+        """Work of the last call: items, tokens through the trainable layers, prefix tokens computed."""
 
     # --- parts ----------------------------------------------------------------
     @property
@@ -343,6 +345,8 @@ class ItemTower(nn.Module):
             return torch.zeros((0, self.hidden), device=self._device())
         if self.frozen == 0:
             ids = self._tokenize(texts)
+            n_tok = sum(len(x) for x in ids)
+            self.last_encode = {"items": n, "tokens": n_tok, "prefix_tokens": 0}
             parts, index = [], []
             for chunk in self._chunks([len(x) for x in ids]):
                 tok, mask = self._pad_ids([ids[i] for i in chunk])
@@ -364,8 +368,11 @@ class ItemTower(nn.Module):
                     missing.append(i)
         else:
             missing = list(range(n))
+        prefix_tokens = 0
         if missing:
-            computed = self._prefix_states(self._tokenize([texts[i] for i in missing]))
+            missing_ids = self._tokenize([texts[i] for i in missing])
+            prefix_tokens = sum(len(x) for x in missing_ids)
+            computed = self._prefix_states(missing_ids)
             for i, s in zip(missing, computed, strict=True):
                 states[i] = s
                 if self.cache is not None:
@@ -373,9 +380,12 @@ class ItemTower(nn.Module):
 
         dev, dtype = self._device(), self.proj.weight.dtype
         if self.frozen == self.n_layers:
+            self.last_encode = {"items": n, "tokens": 0, "prefix_tokens": prefix_tokens}
             return torch.stack([s.to(dev, dtype) for s in states])  # type: ignore[union-attr]
+        lengths_all = [s.shape[0] for s in states]  # type: ignore[union-attr]
+        self.last_encode = {"items": n, "tokens": sum(lengths_all), "prefix_tokens": prefix_tokens}
         parts, index = [], []
-        for chunk in self._chunks([s.shape[0] for s in states]):  # type: ignore[union-attr]
+        for chunk in self._chunks(lengths_all):
             seqs = [states[i].to(dev, dtype) for i in chunk]  # type: ignore[union-attr]
             h = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
             lengths = torch.tensor([s.shape[0] for s in seqs], device=dev)
@@ -404,7 +414,18 @@ def _unpermute(x: Tensor, index: list[int]) -> Tensor:
 
 # --------------------------------------------------------------------------- user tower
 class UserTower(nn.Module):
-    """History item vectors (+ hashed user embedding) -> one user vector."""
+    """History item vectors (+ hashed user embedding) -> one user vector.
+
+    ``attention``: a learned query (plus the user's hashed embedding) attends,
+    with ``heads`` heads, over the history items (each plus a recency
+    embedding) and an always-present "no history" slot; ``mean``: the average
+    of the same slots.  A residual MLP follows.
+
+    Keys and values are linear in the item vectors, so :meth:`forward_indexed`
+    projects each *unique* item of a batch once and gathers, instead of
+    projecting every (example, history slot): the same function, far cheaper
+    when histories overlap.
+    """
 
     def __init__(
         self,
@@ -420,6 +441,8 @@ class UserTower(nn.Module):
         if kind == "attention" and dim % heads:
             raise ModelError(f"embed_dim {dim} is not divisible by attention_heads {heads}")
         self.kind = kind
+        self.dim = dim
+        self.heads = heads
         self.max_history = max_history
         self.user_buckets = user_buckets
         self.empty = nn.Parameter(torch.randn(dim) * 0.02)  # the always-present "no history" slot
@@ -427,7 +450,11 @@ class UserTower(nn.Module):
         nn.init.normal_(self.recency.weight, std=0.02)
         if kind == "attention":
             self.query = nn.Parameter(torch.randn(dim) * 0.02)
-            self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+            self.q_proj = nn.Linear(dim, dim)
+            self.k_proj = nn.Linear(dim, dim)
+            self.v_proj = nn.Linear(dim, dim)
+            self.out_proj = nn.Linear(dim, dim)
+            self.attn_dropout = nn.Dropout(dropout)
         self.user_embedding = nn.Embedding(user_buckets, dim) if user_buckets else None
         if self.user_embedding is not None:
             nn.init.normal_(self.user_embedding.weight, std=0.02)
@@ -435,31 +462,68 @@ class UserTower(nn.Module):
             nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
         )
 
-    def forward(self, history_vecs: Tensor, history_mask: Tensor, user_ids: Sequence[str]) -> Tensor:
-        b, h, d = history_vecs.shape
+    def _ranks(self, history_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Recency rank of each slot (0 = most recent) and the mask of the slots read."""
         mask = history_mask.bool()
-        counts = mask.sum(1, keepdim=True)
-        rank = counts - 1 - torch.arange(h, device=mask.device)[None, :]  # 0 = most recent
+        h = mask.shape[1]
+        rank = mask.sum(1, keepdim=True) - 1 - torch.arange(h, device=mask.device)[None, :]
         if self.max_history and h > self.max_history:  # read only the most recent entries
             mask = mask & (rank < self.max_history)
-        rank = rank.clamp(0, self.recency.num_embeddings - 1)
-        x = history_vecs + self.recency(rank)
-        keys = torch.cat([self.empty.expand(b, 1, d).to(x.dtype), x], dim=1)
-        kmask = torch.cat([torch.ones((b, 1), dtype=torch.bool, device=mask.device), mask], dim=1)
+        return rank.clamp(0, self.recency.num_embeddings - 1), mask
 
-        ue = None
-        if self.user_embedding is not None:
-            buckets = torch.tensor([user_bucket(u, self.user_buckets) for u in user_ids], device=x.device)
-            ue = self.user_embedding(buckets)
+    def _user_embedding(self, user_ids: Sequence[str], device: torch.device) -> Tensor | None:
+        if self.user_embedding is None:
+            return None
+        buckets = torch.tensor([user_bucket(u, self.user_buckets) for u in user_ids], device=device)
+        return self.user_embedding(buckets)
+
+    def forward(self, history_vecs: Tensor, history_mask: Tensor, user_ids: Sequence[str]) -> Tensor:
+        """User vectors from per-slot history vectors ``[b, h, d]`` (valid first, most recent last)."""
+        rank, mask = self._ranks(history_mask)
+        x = history_vecs + self.recency(rank)
         if self.kind == "attention":
-            q = self.query.expand(b, d)
-            if ue is not None:
-                q = q + ue
-            pooled, _ = self.attention(q[:, None, :], keys, keys, key_padding_mask=~kmask, need_weights=False)
-            pooled = pooled[:, 0]
-        else:
-            m = kmask.unsqueeze(-1).to(keys.dtype)
-            pooled = (keys * m).sum(1) / m.sum(1)
+            return self._finish(*self._attend(self.k_proj(x), self.v_proj(x), mask, user_ids))
+        return self._finish(self._mean(x, mask), self._user_embedding(user_ids, x.device))
+
+    def forward_indexed(
+        self, item_vecs: Tensor, history: Tensor, history_mask: Tensor, user_ids: Sequence[str]
+    ) -> Tensor:
+        """The same as :meth:`forward` on ``item_vecs[history]``, projecting each unique item once."""
+        rank, mask = self._ranks(history_mask)
+        if self.kind == "attention":
+            k_rec = F.linear(self.recency.weight, self.k_proj.weight)  # W_k r (bias counted once)
+            v_rec = F.linear(self.recency.weight, self.v_proj.weight)
+            keys = self.k_proj(item_vecs)[history] + k_rec[rank]
+            values = self.v_proj(item_vecs)[history] + v_rec[rank]
+            return self._finish(*self._attend(keys, values, mask, user_ids))
+        x = item_vecs[history] + self.recency(rank)
+        return self._finish(self._mean(x, mask), self._user_embedding(user_ids, x.device))
+
+    def _mean(self, x: Tensor, mask: Tensor) -> Tensor:
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (self.empty.to(x.dtype) + (x * m).sum(1)) / (1.0 + m.sum(1))
+
+    def _attend(self, keys: Tensor, values: Tensor, mask: Tensor, user_ids: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        b, h, d = keys.shape
+        nh, dh = self.heads, d // self.heads
+        ue = self._user_embedding(user_ids, keys.device)
+        q = self.query.expand(b, d)
+        if ue is not None:
+            q = q + ue
+        q = self.q_proj(q).view(b, nh, dh)
+        k = keys.view(b, h, nh, dh)
+        v = values.view(b, h, nh, dh)
+        k0 = self.k_proj(self.empty).view(nh, dh)
+        v0 = self.v_proj(self.empty).view(nh, dh)
+        scale = 1.0 / math.sqrt(dh)
+        s_hist = torch.einsum("bnd,bjnd->bnj", q, k) * scale
+        s_hist = s_hist.masked_fill(~mask[:, None, :], float("-inf"))
+        s_empty = (q * k0.to(q.dtype)).sum(-1, keepdim=True) * scale  # [b, nh, 1]
+        w = self.attn_dropout(torch.softmax(torch.cat([s_empty, s_hist], dim=-1), dim=-1))
+        out = w[..., :1] * v0.to(q.dtype) + torch.einsum("bnj,bjnd->bnd", w[..., 1:], v)
+        return self.out_proj(out.reshape(b, d)), ue
+
+    def _finish(self, pooled: Tensor, ue: Tensor | None) -> Tensor:
         user = pooled + self.mlp(pooled)
         return user + ue if ue is not None else user
 
@@ -557,6 +621,12 @@ class RecModel(nn.Module):
         """User vectors ``[b, embed_dim]`` from history item vectors ``[b, h, d]`` (valid first, recent last)."""
         return self.user_tower(history_vecs, history_mask, user_ids)
 
+    def encode_users_indexed(
+        self, item_vecs: Tensor, history: Tensor, history_mask: Tensor, user_ids: Sequence[str]
+    ) -> Tensor:
+        """:meth:`encode_users` of ``item_vecs[history]`` (history: ``[b, h]`` indices), cheaper."""
+        return self.user_tower.forward_indexed(item_vecs, history, history_mask, user_ids)
+
     def click_logits(self, user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
         """Click logit of each (user, item) row pair: ``[b]``."""
         return self.click_head(user_vecs, item_vecs)
@@ -579,8 +649,7 @@ class RecModel(nn.Module):
         """All heads on one batch, encoding each unique item once."""
         items = self.encode_items(batch.texts, batch.item_ids, batch.text_hashes)
         cand = items[batch.candidate]
-        hist = items[batch.history] if batch.history.numel() else items.new_zeros((len(batch), 0, items.shape[1]))
-        users = self.encode_users(hist, batch.history_mask, batch.user_ids)
+        users = self.encode_users_indexed(items, batch.history, batch.history_mask, batch.user_ids)
         return ModelOutput(
             click_logits=self.click_logits(users, cand),
             item_vecs=items,

@@ -236,3 +236,16 @@ def test_gradients_flow_through_unfrozen_layers_on_cached_prefix() -> None:
     layer1 = m.item_tower.layers[1].attention.self.query.weight
     assert layer1.grad is not None and layer1.grad.abs().sum() > 0
     assert m.item_tower.layers[0].attention.self.query.weight.grad is None
+
+
+@pytest.mark.parametrize("kind", ["attention", "mean"])
+def test_indexed_user_tower_equals_per_slot(kind) -> None:
+    m = build_model(tiny(user_tower=kind, user_buckets=8))
+    items = torch.randn(5, 32)
+    history = torch.tensor([[0, 3, 4, 1, 2, 0], [2, 2, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    users = ["a", "b", "c"]
+    with torch.no_grad():
+        per_slot = m.encode_users(items[history], mask, users)
+        indexed = m.encode_users_indexed(items, history, mask, users)
+    torch.testing.assert_close(indexed, per_slot, rtol=1e-5, atol=1e-5)
