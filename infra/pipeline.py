@@ -12,8 +12,10 @@ records of that run:
 * labels: ``labeled`` read back and compared with the batch reference join;
 * learning: the prequential metrics each published version carries, placed
   on the event-time axis by the newest example it had trained on;
-* hit rate: a recommendation for user *u* made at event time *T* is a hit
-  when *u* clicks one of its items in ``(T, T + horizon]``;
+* hit rate: a recommendation for user *u* requested at event time *T* is a
+  hit when *u* clicks one of its items in a click produced after the
+  recommendation (so the scorer cannot have seen it) with event time at most
+  ``T + horizon``; requests whose user makes no such click are not counted;
 * freshness, per click: click produced → first published version whose
   trained-up-to offsets include the click's positive example → first
   recommendation scored by that version (Kafka message timestamps and the
@@ -30,6 +32,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +271,15 @@ class ReplayTracker:
             yield spec, rec
 
 
+@contextmanager
+def _running(requester: Requester) -> Iterator[Requester]:
+    requester.start()
+    try:
+        yield requester
+    finally:
+        requester.stop()
+
+
 class Requester(threading.Thread):
     """Sends ``rec-requests`` for active users at a steady rate, stamped with the replay's event time."""
 
@@ -278,6 +290,11 @@ class Requester(threading.Thread):
         self.sent: dict[str, tuple[str, int]] = {}  # request_id -> (user_id, event ts)
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.is_alive():
+            self.join(timeout=30)
 
     def run(self) -> None:
         producer = Producer(self.settings.producer_config(**{"linger.ms": 5}))
@@ -359,9 +376,8 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
     tracker = ReplayTracker()
     requester = Requester(settings, tracker, rate=cfg.requests_per_s, k=cfg.request_k, seed=cfg.seed)
     group = ServiceGroup(services, log_dir=cfg.out_dir / "logs", env=service_env(settings, cfg))
-    with group, TopicCollector(settings, topics.values()) as collector:
-        requester.start()
-        result: dict[str, Any] = {}
+    result: dict[str, Any] = {}
+    with group, TopicCollector(settings, topics.values()) as collector, _running(requester):
 
         def replay_thread() -> None:
             try:
@@ -414,8 +430,7 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
                 if any(_rec(m).model_version == newest for m in collector.snapshot(topics["recommendations"])):
                     break
                 time.sleep(0.5)
-        requester.stop_event.set()
-        requester.join(timeout=30)
+        requester.stop()
         # let the last requests be answered before the services stop
         answered_deadline = time.monotonic() + 30
         while time.monotonic() < answered_deadline:
@@ -428,7 +443,7 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
             raise what
 
     report = _report(
-        settings, cfg, collector, topics, reference, impressions, clicks, requester.sent,
+        cfg, collector, topics, reference, requester.sent,
         result["produced"].counts, caught_up, time.monotonic() - started,
     )
     try:
@@ -452,13 +467,10 @@ def _covers(update: ModelUpdate, labeled_topic: str, ends: Mapping[int, int]) ->
 
 
 def _report(
-    settings: KafkaSettings,
     cfg: PipelineConfig,
     collector: TopicCollector,
     topics: Mapping[str, str],
     reference: Any,
-    impressions: list[Impression],
-    clicks: list[Click],
     sent: Mapping[str, tuple[str, int]],
     produced: Mapping[str, int],
     caught_up: bool,
@@ -500,17 +512,23 @@ def _report(
         if kind == "model":
             first_served[r.model_version] = min(first_served.get(r.model_version, m.timestamp_ms), m.timestamp_ms)
 
-    # hit rate: a click by the same user on a recommended item within the horizon after the request
-    clicks_by_user: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for c in clicks:
-        clicks_by_user[c.user_id].append((c.ts, c.item_id))
+    # hit rate: a click by the same user on a recommended item, produced after the recommendation
+    # (wall clock: the scorer cannot have seen it) and within the horizon of the request's event time
+    click_msgs = collector.snapshot(topics["clicks"])
+    clicks_by_user: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
+    for m in click_msgs:
+        c = Click.from_json(m.value)
+        clicks_by_user[c.user_id].append((c.ts, c.item_id, m.timestamp_ms))
     hits: dict[str, int] = defaultdict(int)
     counted: dict[str, int] = defaultdict(int)
-    for _, r in recs:
+    for rm, r in recs:
         if r.request_id not in sent:
             continue
         user, t0 = sent[r.request_id]
-        later = {item for ts, item in clicks_by_user.get(user, ()) if t0 < ts <= t0 + cfg.hit_horizon_ms}
+        later = {
+            item for ts, item, wall in clicks_by_user.get(user, ())
+            if wall > rm.timestamp_ms and ts <= t0 + cfg.hit_horizon_ms
+        }
         if not later:
             continue
         kind = "fallback" if r.model_version.startswith("fallback") else "model"
@@ -520,7 +538,6 @@ def _report(
             hits[path] += hit
 
     # freshness: click produced -> first version covering its positive -> first recommendation by it
-    click_msgs = collector.snapshot(topics["clicks"])
     click_wall: dict[str, int] = {}
     for m in click_msgs:
         c = Click.from_json(m.value)
