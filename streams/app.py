@@ -8,30 +8,42 @@ owns one :class:`~streams.join.JoinCore` per partition.
 
 Per batch (``stream.take_events``), in this order:
 
-1. decode each value with :mod:`streams.records` (values are consumed raw, so
+1. skip an input the partition's state already holds (its offset is below the
+   state's recorded next offset: redelivered after a restart or a move);
+2. decode each value with :mod:`streams.records` (values are consumed raw, so
    a malformed one reaches us instead of being dropped by Faust); a value
    that does not decode, or whose message key is not its user_id, goes to
    ``dead-letters`` with the reason (logged as ``topic[partition]@offset``);
-2. feed the core of the event's partition;
-3. produce the outputs (``labeled``, ``user-history`` coalesced per user,
+3. feed the core of the event's partition;
+4. produce the outputs (``labeled``, ``user-history`` coalesced per user,
    ``dead-letters`` for orphan and contradicting clicks) and **wait until the
    broker has them**;
-4. write the state keys the batch changed to the changelog of the Faust table
+5. write the state keys the batch changed to the changelog of the Faust table
    ``join-state`` (key ``"<partition>/<state key>"``, on changelog partition
-   = input partition, the watermark key last) and wait until the broker has
-   them too;
-5. only then return, so Faust acks the batch and may commit its offsets.
+   = input partition): upserts, then the watermark key ``w`` (which records
+   the input offsets the state covers), then deletions; wait until the broker
+   has them too;
+6. only then return, so Faust acks the batch and may commit its offsets.
 
-So the changelog never holds state whose outputs are not durable, and
-committed offsets never run ahead of the state: a crash at any point replays
-at most the uncommitted events, whose outputs are either suppressed as
-duplicates (the state has them) or emitted again with the same example_id.
+So the changelog never holds state whose outputs are not durable, and the
+state records which inputs it holds.  After a crash the restored state skips
+the inputs it already holds (committed offsets lag the state, and the two
+input topics commit independently: without the skip, a click replayed for an
+impression the state already forgot would become an orphan, or a forgotten
+impression replayed without its click would get a false negative).  Inputs
+after the recorded offsets are processed again; their outputs may repeat,
+with the same example_id.  What survives a crash of the changelog writes is
+a prefix (idempotent producer, one partition): without ``w`` the batch is
+redone over its own upserts (no-ops); with it, a lost deletion is redone
+after the restore.
 
 On assignment Faust recovers ``join-state`` from its changelog; the core of
 a partition is rebuilt from the recovered keys on first use.  On revocation
 the core and its keys are dropped.  A timer advances idle partitions by the
-wall clock (never while rebalancing; the idle clocks restart after a
-rebalance, so a pause in consuming never closes windows).
+wall clock.  A stream counts as idle only when nothing of it is waiting to be
+read (the consumer's highwater is not past what was processed), never while
+rebalancing, and the idle clocks restart after a rebalance: a pause in
+consuming never closes windows.
 
 Outputs and state go through one confluent-kafka producer (idempotent,
 murmur2 partitioner like Faust and Java): it is much cheaper per message than
@@ -205,30 +217,30 @@ class JoinService:
                 core.touch()
 
     async def _backlog(self) -> dict[int, tuple[bool, bool]]:
-        """Partitions whose impressions / clicks have records waiting to be processed.
+        """Partitions whose impressions / clicks may have records waiting to be processed.
 
         A stream is idle only when there is nothing to read: one whose consumer
-        lags (CPU starvation, a slow fetch) must not let the watermark run ahead.
+        lags (CPU starvation, a slow fetch, a fresh assignment not fetched yet)
+        must not let the watermark run ahead.  Unknown counts as waiting.
         """
         consumer = self.app.consumer
         waiting: dict[int, list[bool]] = {}
         for tp in consumer.assignment():
             if tp.topic not in (self.impressions_topic, self.clicks_topic):
                 continue
+            key = (tp.topic, tp.partition)
             try:
                 highwater = consumer.highwater(tp)
-                nxt = self._next_offset.get((tp.topic, tp.partition))
-                if nxt is None and highwater:
+                nxt = self._next_offset.get(key)
+                if nxt is None and highwater is not None:
                     # nothing processed yet in this assignment: start from the consumer position
                     nxt = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
                     if nxt is not None:
-                        self._next_offset[(tp.topic, tp.partition)] = nxt
-            except Exception as exc:  # not fetched yet, mid-rebalance: no information
+                        self._next_offset[key] = nxt
+            except Exception as exc:  # mid-rebalance, fetch not started: no information
                 log.debug("no backlog information for %s: %r", tp, exc)
-                continue
-            if nxt is None:
-                continue
-            if highwater is not None and highwater > nxt:
+                highwater = nxt = None
+            if highwater is None or nxt is None or highwater > nxt:
                 flags = waiting.setdefault(tp.partition, [False, False])
                 flags[0 if tp.topic == self.impressions_topic else 1] = True
         return {p: (f[0], f[1]) for p, f in waiting.items()}
@@ -256,6 +268,9 @@ class JoinService:
                 touched.add(msg.partition)
                 self._handle(msg, sends, histories, counts)
                 next_offset[(msg.topic, msg.partition)] = msg.offset + 1
+            replayed = counts.pop("replayed", 0)
+            if replayed:
+                self.metrics.replayed.inc(replayed)
             for topic, n in counts.items():
                 self.metrics.events_in.labels(topic=topic).inc(n)
             await self._emit_and_persist(sends, histories, touched)
@@ -270,7 +285,13 @@ class JoinService:
     ) -> None:
         is_impression = msg.topic == self.impressions_topic
         record_type: type[Impression] | type[Click] = Impression if is_impression else Click
-        counts[IMPRESSIONS.name if is_impression else CLICKS.name] += 1
+        stream = IMPRESSIONS.name if is_impression else CLICKS.name
+        counts[stream] += 1
+        core = self.core(msg.partition)
+        if core.applied(stream, msg.offset):
+            # replayed after a restart or a move: the state already holds it, outputs went out
+            counts["replayed"] += 1
+            return
         try:
             record = record_type.from_json(msg.value)
             if msg.key != record.user_id.encode():
@@ -280,6 +301,7 @@ class JoinService:
                     f"message key {msg.key!r} is not the user_id {record.user_id!r} (co-partitioning)",
                 )
         except RecordError as exc:
+            core.skip(stream, msg.offset)
             log.warning("dead-letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
             dead = DeadLetter.of(
                 source_topic=msg.topic,
@@ -293,7 +315,6 @@ class JoinService:
             sends.append((self.dead_letter_topic, msg.key, dead.to_json()))
             self.metrics.dead_letters.labels(reason="malformed").inc()
             return
-        core = self.core(msg.partition)
         if is_impression:
             outputs = core.on_impression(record, msg.offset)  # type: ignore[arg-type]
         else:
@@ -372,10 +393,15 @@ class JoinService:
             changes = core.drain_changes()
             if not changes:
                 continue
-            watermark = changes.pop("w", None)
-            items = list(changes.items())
-            if watermark is not None:
-                items.append(("w", watermark))  # last: if it is durable, the rest of the batch is
+            # Upserts, then the watermark key (with the input offsets the state covers), then
+            # deletions.  The producer is idempotent, so what survives a crash is a prefix:
+            # without "w" the batch is replayed over upserts only (each a no-op again);
+            # with it, a lost deletion is redone after the restore.
+            meta = changes.pop("w", None)
+            items = [(k, v) for k, v in changes.items() if v is not None]
+            if meta is not None:
+                items.append(("w", meta))
+            items += [(k, v) for k, v in changes.items() if v is None]
             for key, value in items:
                 skey = state_key(p, key)
                 if value is None:

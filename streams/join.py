@@ -46,7 +46,10 @@ the core emits the same set of ``(example_id, label)``.
 
 State for persistence: :meth:`JoinCore.drain_changes` returns the state keys
 changed since the last call (JSON-able values, ``None`` = deleted) and
-:meth:`JoinCore.restore` rebuilds a core from such keys.
+:meth:`JoinCore.restore` rebuilds a core from such keys.  The state also
+records, per input stream, the offset up to which it holds the inputs
+(:meth:`JoinCore.applied`), so a worker that restores it skips redelivered
+inputs instead of applying them to a state that has moved past them.
 """
 
 from __future__ import annotations
@@ -173,6 +176,7 @@ class JoinCore:
         now = clock()
         self._last_arrival = [now, now]
         self._watermark = NO_WATERMARK
+        self._next_offset = [0, 0]  # per stream: inputs below this offset are in the state
         self._seq = 0
         self._dirty: set[str] = set()
         self.counts: Counter[str] = Counter()
@@ -181,9 +185,8 @@ class JoinCore:
     # --- inputs ---------------------------------------------------------------------------
     def on_impression(self, imp: Impression, offset: int = -1) -> list[Output]:
         """Take one impression in arrival order; return what to emit."""
-        del offset  # impressions are never dead-lettered by the join itself
         out: list[Output] = []
-        now = self._arrive(_IMP, imp.ts)
+        now = self._arrive(_IMP, imp.ts, offset)
         iid = imp.impression_id
         if iid in self._imps:
             self.counts["duplicate_impressions"] += 1
@@ -205,7 +208,7 @@ class JoinCore:
     def on_click(self, click: Click, offset: int = -1) -> list[Output]:
         """Take one click in arrival order; return what to emit."""
         out: list[Output] = []
-        now = self._arrive(_CLK, click.ts)
+        now = self._arrive(_CLK, click.ts, offset)
         rec = self._imps.get(click.impression_id)
         if rec is None:
             self._buffer_early(click, offset, out)
@@ -219,6 +222,19 @@ class JoinCore:
         out: list[Output] = []
         self._advance(self._clock(), out)
         return out
+
+    def applied(self, stream: str, offset: int) -> bool:
+        """Whether the input at ``offset`` of ``stream`` (``"impressions"``/``"clicks"``) is
+        already in this state: replayed inputs (after a restart) must be skipped, since the
+        state may have moved past them (a closed impression forgotten, an early click matched)."""
+        return 0 <= offset < self._next_offset[_STREAMS.index(stream)]
+
+    def skip(self, stream: str, offset: int) -> None:
+        """Record an input that never reaches the core (malformed) as applied."""
+        i = _STREAMS.index(stream)
+        if offset >= self._next_offset[i]:
+            self._next_offset[i] = offset + 1
+            self._dirty.add("w")
 
     def touch(self, impressions: bool = True, clicks: bool = True) -> None:
         """Count a stream as active now: events of it are waiting to be consumed (backlog),
@@ -289,6 +305,7 @@ class JoinCore:
                 core._max_ts = [value["max_ts"][0], value["max_ts"][1]]
                 core._watermark = int(value["wm"])
                 core._seq = max(core._seq, int(value["seq"]))
+                core._next_offset = [int(o) for o in value.get("next_offset", (0, 0))]
             elif kind == "i":
                 rec = _Impression.from_state(ident, value)
                 core._imps[ident] = rec
@@ -307,6 +324,11 @@ class JoinCore:
                 core._histories[ident] = sorted((int(t), int(s), i, m) for t, s, i, m in value)
             else:
                 raise ValueError(f"unknown join state key {key!r}")
+        # an early click whose impression is known was matched: its deletion was not persisted
+        for iid in [i for i in core._early if i in core._imps]:
+            core._early_count -= len(core._early.pop(iid))
+            core._early_heap = [e for e in core._early_heap if e[2] != iid]
+            core._dirty.add("o/" + iid)
         heapq.heapify(core._deadlines)
         heapq.heapify(core._early_heap)
         seqs = [e[1] for h in core._histories.values() for e in h]
@@ -316,7 +338,12 @@ class JoinCore:
 
     def _state_of(self, key: str) -> Any:
         if key == "w":
-            return {"max_ts": list(self._max_ts), "wm": self._watermark, "seq": self._seq}
+            return {
+                "max_ts": list(self._max_ts),
+                "wm": self._watermark,
+                "seq": self._seq,
+                "next_offset": list(self._next_offset),
+            }
         kind, ident = key[0], key[2:]
         if kind == "i":
             rec = self._imps.get(ident)
@@ -328,9 +355,12 @@ class JoinCore:
         return [list(e) for e in hist] if hist else None
 
     # --- internals --------------------------------------------------------------------------
-    def _arrive(self, stream: int, ts: int) -> float:
+    def _arrive(self, stream: int, ts: int, offset: int) -> float:
         now = self._clock()
         self._last_arrival[stream] = now
+        if offset >= self._next_offset[stream]:
+            self._next_offset[stream] = offset + 1
+            self._dirty.add("w")
         seen = self._max_ts[stream]
         if seen is None or ts > seen:
             self._max_ts[stream] = ts

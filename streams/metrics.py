@@ -14,6 +14,7 @@ Names (all prefixed ``streamrec_join_``):
 ``dead_letters_total{reason}``     counter    records sent to dead-letters: ``malformed``, ``orphan``, ``invalid``
 ``duplicates_total{kind}``         counter    repeated impressions / clicks that changed nothing
 ``user_history_updates_total``     counter    user-history records emitted
+``replayed_skipped_total``          counter    redelivered inputs the restored state already held
 ``pending_impressions{partition}`` gauge      impressions whose window is open
 ``remembered_impressions{...}``    gauge      open + closed-but-retained impressions
 ``early_clicks{partition}``        gauge      clicks waiting for their impression
@@ -54,6 +55,11 @@ class JoinMetrics:
         )
         self.duplicates = Counter(
             f"{PREFIX}duplicates", "Repeated records that changed nothing.", ["kind"], registry=r
+        )
+        self.replayed = Counter(
+            f"{PREFIX}replayed_skipped",
+            "Inputs redelivered after a restart or rebalance that the state already held.",
+            registry=r,
         )
         self.history_updates = Counter(
             f"{PREFIX}user_history_updates", "user-history records emitted.", registry=r

@@ -363,6 +363,30 @@ def test_restore_from_state_continues_identically() -> None:
     assert labels(before + after) == straight
 
 
+def test_state_records_which_inputs_it_holds() -> None:
+    core, _ = make()
+    core.on_impression(imp("i", 1_000, ["a"]), offset=7)
+    core.on_click(clk("i", "a", 1_100), offset=3)
+    core.skip("clicks", 4)  # a malformed click at offset 4
+    assert core.applied("impressions", 7) and not core.applied("impressions", 8)
+    assert core.applied("clicks", 4) and not core.applied("clicks", 5)
+    restored = JoinCore.restore(core.config, core.snapshot().items())
+    assert restored.applied("impressions", 7) and not restored.applied("clicks", 5)
+    assert not restored.applied("clicks", -1)  # unknown offsets are never skipped
+
+
+def test_restore_drops_early_clicks_whose_match_was_not_persisted() -> None:
+    core, _ = make()
+    core.on_click(clk("i", "a", 1_100))
+    early_state = core.snapshot()["o/i"]
+    core.on_impression(imp("i", 1_000, ["a"]))
+    state = core.snapshot()
+    state["o/i"] = early_state  # the crash lost the deletion written after "w"
+    restored = JoinCore.restore(core.config, state.items())
+    assert restored.early_clicks == 0
+    assert restored.drain_changes()["o/i"] is None  # and the deletion is written again
+
+
 def test_config_rejects_impossible_values() -> None:
     with pytest.raises(ConfigError, match="window_ms"):
         JoinConfig(window_ms=0)

@@ -1,0 +1,330 @@
+"""The join worker on a real broker, as subprocesses (``python -m streams.worker``).
+
+Every test compares what lands on ``labeled`` with :func:`streams.join.reference_join`
+computed from the same input at once.  Workers get a short idle timeout so the
+windows still open at the end of the input close soon after it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.join import ReferenceJoin, reference_join
+from streams.records import Click, DeadLetter, Impression, Labeled
+from streams.settings import KafkaSettings
+from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED
+from tests.kafka_utils import consume, produce_raw
+
+pytestmark = pytest.mark.integration
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+WINDOW_MS = 60_000
+HISTORY = 10_000  # no truncation: histories compare exactly
+JOIN_ENV = {
+    "STREAMREC_JOIN_WINDOW_MS": str(WINDOW_MS),
+    "STREAMREC_JOIN_ALLOWED_LATENESS_MS": "1000",
+    "STREAMREC_JOIN_IDLE_TIMEOUT_S": "2",
+    "STREAMREC_JOIN_HISTORY_LENGTH": str(HISTORY),
+    "STREAMREC_JOIN_SESSION_TIMEOUT_S": "6",
+    "STREAMREC_JOIN_BATCH_MAX": "500",
+}
+
+
+# --- workers as subprocesses -------------------------------------------------------------
+
+
+class Worker:
+    """One ``python -m streams.worker`` process; its output goes to a log file."""
+
+    def __init__(self, settings: KafkaSettings, log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        full = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+        full.update(
+            STREAMREC_BOOTSTRAP_SERVERS=settings.bootstrap_servers,
+            STREAMREC_TOPIC_PREFIX=settings.topic_prefix,
+            STREAMREC_JOIN_DATA_DIR=str(log.parent / "faust-data"),
+            **JOIN_ENV,
+        )
+        full.update(env)
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.worker", "--loglevel", "info"],
+            cwd=PROJECT_ROOT,
+            env=full,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.text().splitlines()[-lines:])
+
+    def wait_for_log(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """Until the log matches (or the process died / the timeout passed)."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            found = regex.search(self.text())
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"worker log never showed {pattern!r}:\n{self.tail()}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_worker(kafka_settings: KafkaSettings, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        w = Worker(kafka_settings, tmp_path / f"worker-{len(workers)}.log", env)
+        workers.append(w)
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text → {'name{labels}': value} (comments skipped)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+# --- inputs and expectations ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def movielens_events() -> tuple[list[Impression], list[Click]]:
+    """The first 1,500 MovieLens ratings as impressions (slates of 10) and clicks."""
+    from infra.assets import AssetError, movielens_path
+    from streams.replay.movielens import MovieLensReplay, MovieLensReplayConfig
+
+    try:
+        path = movielens_path()
+    except AssetError as exc:
+        pytest.skip(f"MovieLens-100k not available: {exc}")
+    replay = MovieLensReplay.from_path(path, MovieLensReplayConfig(limit=1_500))
+    impressions: list[Impression] = []
+    clicks: list[Click] = []
+    for spec, record in replay.stream():
+        if spec is IMPRESSIONS:
+            impressions.append(record)  # type: ignore[arg-type]
+        elif spec is CLICKS:
+            clicks.append(record)  # type: ignore[arg-type]
+    return impressions, clicks
+
+
+def read_labeled(settings: KafkaSettings, ref: ReferenceJoin, timeout: float = 90.0) -> list[Labeled]:
+    """Read ``labeled`` until every reference (example_id, label) is there, then whatever else is."""
+    want = ref.pairs()
+    got: list[Labeled] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        have = {(r.example_id, r.label) for r in got}
+        if want <= have:
+            break
+        more = len(want - have)
+        got = consume(settings, LABELED, count=len(got) + more, timeout=max(1.0, deadline - time.monotonic()))  # type: ignore[assignment]
+    # anything beyond the expected records (duplicates, or wrong ones) is there by now
+    return consume(settings, LABELED, count=len(got) + 1, timeout=3.0)  # type: ignore[return-value]
+
+
+def assert_matches_reference(got: list[Labeled], ref: ReferenceJoin, *, exact_once: bool) -> None:
+    pairs = Counter((r.example_id, r.label) for r in got)
+    missing = ref.pairs() - set(pairs)
+    extra = set(pairs) - ref.pairs()
+    assert not missing, f"{len(missing)} reference examples never labeled, e.g. {sorted(missing)[:5]}"
+    assert not extra, f"{len(extra)} examples not in the reference, e.g. {sorted(extra)[:5]}"
+    if exact_once:
+        assert max(pairs.values()) == 1, f"duplicates: {[p for p, n in pairs.items() if n > 1][:5]}"
+    by_pair = {(e.example_id, e.label): e for e in ref.examples}
+    for r in got:
+        expected = by_pair[(r.example_id, r.label)]
+        assert (r.position, r.late, r.impression_ts, r.user_id) == (
+            expected.position, expected.late, expected.impression_ts, expected.user_id,
+        )
+        if r.label == 0:  # negatives are decided once every earlier click arrived
+            assert Counter(r.history) == Counter(expected.history), r.example_id
+
+
+def reference(impressions: list[Impression], clicks: list[Click]) -> ReferenceJoin:
+    return reference_join(impressions, clicks, window_ms=WINDOW_MS, history_length=HISTORY)
+
+
+def produce_events(settings: KafkaSettings, impressions: list[Impression], clicks: list[Click]) -> None:
+    """Both streams interleaved in event-time order, as live producers would send them."""
+    from streams.replay.producer import produce as replay_produce
+
+    events = sorted(
+        [(IMPRESSIONS, i) for i in impressions] + [(CLICKS, c) for c in clicks],
+        key=lambda e: (e[1].ts, e[0] is CLICKS),
+    )
+    result = replay_produce(events, settings, progress=False)
+    assert result.failed == 0
+
+
+# --- the tests --------------------------------------------------------------------------------
+
+
+def test_movielens_slice_gets_exactly_the_reference_labels(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
+) -> None:
+    impressions, clicks = movielens_events
+    ref = reference(impressions, clicks)
+    assert ref.positives() == {f"{c.impression_id}:{c.item_id}" for c in clicks}
+    assert len(ref.negatives()) == 10 * len(impressions) - len(clicks)
+
+    produce_events(kafka_settings, impressions, clicks)
+    port = free_port()
+    worker = start_worker(STREAMREC_JOIN_METRICS_PORT=str(port))
+    got = read_labeled(kafka_settings, ref)
+    assert_matches_reference(got, ref, exact_once=True)
+
+    metrics = scrape(port)
+    assert metrics['streamrec_join_labeled_total{label="positive"}'] == len(ref.positives())
+    assert metrics['streamrec_join_labeled_total{label="negative"}'] == len(ref.negatives())
+    assert metrics['streamrec_join_events_in_total{topic="impressions"}'] == len(impressions)
+    assert sum(v for k, v in metrics.items() if k.startswith("streamrec_join_pending_impressions")) == 0
+    assert worker.stop() == 0, worker.tail()
+
+
+def test_worker_killed_mid_stream_loses_no_example(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
+) -> None:
+    impressions, clicks = movielens_events
+    ref = reference(impressions, clicks)
+    produce_events(kafka_settings, impressions, clicks)
+
+    first = start_worker(STREAMREC_JOIN_BATCH_MAX="50")  # small batches: many commits in flight
+    early = consume(kafka_settings, LABELED, count=len(ref.examples) // 5, timeout=90)
+    assert len(early) == len(ref.examples) // 5, first.tail()
+    first.kill()
+    so_far = {(r.example_id, r.label) for r in consume(kafka_settings, LABELED, count=len(ref.examples), timeout=2)}
+    assert len(so_far) < len(ref.examples), "the worker finished before the kill: nothing was tested"
+
+    second = start_worker()
+    got = read_labeled(kafka_settings, ref, timeout=120)
+    assert_matches_reference(got, ref, exact_once=False)
+    assert second.stop() == 0, second.tail()
+    # duplicates are only in-flight work re-done: each pair at most twice
+    assert max(Counter((r.example_id, r.label) for r in got).values()) <= 2
+
+
+def test_two_workers_share_four_partitions_and_label_the_same(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
+) -> None:
+    impressions, clicks = movielens_events
+    ref = reference(impressions, clicks)
+    ports = [free_port(), free_port()]
+    workers = [start_worker(STREAMREC_JOIN_METRICS_PORT=str(p)) for p in ports]
+    # wait until the group settled with partitions on both workers, then produce
+    for w in workers:
+        w.wait_for_log(r"partition \d: join state restored")
+    produce_events(kafka_settings, impressions, clicks)
+
+    got = read_labeled(kafka_settings, ref)
+    assert_matches_reference(got, ref, exact_once=False)
+    per_worker = [scrape(p)['streamrec_join_events_in_total{topic="impressions"}'] for p in ports]
+    assert all(n > 0 for n in per_worker), f"one worker did all the work: {per_worker}"
+    assert sum(per_worker) >= len(impressions)
+    for w in workers:
+        assert w.stop() == 0, w.tail()
+
+
+def test_malformed_burst_goes_to_dead_letters_and_labeling_goes_on(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
+) -> None:
+    impressions, clicks = movielens_events
+    impressions = impressions[:300]
+    shown = {i.impression_id for i in impressions}
+    clicks = [c for c in clicks if c.impression_id in shown]
+    first_imps, rest_imps = impressions[:150], impressions[150:]
+    first_clicks = [c for c in clicks if c.ts <= first_imps[-1].ts]
+    rest_clicks = clicks[len(first_clicks):]
+    orphan = Click(impression_id="never-shown", user_id="42", item_id="1", ts=first_imps[-1].ts)
+    ref = reference(impressions, clicks + [orphan])
+    assert list(ref.orphans) == [orphan]
+    imp_topic, click_topic = IMPRESSIONS.real_name(kafka_settings), CLICKS.real_name(kafka_settings)
+    bad = [
+        (imp_topic, b"7", b"not json at all"),
+        (imp_topic, b"7", b'{"schema_version": 1, "user_id": "7", "ts": 1}'),  # no impression_id/items
+        (imp_topic, b"7", b'{"schema_version": 99, "impression_id": "x", "user_id": "7", "items": ["1"], "ts": 1}'),
+        (imp_topic, b"8", Impression(impression_id="k", user_id="7", items=["1"], ts=1).to_json()),  # key != user
+        (imp_topic, b"7", None),  # tombstone
+        (click_topic, b"7", b"[1, 2, 3]"),
+        (click_topic, b"7", b'{"schema_version": 1, "impression_id": "x", "user_id": "7", "item_id": "1", "ts": -5}'),
+        (click_topic, None, b"\xff\xfe binary"),
+    ] * 5
+
+    # the burst sits in the middle of both input topics
+    produce_events(kafka_settings, first_imps, first_clicks + [orphan])
+    for topic in (imp_topic, click_topic):
+        produce_raw(kafka_settings, topic, [(k, v) for t, k, v in bad if t == topic])
+    produce_events(kafka_settings, rest_imps, rest_clicks)
+    worker = start_worker()
+
+    got = read_labeled(kafka_settings, ref)
+    assert_matches_reference(got, ref, exact_once=True)
+    dead = consume(kafka_settings, DEAD_LETTERS, count=len(bad) + 1, timeout=30)
+    assert len(dead) == len(bad) + 1, worker.tail()
+    malformed = [d for d in dead if isinstance(d, DeadLetter) and "orphan" not in d.error]
+    assert Counter((d.source_topic, d.raw()) for d in malformed) == Counter((t, v or b"") for t, _k, v in bad)
+    assert all(d.offset >= 0 and d.partition >= 0 and d.error for d in malformed)
+    assert any("schema version" in d.error for d in malformed)
+    assert any("co-partitioning" in d.error for d in malformed)
+    [orphaned] = [d for d in dead if "orphan" in d.error]
+    assert Click.from_json(orphaned.raw()) == orphan and orphaned.source_topic == click_topic
+    assert "dead-letter " + imp_topic in worker.text()  # logged as topic[partition]@offset
+    assert worker.proc.poll() is None  # still running
+    assert worker.stop() == 0, worker.tail()
+
+
+def test_partition_mismatch_stops_the_worker_naming_the_setting(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker]
+) -> None:
+    worker = start_worker(STREAMREC_JOIN_PARTITIONS="8")
+    assert worker.proc.wait(60) == 2
+    assert "STREAMREC_JOIN_PARTITIONS" in worker.text() and "4 partitions" in worker.text()
