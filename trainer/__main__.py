@@ -53,16 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from trainer.service import TrainerService
+
     try:
         kafka = load(KafkaSettings)
         settings = load(TrainerSettings)
+        service = TrainerService(settings, kafka)
     except StreamrecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    from trainer.service import TrainerService
-
-    service = TrainerService(settings, kafka)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: checkpointing and stopping", signal.Signals(signum).name)

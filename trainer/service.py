@@ -50,17 +50,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+import numpy as np
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from pydantic import ValidationError
 
-from streams.errors import RecordError, StreamrecError
+from streams.errors import ConfigError, RecordError, StreamrecError
 from streams.records import DeadLetter, Item, Labeled
 from streams.settings import KafkaSettings
 from streams.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
 from trainer.catalog import Catalog
 from trainer.checkpoint import Checkpoint, check_model_config, load_checkpoint, save_checkpoint
 from trainer.metrics import binary_metrics
-from trainer.service_settings import TrainerSettings
+from trainer.service_settings import ENV_PREFIX, TrainerSettings
 from trainer.weights import WeightsError, WeightStore
 
 log = logging.getLogger(__name__)
@@ -119,12 +129,22 @@ def offsets_key(topic: str, partition: int) -> str:
 
 
 def guardrail_passes(
-    candidate: dict[str, float], live: dict[str, float], *, metric: str, margin: float
+    candidate: dict[str, float],
+    live: dict[str, float],
+    *,
+    metric: str,
+    margin: float,
+    z: float = 0.0,
+    loss_diff_se: float = 0.0,
 ) -> tuple[bool, str]:
     """Compare candidate and live metrics on the same held-back examples; (passes, explanation).
 
-    ``log_loss`` is lower-is-better, ``auc`` higher-is-better; an AUC that is
-    undefined (one class only) falls back to log loss.
+    ``log_loss`` is lower-is-better: the candidate passes unless it is worse
+    by more than ``margin + z * loss_diff_se``, where ``loss_diff_se`` is the
+    standard error of the mean per-example log-loss difference (a paired
+    test: a candidate is refused only on evidence, not on the noise of a few
+    dozen examples).  ``auc`` is higher-is-better, compared with ``margin``
+    alone; an AUC that is undefined (one class only) falls back to log loss.
     """
     if metric == "auc" and not (_finite(candidate.get("auc")) and _finite(live.get("auc"))):
         metric = "log_loss"
@@ -132,11 +152,43 @@ def guardrail_passes(
     if not (_finite(c) and _finite(v)):
         return False, f"{metric} undefined (candidate {c}, live {v})"
     assert c is not None and v is not None
-    lower_better = metric == "log_loss"
-    ok = c <= v + margin if lower_better else c >= v - margin
-    rel = "<=" if lower_better else ">="
-    bound = v + margin if lower_better else v - margin
-    return ok, f"{metric} candidate {c:.4f} {'' if ok else 'not '}{rel} {bound:.4f} (live {v:.4f}, margin {margin})"
+    if metric == "log_loss":
+        slack = margin + z * loss_diff_se
+        ok, rel, bound = c <= v + slack, "<=", v + slack
+        why = f"margin {margin} + {z} x se {loss_diff_se:.4f}"
+    else:
+        ok, rel, bound = c >= v - margin, ">=", v - margin
+        why = f"margin {margin}"
+    return ok, f"{metric} candidate {c:.4f} {'' if ok else 'not '}{rel} {bound:.4f} (live {v:.4f}, {why})"
+
+
+def paired_log_loss_se(labels: Any, cand: Any, live: Any) -> float:
+    """Standard error of the mean of per-example log-loss differences (candidate - live)."""
+    y = np.asarray(labels, dtype=np.float64)
+    if y.size < 2:
+        return 0.0
+    pc = np.clip(np.asarray(cand, dtype=np.float64), 1e-7, 1 - 1e-7)
+    pl = np.clip(np.asarray(live, dtype=np.float64), 1e-7, 1 - 1e-7)
+    d = -(y * np.log(pc) + (1 - y) * np.log1p(-pc)) + (y * np.log(pl) + (1 - y) * np.log1p(-pl))
+    return float(d.std(ddof=1) / math.sqrt(y.size))
+
+
+_MODEL_SETTINGS = {"encoder": "encoder_path", "encoder_layers": "encoder_layers",
+                   "freeze_layers": "freeze_layers", "lora_rank": "lora_rank",
+                   "max_text_len": "max_text_len", "categories": "categories", "seed": "seed"}
+
+
+def model_config_from(fields: dict[str, Any]) -> Any:
+    """A ModelConfig from the trainer settings; a bad value raises ConfigError naming its setting."""
+    from trainer.model import ModelConfig
+
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        setting = _MODEL_SETTINGS.get(field, "model_options")
+        raise ConfigError(f"{ENV_PREFIX}{setting}".upper(), f"{field}: {err['msg']}") from None
 
 
 def _finite(v: Any) -> bool:
@@ -157,6 +209,7 @@ class TrainerMetrics:
         self.steps = Counter(p + "steps", "Training steps", registry=r)
         self.published = Counter(p + "versions_published", "Versions published", ["kind"], registry=r)
         self.rejections = Counter(p + "guardrail_rejections", "Candidates the guardrail refused", registry=r)
+        self.publish_failures = Counter(p + "publish_failures", "Versions the store could not take", registry=r)
         self.dead_letters = Counter(p + "dead_letters", "Records sent to dead-letters", ["topic"], registry=r)
         self.items = Counter(p + "items_consumed", "Item records read into the catalog", registry=r)
         self.loss = Gauge(p + "last_step_loss", "Total loss of the last step", registry=r)
@@ -205,7 +258,18 @@ class TrainerService:
         self.items_topic = ITEMS.real_name(kafka)
         self.updates_topic = MODEL_UPDATES.real_name(kafka)
         self.dead_topic = DEAD_LETTERS.real_name(kafka)
-        self.store = WeightStore(settings.weights_root)
+        try:
+            self.store = WeightStore(settings.weights_root)
+        except WeightsError as exc:
+            raise ConfigError(f"{ENV_PREFIX}WEIGHTS_ROOT", str(exc)) from exc
+        model_config_from(settings.model_overrides())  # fail now, not after the catalog load
+        self._learner_config()
+        from trainer.learner import LearnerError, resolve_device
+
+        try:
+            resolve_device(settings.device)
+        except LearnerError as exc:
+            raise ConfigError(f"{ENV_PREFIX}DEVICE", str(exc)) from exc
         self.catalog = Catalog()
         self._stop = threading.Event()
         self.ready = threading.Event()
@@ -352,7 +416,8 @@ class TrainerService:
             low, high = self._consumer.get_watermark_offsets(TopicPartition(self.items_topic, p), timeout=30)
             if high > low:
                 ends[p] = high
-        self._item_positions = {p: 0 for p in partitions}
+        # after the load, follow each partition from where the load stopped
+        self._item_positions = {p: OFFSET_BEGINNING for p in partitions}
         if ends:
             self._consumer.assign([TopicPartition(self.items_topic, p, 0) for p in ends])
             pending = dict(ends)
@@ -368,13 +433,14 @@ class TrainerService:
                 for tp in self._consumer.position([TopicPartition(self.items_topic, p) for p in pending]):
                     if tp.offset >= 0 and tp.offset >= pending.get(tp.partition, math.inf):
                         pending.pop(tp.partition, None)
+            for tp in self._consumer.position([TopicPartition(self.items_topic, p) for p in ends]):
+                self._item_positions[tp.partition] = tp.offset if tp.offset >= 0 else ends[tp.partition]
             self._consumer.unassign()
         self.metrics.catalog.set(len(self.catalog))
         log.info("catalog: %d items from %s in %.1fs", len(self.catalog), self.items_topic,
                  time.monotonic() - started)
 
     def _model_config_for(self, ckpt: Checkpoint | None) -> Any:
-        from trainer.model import ModelConfig
 
         fields = self.settings.model_overrides()
         if "categories" not in fields:
@@ -384,22 +450,25 @@ class TrainerService:
                 fields["categories"] = list(ckpt.model_config["categories"])
             else:
                 fields["categories"] = self.catalog.category_names()
-        try:
-            return ModelConfig(**fields)
-        except Exception as exc:  # pydantic ValidationError: name the settings that feed it
-            raise TrainerServiceError(f"the model settings do not make a valid model config: {exc}") from exc
+        return model_config_from(fields)
 
     def _build_learner(self, ckpt: Checkpoint | None) -> None:
-        from trainer.learner import ContinualLearner
-        from trainer.model import build_model
+        from trainer.learner import ContinualLearner, LearnerError
+        from trainer.model import ModelError, build_model
 
         config = self._model_config_for(ckpt)
         self._model_config = config.model_dump(mode="json")
         if ckpt is not None:
             check_model_config(ckpt.model_config, self._model_config,
                                where=str(self.settings.checkpoint_dir))
-        self.model = build_model(config)
-        self.learner = ContinualLearner(self.model, self._learner_config(), self.catalog)
+        try:
+            self.model = build_model(config)
+        except ModelError as exc:
+            raise ConfigError(f"{ENV_PREFIX}ENCODER_PATH / {ENV_PREFIX}MODEL_OPTIONS", str(exc)) from exc
+        try:
+            self.learner = ContinualLearner(self.model, self._learner_config(), self.catalog)
+        except LearnerError as exc:
+            raise ConfigError(f"{ENV_PREFIX}DEVICE", str(exc)) from exc
 
     def _learner_config(self) -> Any:
         from trainer.learner import LearnerConfig
@@ -412,14 +481,15 @@ class TrainerService:
         known = set(LearnerConfig.model_fields)
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise TrainerServiceError(
-                f"setting STREAMREC_TRAINER_LEARNER_OPTIONS: unknown learner option(s) {unknown}; "
-                f"known: {sorted(known)}"
-            )
+            raise ConfigError(f"{ENV_PREFIX}LEARNER_OPTIONS",
+                              f"unknown learner option(s) {unknown}; known: {sorted(known)}")
         try:
             return LearnerConfig(**fields)
-        except Exception as exc:
-            raise TrainerServiceError(f"the learner settings are not valid: {exc}") from exc
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = str(err["loc"][0]) if err["loc"] else ""
+            setting = field if field in ("device", "seed") else "learner_options"
+            raise ConfigError(f"{ENV_PREFIX}{setting}".upper(), f"{field}: {err['msg']}") from None
 
     def _resume(self, ckpt: Checkpoint | None) -> None:
         store_next = self.store.next_version()
@@ -518,10 +588,11 @@ class TrainerService:
         if self._steps_since_checkpoint >= self.settings.checkpoint_every_steps:
             self._checkpoint(reason=f"{self._steps_since_checkpoint} steps")
         elif (
-            self._offsets != self._checkpointed_offsets
+            self._steps_since_checkpoint == 0
+            and self._offsets != self._checkpointed_offsets
             and not any(q.entries for q in self._queues.values())
             and now - self._last_checkpoint >= self.settings.publish_every_s
-        ):  # idle, with progress no step covers (duplicates, dead letters, held back)
+        ):  # idle, with progress no step covers (duplicates, dead letters, held back only)
             self._checkpoint(reason="idle")
         self._backpressure()
         if now - self._last_log >= self.settings.log_every_s:
@@ -711,9 +782,12 @@ class TrainerService:
         keys = [k for k in cand if k in self._live_probs]
         labels = {dedupe_key(ex): ex.label for ex in holdout}
         y = [labels[k] for k in keys]
-        cand_m = binary_metrics(y, [cand[k] for k in keys])
-        live_m = binary_metrics(y, [self._live_probs[k] for k in keys])
-        ok, why = guardrail_passes(cand_m, live_m, metric=s.guardrail_metric, margin=s.guardrail_margin)
+        pc, pl = [cand[k] for k in keys], [self._live_probs[k] for k in keys]
+        cand_m, live_m = binary_metrics(y, pc), binary_metrics(y, pl)
+        ok, why = guardrail_passes(
+            cand_m, live_m, metric=s.guardrail_metric, margin=s.guardrail_margin,
+            z=s.guardrail_z, loss_diff_se=paired_log_loss_se(y, pc, pl),
+        )
         extra = {f"holdout_{k}": float(v) for k, v in cand_m.items() if _finite(v)}
         extra.update({f"live_holdout_{k}": float(v) for k, v in live_m.items() if _finite(v)})
         if not ok:
@@ -756,11 +830,14 @@ class TrainerService:
                     model_name=s.model_name,
                 )
                 break
-            except WeightsError as exc:
+            except (WeightsError, OSError) as exc:
                 if "already exists" in str(exc) and attempt == 1:  # another writer took the number
                     self._next_version = self.store.next_version()
                     continue
-                raise
+                # Storage trouble (disk full, unreachable fsspec store): keep training, retry later.
+                self.metrics.publish_failures.inc()
+                log.error("publishing version %d to %s failed: %s", version, self.store.url, exc)
+                return
         self._next_version = version + 1
         if delta:
             self._publishes_since_full += 1

@@ -105,7 +105,12 @@ class TrainerSettings(BaseSettings):
     )
     guardrail_margin: float = Field(
         default=0.01, ge=0.0,
-        description="A candidate passes when it is at most this much worse than the live version.",
+        description="A candidate passes when it is at most this much worse than the live version...",
+    )
+    guardrail_z: float = Field(
+        default=1.64, ge=0.0,
+        description="...plus this many standard errors of the paired log-loss difference "
+        "(log_loss only; 0 = the margin alone).",
     )
 
     # --- checkpoints ----------------------------------------------------------------------

@@ -19,7 +19,13 @@ from trainer.checkpoint import (
 )
 from trainer.learner import ContinualLearner, LearnerConfig
 from trainer.model import ModelConfig, build_model
-from trainer.service import DedupeWindow, dedupe_key, guardrail_passes, held_back
+from trainer.service import (
+    DedupeWindow,
+    dedupe_key,
+    guardrail_passes,
+    held_back,
+    paired_log_loss_se,
+)
 
 CATEGORIES = ["drama", "scifi", "comedy"]
 
@@ -161,3 +167,16 @@ def test_guardrail_comparison() -> None:
     assert not guardrail_passes({"log_loss": 0.4, "auc": 0.6}, live, metric="auc", margin=0.01)[0]
     # AUC undefined (one class only in the held-back set): falls back to log loss
     assert guardrail_passes({"log_loss": 0.4}, {"log_loss": 0.5}, metric="auc", margin=0.0)[0]
+    # noise-aware: 0.03 worse is within 1.64 standard errors of 0.02, not of 0.005
+    assert guardrail_passes({"log_loss": 0.53}, live, metric="log_loss", margin=0.0, z=1.64, loss_diff_se=0.02)[0]
+    assert not guardrail_passes({"log_loss": 0.53}, live, metric="log_loss", margin=0.0, z=1.64,
+                                loss_diff_se=0.005)[0]
+
+
+def test_paired_standard_error() -> None:
+    labels = [1, 0, 0, 1, 0, 0, 0, 1]
+    same = [0.7, 0.2, 0.1, 0.6, 0.3, 0.2, 0.1, 0.8]
+    assert paired_log_loss_se(labels, same, same) == 0.0  # identical models: no noise at all
+    noisy = [0.6, 0.3, 0.05, 0.7, 0.2, 0.3, 0.15, 0.7]
+    se = paired_log_loss_se(labels, noisy, same)
+    assert 0.0 < se < 0.2
