@@ -6,10 +6,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -133,9 +135,12 @@ def test_labeled_examples_become_a_loadable_version(kafka_settings: KafkaSetting
         (b"u2", b'{"schema_version": 1, "user_id": "u2", "ts": 5}'),
     ])  # fmt: skip
 
+    with socket.socket() as sock:  # a free port for the metrics endpoint
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     settings = TrainerSettings(
         weights_root=str(tmp_path / "weights"), checkpoint_dir=tmp_path / "ckpt",
-        trained_ids_log=tmp_path / "ids.log", **TINY,
+        trained_ids_log=tmp_path / "ids.log", **{**TINY, "metrics_port": port},
     )  # fmt: skip
     service = TrainerService(settings, kafka_settings)
     errors: list[BaseException] = []
@@ -166,6 +171,8 @@ def test_labeled_examples_become_a_loadable_version(kafka_settings: KafkaSetting
         _wait_for("every labeled record to be consumed",
                   lambda: service.progress()["offsets"] == ends or errors, timeout=120)
         dead = consume(kafka_settings, DEAD_LETTERS, count=3, timeout=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            exposition = resp.read().decode()
     finally:
         service.stop()
         thread.join(timeout=60)
@@ -186,6 +193,12 @@ def test_labeled_examples_become_a_loadable_version(kafka_settings: KafkaSetting
     assert 0 < len(held) < 40
     progress = service.progress()
     assert progress["duplicates"] == 6 and progress["dead"] == 3
+    sample = service.metrics.registry.get_sample_value
+    assert sample("streamrec_trainer_duplicates_dropped_total") == 6
+    assert sample("streamrec_trainer_dead_letters_total", {"topic": LABELED.real_name(kafka_settings)}) == 3
+    assert sample("streamrec_trainer_examples_trained_total") == len(seen) - len(held)
+    assert sample("streamrec_trainer_versions_published_total", {"kind": "full"}) >= 1
+    assert "streamrec_trainer_steps_total" in exposition and "streamrec_trainer_last_step_loss" in exposition
 
     ckpt = load_checkpoint(settings.checkpoint_dir)  # written at shutdown
     assert ckpt is not None
