@@ -262,9 +262,11 @@ class ServingAgent:
             "recommendations": RECOMMENDATIONS.real_name(kafka),
             "dead": DEAD_LETTERS.real_name(kafka),
         }
+        self._torch_threads: int | None = None
         if settings.torch_threads:
             import torch
 
+            self._torch_threads = torch.get_num_threads()  # restored by stop()
             torch.set_num_threads(settings.torch_threads)
 
     # --- life cycle ------------------------------------------------------------------------
@@ -313,6 +315,11 @@ class ServingAgent:
         if self._producer is not None:
             self._producer.flush(timeout)
             self._producer = None
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+            self._torch_threads = None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the agent stops (True) or ``timeout`` passes (False)."""

@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -173,6 +173,31 @@ def apply_item_changes(
     )
 
 
+def same_item_tower(a: RecModel, b: RecModel) -> bool:
+    """Whether two models compute the same item vectors (same config and item-tower tensors)."""
+    if a.config != b.config:
+        return False
+    sa, sb = a.item_tower.state_dict(), b.item_tower.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
+
+
+def check_finite(sm: ServingModel) -> None:
+    """Refuse a snapshot whose item vectors, or a probe user's scores, are not finite (broken weights)."""
+    if sm.model is None or sm.item_vecs is None:
+        return
+    with torch.inference_mode():
+        if not bool(torch.isfinite(sm.item_vecs).all()):
+            raise WeightsError(f"version {sm.version}: item vectors are not finite (NaN/inf weights)")
+        d = sm.item_vecs.shape[1] if sm.item_vecs.ndim == 2 else sm.model.config.embed_dim
+        dev = sm.item_vecs.device
+        probe = sm.model.encode_users(
+            torch.zeros((1, 1, d), device=dev), torch.zeros((1, 1), dtype=torch.bool, device=dev), ["probe"]
+        )
+        items = sm.item_vecs[:64] if len(sm.item_vecs) else torch.ones((1, d), device=dev)
+        if not bool(torch.isfinite(sm.model.score_matrix(probe, items)).all()):
+            raise WeightsError(f"version {sm.version}: scores are not finite (NaN/inf weights)")
+
+
 # --------------------------------------------------------------------------- the holder
 class ModelHolder:
     """The one reference to the live snapshot: read it lock-free, replace it atomically."""
@@ -263,6 +288,7 @@ def refusal_reason(exc: BaseException) -> str:
         ("shape", "mismatch"),
         ("lacks", "mismatch"),
         ("config", "config"),
+        ("not finite", "non_finite"),
     )
     for needle, reason in checks:
         if needle in msg:
@@ -400,13 +426,22 @@ class ModelLoader:
             log.info("version %d is not newer than the live %d: skipped", update.version, live)
             return False
         started = time.monotonic()
+        live_sm = self.holder.current
         try:
             model = self.store.load(update, device=self.device)
             self._attach_prefix_cache(model)
-            entries = self.catalog.entries()
-            vecs = encode_entries(model, entries, batch=self.encode_batch)
-            if not bool(torch.isfinite(vecs).all()):
-                raise WeightsError(f"version {update.version}: item vectors are not finite (NaN/inf weights)")
+            loaded = time.monotonic()
+            if live_sm.model is not None and live_sm.item_vecs is not None and same_item_tower(live_sm.model, model):
+                # Only the user tower / heads changed: the live item vectors are this version's too.
+                sm = replace(live_sm, version=str(update.version), number=update.version, model=model,
+                             created=time.monotonic())
+                encoded = 0
+            else:
+                entries = self.catalog.entries()
+                vecs = encode_entries(model, entries, batch=self.encode_batch)
+                sm = model_snapshot(update.version, model, entries, vecs)
+                encoded = len(entries)
+            check_finite(sm)
         except Exception as exc:
             reason = refusal_reason(exc)
             self.metrics.refused.labels(reason=reason).inc()
@@ -417,19 +452,22 @@ class ModelLoader:
             else:
                 log.exception("refused model version %d (%s); still serving %s", update.version, reason, live_name)
             return False
-        sm = model_snapshot(update.version, model, entries, vecs)
         old = self.holder.swap(sm)
-        seconds = time.monotonic() - started
+        done = time.monotonic()
+        seconds = done - started
         self.metrics.swaps.inc()
         self.metrics.swap_seconds.observe(seconds)
         self.metrics.model_version.set(update.version)
-        self.metrics.items_encoded.inc(len(entries))
-        self.metrics.catalog_items.set(len(entries))
+        self.metrics.items_encoded.inc(encoded)
+        self.metrics.catalog_items.set(len(sm))
         log.info(
-            "swapped in model version %d (%s%s) in %.2f s: %d item vectors; was %s",
+            "swapped in model version %d (%s%s) in %.2f s (fetch+verify+build %.2f s, %d item vectors "
+            "computed in %.2f s%s); was %s",
             update.version, update.kind,
             f" on {update.base_version}" if update.base_version else "",
-            seconds, len(entries), old.version,
+            seconds, loaded - started, encoded, done - loaded,
+            ", item tower unchanged: vectors reused" if encoded == 0 and len(sm) else "",
+            old.version,
         )
         return True
 

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from serving.loader import ServingModel
 
 Path = Literal["model", "cold", "fallback"]
+_FULL_SCORING_CELLS = 4_000_000
+"""Score a batch against the whole catalog when batch x catalog is at most this (16 MB of float32)."""
 
 
 # --------------------------------------------------------------------------- ranking
@@ -388,10 +390,27 @@ class Scorer:
             mask[r, : len(known)] = True
             p.row = r
         out: dict[int, np.ndarray] = {}
+        user_ids = [p.query.request.user_id for p in plans]
         with torch.inference_mode():
             dev = vecs.device
-            hist = vecs[torch.from_numpy(idx).to(dev)]
-            users = model.encode_users(hist, torch.from_numpy(mask).to(dev), [p.query.request.user_id for p in plans])
+            mask_t = torch.from_numpy(mask).to(dev)
+            valid = idx[mask]
+            if valid.size and hasattr(model, "encode_users_indexed"):
+                # The user tower projects each distinct history item of the batch once.
+                uniq, inverse = np.unique(valid, return_inverse=True)
+                local = np.zeros_like(idx)
+                local[mask] = inverse
+                users = model.encode_users_indexed(
+                    vecs[torch.from_numpy(uniq).to(dev)], torch.from_numpy(local).to(dev), mask_t, user_ids
+                )
+            else:
+                users = model.encode_users(vecs[torch.from_numpy(idx).to(dev)], mask_t, user_ids)
+            if len(plans) * len(vecs) <= _FULL_SCORING_CELLS:
+                # One product against the whole catalog; candidates are columns of it.
+                s = model.score_matrix(users, vecs).float().cpu().numpy()
+                for p in plans:
+                    out[id(p)] = s[p.row] if p.candidates is None else s[p.row, p.candidates]
+                return out
             full = [p for p in plans if p.candidates is None]
             if full:
                 rows = torch.tensor([p.row for p in full], device=dev)
@@ -399,7 +418,7 @@ class Scorer:
                 for i, p in enumerate(full):
                     out[id(p)] = s[i]
             part = [p for p in plans if p.candidates is not None]
-            if part:
+            if part:  # a large catalog: score only the union of the candidates
                 union = np.unique(np.concatenate([p.candidates for p in part]))
                 rows = torch.tensor([p.row for p in part], device=dev)
                 cols = torch.from_numpy(union).to(dev)

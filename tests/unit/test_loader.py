@@ -152,7 +152,11 @@ def test_refusal_reasons() -> None:
     assert refusal_reason(RuntimeError("boom")) == "error"
 
 
-def test_model_path_scores_equal_the_model_brute_force(model: RecModel) -> None:
+@pytest.mark.parametrize("full_cells", [0, 4_000_000], ids=["candidate-union", "whole-catalog-product"])
+def test_model_path_scores_equal_the_model_brute_force(
+    model: RecModel, full_cells: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serving.scoring._FULL_SCORING_CELLS", full_cells)
     entries = items_entries(_items(TEXTS))
     sm = model_snapshot(1, model, entries, encode_entries(model, entries, batch=8))
     pop = Popularity(3600)
@@ -203,3 +207,28 @@ def test_settings_that_cannot_work_name_the_variable(monkeypatch: pytest.MonkeyP
         with pytest.raises(ConfigError, match="STREAMREC_SERVING_DEVICE.*CUDA is not available"):
             resolve_device("cuda")
     assert resolve_device("auto") in ("cpu", "cuda")
+
+
+def test_head_only_versions_reuse_item_vectors_and_nan_versions_are_refused(model: RecModel, tmp_path: Path) -> None:
+    catalog = CatalogState()
+    for item in _items(TEXTS):
+        catalog.upsert(item)
+    loader, holder, metrics, store = _loader(tmp_path, catalog)
+    assert loader._try_swap(store.publish(model, version=1))
+    encoded = metrics.value("items_encoded_total")
+
+    head_only = build_model(CONFIG)
+    head_only.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        head_only.click_head.bias.add_(1.0)
+    assert loader._try_swap(store.publish(head_only, version=2, kind="delta", base_version=1))
+    assert holder.current.version == "2" and holder.current.model is not model
+    assert holder.current.item_vecs is not None
+    assert metrics.value("items_encoded_total") == encoded  # vectors reused, not recomputed
+
+    broken = build_model(CONFIG)
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.click_head.bias.fill_(float("nan"))
+    assert not loader._try_swap(store.publish(broken, version=3, kind="delta", base_version=1))
+    assert loader.refused == [(3, "non_finite")] and holder.current.version == "2"
