@@ -100,6 +100,18 @@ def save_checkpoint(directory: str | os.PathLike[str], ckpt: Checkpoint) -> Path
     return path
 
 
+def remove_stale_temp_files(directory: str | os.PathLike[str]) -> int:
+    """Delete temporary files of checkpoint writes that a crash interrupted; return how many."""
+    removed = 0
+    for tmp in Path(directory).glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d interrupted checkpoint write(s) in %s", removed, directory)
+    return removed
+
+
 def load_checkpoint(
     directory: str | os.PathLike[str],
     *,

@@ -68,7 +68,13 @@ from streams.records import DeadLetter, Item, Labeled
 from streams.settings import KafkaSettings
 from streams.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
 from trainer.catalog import Catalog
-from trainer.checkpoint import Checkpoint, check_model_config, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    Checkpoint,
+    check_model_config,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from trainer.metrics import binary_metrics
 from trainer.service_settings import ENV_PREFIX, TrainerSettings
 from trainer.weights import WeightsError, WeightStore
@@ -373,6 +379,7 @@ class TrainerService:
         item_parts = self._partitions(self.items_topic)
 
         self._load_catalog(item_parts)
+        remove_stale_temp_files(s.checkpoint_dir)  # one trainer per checkpoint dir
         ckpt = load_checkpoint(s.checkpoint_dir)
         self._build_learner(ckpt)
         self._resume(ckpt)

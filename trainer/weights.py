@@ -436,7 +436,24 @@ class WeightStore:
             deleted.append(v)
         if deleted:
             log.info("pruned %d old version(s) from %s: %s", len(deleted), self.url, deleted)
+        self._remove_abandoned(versions)
         return deleted
+
+    def _remove_abandoned(self, versions: list[int]) -> None:
+        """Remove directories of publishes that crashed before their manifest (older than the newest)."""
+        if not versions:
+            return
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return
+        published = set(versions)
+        for entry in entries:
+            m = _VERSION_DIR.match(posixpath.basename(str(entry).rstrip("/")))
+            if m and int(m.group(1)) < versions[-1] and int(m.group(1)) not in published:
+                log.info("removing %s: a publish that never completed", m.group(0))
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self._join(m.group(0)), recursive=True)
 
 
 # --- helpers --------------------------------------------------------------------

@@ -15,6 +15,7 @@ from trainer.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
 )
 from trainer.learner import ContinualLearner, LearnerConfig
@@ -134,6 +135,10 @@ def test_write_is_atomic_and_bad_files_are_refused(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temp file left
     ckpt = load_checkpoint(tmp_path)
     assert ckpt is not None and ckpt.offsets == {"labeled:0": 5}
+
+    (tmp_path / f".{CHECKPOINT_FILE}.abc.tmp").write_bytes(b"a write a crash interrupted")
+    assert remove_stale_temp_files(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
 
     (tmp_path / CHECKPOINT_FILE).write_bytes(before[: len(before) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):

@@ -127,6 +127,9 @@ def test_version_without_manifest_does_not_exist(tmp_path: Path, trained: RecMod
     with pytest.raises(WeightsError, match="already exists"):
         store.publish(trained, version=1)
     assert not list(tmp_path.rglob("*.tmp*"))  # no temp files left behind
+    store.publish(trained, version=3)
+    store.prune(5)  # keeps every version, but clears the abandoned publish
+    assert store.versions() == [1, 3] and not (tmp_path / version_dir(2)).exists()
 
 
 def test_delta_on_its_base_equals_the_full_snapshot(tmp_path: Path) -> None:
