@@ -2,7 +2,9 @@
 
 Items repeat far more than examples: a batch lists each *unique* item once
 (candidates and history items together) and the examples point into that
-list, so the item tower encodes every item once per batch.
+list, so the item tower encodes every item once per batch.  Likewise the
+items of one slate share their user and history: a batch lists each unique
+(user, history) *context* once, and the user tower encodes each once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from trainer.catalog import Catalog
 
 @dataclass
 class Batch:
-    """Tensors of one training/scoring batch (b examples, u unique items, h history slots)."""
+    """Tensors of one training/scoring batch (b examples, u unique items, c contexts, h history slots)."""
 
     item_ids: list[str]
     """The u unique items of the batch; the item tower encodes each once."""
@@ -28,11 +30,14 @@ class Batch:
     text_hashes: list[str]
     candidate: Tensor
     """[b] long: index into ``item_ids`` of each example's shown item."""
+    context: Tensor
+    """[b] long: index of each example's (user, history) context."""
     history: Tensor
-    """[b, h] long: indices into ``item_ids``; valid entries first, most recent last."""
+    """[c, h] long: indices into ``item_ids``; valid entries first, most recent last."""
     history_mask: Tensor
-    """[b, h] bool: which history slots are real."""
+    """[c, h] bool: which history slots are real."""
     user_ids: list[str]
+    """The c contexts' user ids."""
     labels: Tensor
     """[b] float 0/1: clicked or not."""
     weights: Tensor
@@ -48,7 +53,7 @@ class Batch:
     example_ids: list[str]
 
     def __len__(self) -> int:
-        return len(self.user_ids)
+        return len(self.example_ids)
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on ``device``."""
@@ -80,7 +85,10 @@ def build_batch(
 
     kept: list[int] = []
     cands: list[int] = []
-    hists: list[list[int]] = []
+    contexts: list[int] = []
+    context_index: dict[tuple[str, tuple[int, ...]], int] = {}
+    hists: list[tuple[int, ...]] = []
+    context_users: list[str] = []
     for n, ex in enumerate(examples):
         if ex.item_id not in entries:
             continue
@@ -90,31 +98,36 @@ def build_batch(
             i = index[ex.item_id] = len(item_ids)
             item_ids.append(ex.item_id)
         cands.append(i)
-        if max_history <= 0 or not ex.history:
-            hists.append([])
-            continue
-        recent = ex.history[-max_history:]
-        if not all(h in entries for h in recent):  # rare: drop unknown items, then keep the last ones
-            recent = [h for h in ex.history if h in entries][-max_history:]
-        row = []
-        for h in recent:
-            j = index.get(h)
-            if j is None:
-                j = index[h] = len(item_ids)
-                item_ids.append(h)
-            row.append(j)
-        hists.append(row)
+        row: list[int] = []
+        if max_history > 0 and ex.history:
+            recent = ex.history[-max_history:]
+            if not all(h in entries for h in recent):  # rare: drop unknown items, keep the last ones
+                recent = [h for h in ex.history if h in entries][-max_history:]
+            for h in recent:
+                j = index.get(h)
+                if j is None:
+                    j = index[h] = len(item_ids)
+                    item_ids.append(h)
+                row.append(j)
+        key = (ex.user_id, tuple(row))
+        c = context_index.get(key)
+        if c is None:
+            c = context_index[key] = len(hists)
+            hists.append(key[1])
+            context_users.append(ex.user_id)
+        contexts.append(c)
 
     b = len(kept)
+    nc = len(hists)
     h = max((len(x) for x in hists), default=0)
-    flat = [0] * (b * h)
-    flat_mask = [False] * (b * h)
-    for r, row in enumerate(hists):
-        if row:
-            flat[r * h : r * h + len(row)] = row
-            flat_mask[r * h : r * h + len(row)] = [True] * len(row)
-    history = torch.tensor(flat, dtype=torch.long).view(b, h)
-    history_mask = torch.tensor(flat_mask, dtype=torch.bool).view(b, h)
+    flat = [0] * (nc * h)
+    flat_mask = [False] * (nc * h)
+    for r, hist in enumerate(hists):
+        if hist:
+            flat[r * h : r * h + len(hist)] = hist
+            flat_mask[r * h : r * h + len(hist)] = [True] * len(hist)
+    history = torch.tensor(flat, dtype=torch.long).view(nc, h)
+    history_mask = torch.tensor(flat_mask, dtype=torch.bool).view(nc, h)
 
     kept_ex = [examples[n] for n in kept]
     labels = torch.tensor([float(ex.label) for ex in kept_ex], dtype=torch.float32)
@@ -153,9 +166,10 @@ def build_batch(
         texts=[e.text for e in item_entries],
         text_hashes=[e.text_hash for e in item_entries],
         candidate=torch.tensor(cands, dtype=torch.long),
+        context=torch.tensor(contexts, dtype=torch.long),
         history=history,
         history_mask=history_mask,
-        user_ids=[ex.user_id for ex in kept_ex],
+        user_ids=context_users,
         labels=labels,
         weights=w,
         values=values,

@@ -193,7 +193,7 @@ class ContinualLearner:
                     self._teacher_items.put(batch.item_ids[n], batch.text_hashes[n], fresh[row])
             items = torch.stack([v.to(self.device) for v in vecs])  # type: ignore[union-attr]
             users = teacher.encode_users_indexed(items, batch.history, batch.history_mask, batch.user_ids)
-            return teacher.click_logits(users, items[batch.candidate]).float()
+            return teacher.click_logits(users[batch.context], items[batch.candidate]).float()
 
     # --- learning -------------------------------------------------------------------------
     def _dedup(self, examples: Sequence[Labeled]) -> list[Labeled]:

@@ -219,6 +219,9 @@ def _bidirectional_mask(config, hidden: Tensor, attention_mask: Tensor):  # noqa
 class ItemTower(nn.Module):
     """Encoder over item texts -> pooled hidden state -> projection to ``embed_dim``."""
 
+    TOKEN_CACHE = 200_000
+    """Texts whose token ids are remembered (oldest forgotten first)."""
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -248,6 +251,7 @@ class ItemTower(nn.Module):
         self.proj = nn.Linear(self.hidden, embed_dim)
         self.cache: PrefixCache | None = None
         self._signature = ""
+        self._token_cache: dict[str, list[int]] = {}
         self.last_encode: dict[str, int] = {}
         """Work of the last call: items, tokens through the trainable layers, prefix tokens computed."""
 
@@ -276,24 +280,32 @@ class ItemTower(nn.Module):
 
     # --- encoding --------------------------------------------------------------
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        enc = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_text_len, padding=False
-        )
-        return enc["input_ids"]
+        """Token ids of each text (memoised: items repeat, and tokenizing is CPU work per step)."""
+        cache = self._token_cache
+        todo = [t for t in dict.fromkeys(texts) if t not in cache]
+        if todo:
+            enc = self.tokenizer(todo, truncation=True, max_length=self.max_text_len, padding=False)
+            for t, ids in zip(todo, enc["input_ids"], strict=True):
+                cache[t] = ids
+            while len(cache) > self.TOKEN_CACHE:
+                cache.pop(next(iter(cache)))
+        return [cache[t] for t in texts]
 
     def _device(self) -> torch.device:
         return self.proj.weight.device
 
     def _pad_ids(self, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(len(x) for x in ids)
+        lengths = [len(x) for x in ids]
+        width = max(lengths)
         pad = self.tokenizer.pad_token_id or 0
-        out = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        flat = [pad] * (len(ids) * width)
         for r, x in enumerate(ids):
-            out[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[r, : len(x)] = 1
+            flat[r * width : r * width + len(x)] = x
         dev = self._device()
-        return out.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
+        out = torch.tensor(flat, dtype=torch.long).view(len(ids), width).to(dev, non_blocking=True)
+        lens = torch.tensor(lengths, dtype=torch.long).to(dev, non_blocking=True)
+        mask = (torch.arange(width, device=dev)[None, :] < lens[:, None]).long()
+        return out, mask
 
     def _run(self, hidden: Tensor, mask: Tensor, start: int, stop: int) -> Tensor:
         if start >= stop:
@@ -581,7 +593,7 @@ class ValueHead(nn.Module):
 class ModelOutput:
     click_logits: Tensor  # [b]
     item_vecs: Tensor  # [u, d]
-    user_vecs: Tensor  # [b, d]
+    user_vecs: Tensor  # [b, d] (each example's context)
     category_logits: Tensor | None  # [u, C]
     value_pred: Tensor | None  # [b]
 
@@ -646,10 +658,11 @@ class RecModel(nn.Module):
         return self.value_head(user_vecs, item_vecs)
 
     def forward(self, batch: Batch) -> ModelOutput:
-        """All heads on one batch, encoding each unique item once."""
+        """All heads on one batch, encoding each unique item and each unique context once."""
         items = self.encode_items(batch.texts, batch.item_ids, batch.text_hashes)
         cand = items[batch.candidate]
-        users = self.encode_users_indexed(items, batch.history, batch.history_mask, batch.user_ids)
+        contexts = self.encode_users_indexed(items, batch.history, batch.history_mask, batch.user_ids)
+        users = contexts[batch.context]
         return ModelOutput(
             click_logits=self.click_logits(users, cand),
             item_vecs=items,

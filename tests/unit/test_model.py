@@ -116,7 +116,8 @@ def test_batch_encodes_unique_items_and_skips_unknown() -> None:
     batch, kept = build_batch(EXAMPLES, catalog(), max_history=4, categories=CATS)
     assert kept == [0, 1, 2, 3]  # the example on an item missing from the catalog is left out
     assert sorted(batch.item_ids) == ["i1", "i2", "i3", "i4"]  # each unique item once
-    assert batch.history.shape == (4, 4)
+    assert batch.history.shape == (4, 4)  # four distinct (user, history) contexts
+    assert batch.context.tolist() == [0, 1, 2, 3] and batch.user_ids == ["u1", "u2", "u1", "u3"]
     # history keeps the 4 most recent, in order, valid entries first
     assert [batch.item_ids[i] for i in batch.history[2].tolist()] == ["i3", "i1", "i4", "i2"]
     assert batch.history_mask.sum(1).tolist() == [2, 0, 4, 1]
@@ -124,6 +125,18 @@ def test_batch_encodes_unique_items_and_skips_unknown() -> None:
     row = batch.item_ids.index("i3")
     assert batch.category_targets[row].tolist() == [0.0, 1.0, 1.0]
     assert batch.category_mask[batch.item_ids.index("i4")].item() is False
+
+
+def test_examples_of_one_slate_share_one_context(model) -> None:
+    slate = [example(9, "u1", item, label, ["i2", "i3"]) for item, label in (("i1", 1), ("i4", 0), ("i2", 0))]
+    batch, _ = build_batch([*slate, EXAMPLES[1]], catalog(), max_history=4, categories=CATS)
+    assert batch.context.tolist() == [0, 0, 0, 1] and batch.history.shape[0] == 2
+    with torch.no_grad():
+        out = model(batch)
+        items = model.encode_items(batch.texts)
+        one = model.encode_users(items[batch.history[:1]], batch.history_mask[:1], ["u1"])
+    torch.testing.assert_close(out.user_vecs[:3], one.expand(3, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.click_logits, model.click_logits(out.user_vecs, items[batch.candidate]))
 
 
 def test_losses_of_every_head_and_gradients(model) -> None:
