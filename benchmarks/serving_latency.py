@@ -413,6 +413,9 @@ def run(kafka: KafkaSettings, args: argparse.Namespace, work: Path) -> dict[str,
         print(f"swap: full {result['swap']['full_swap_s']} s, delta {result['swap']['delta_swap_s']} s; "
               f"{stats['lost']} lost, {dead} dead letters; p99 during the swap phase {stats.get('p99_ms')} ms")
     client.close()
+    for line in (work / "agent.log").read_text(errors="replace").splitlines():
+        if "swapped in" in line or "refused" in line:
+            print("agent:", line.split(": ", 1)[-1])
     return result
 
 
