@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -811,6 +812,11 @@ class TrainerService:
         # A refused or postponed attempt waits a full interval (steps or seconds) too.
         self._last_publish = now
         self._steps_since_attempt = 0
+        bad = [k for k, t in self.model.trainable_state_dict().items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            self.metrics.rejections.inc()
+            log.error("not publishing after step %d: non-finite parameters %s", self._steps, bad[:5])
+            return
         ok, guard, cand_probs = self._guardrail()
         if not ok:
             return
