@@ -69,7 +69,7 @@ from serving.loader import CatalogState, ModelHolder, ModelLoader, fallback_snap
 from serving.metrics import ServingMetrics
 from serving.scoring import ExplorePolicy, Popularity, Query, Scored, Scorer, appended_items
 from serving.settings import FALLBACK_VERSION, ServingSettings, check_runtime
-from streams.errors import RecordError, StreamrecError
+from streams.errors import ConfigError, RecordError, StreamrecError
 from streams.records import DeadLetter, Item, ModelUpdate, Recommendation, RecRequest, UserHistory
 from streams.settings import KafkaSettings
 from streams.topics import (
@@ -263,11 +263,6 @@ class ServingAgent:
             "dead": DEAD_LETTERS.real_name(kafka),
         }
         self._torch_threads: int | None = None
-        if settings.torch_threads:
-            import torch
-
-            self._torch_threads = torch.get_num_threads()  # restored by stop()
-            torch.set_num_threads(settings.torch_threads)
 
     # --- life cycle ------------------------------------------------------------------------
     def start(self, timeout: float | None = None) -> ServingAgent:
@@ -275,7 +270,15 @@ class ServingAgent:
         started = time.monotonic()
         s = self.settings
         if s.metrics_port:
-            self.metrics.serve(s.metrics_port)
+            try:
+                self.metrics.serve(s.metrics_port)
+            except OSError as exc:
+                raise ConfigError("STREAMREC_SERVING_METRICS_PORT", f"cannot listen on {s.metrics_port}: {exc}") from None
+        if s.torch_threads:
+            import torch
+
+            self._torch_threads = torch.get_num_threads()  # restored by stop()
+            torch.set_num_threads(s.torch_threads)
         self._producer = Producer(self.kafka.producer_config(**{"linger.ms": s.linger_ms, "logger": _rdkafka_log}))
         try:
             latest = self._rebuild()
@@ -295,6 +298,7 @@ class ServingAgent:
             self.stop()
             raise AgentError(f"not assigned to the {self._topics['requests']} group within the start-up timeout")
         if self.error is not None:
+            self.stop()
             raise AgentError(f"agent failed while starting: {self.error}") from self.error
         log.info(
             "serving %s: %d items, %d users, model %s; ready in %.1f s",
