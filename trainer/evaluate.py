@@ -143,10 +143,14 @@ def _split(events) -> tuple[list[Item], list[Impression], list[Click]]:  # noqa:
     return items, imps, clicks
 
 
-def load_synthetic(*, events: int, seed: int, history_length: int) -> Replay:
+def load_synthetic(
+    *, events: int, seed: int, history_length: int, users: int = 200, shift_fraction: float = 0.5
+) -> Replay:
     from streams.replay.synthetic import SyntheticConfig, SyntheticStream
 
-    world = SyntheticStream(SyntheticConfig(events=events, seed=seed))
+    world = SyntheticStream(
+        SyntheticConfig(events=events, users=users, shift_fraction=shift_fraction, seed=seed)
+    )
     items, imps, clicks = _split(world.stream())
     examples = labeled_examples(imps, clicks, window_ms=3_600_000, history_length=history_length)
     return Replay(
@@ -468,7 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated subset of {','.join(STRATEGIES)}")
-    p.add_argument("--events", type=int, default=1500, help="synthetic: impressions to generate")
+    p.add_argument("--events", type=int, default=2000, help="synthetic: impressions to generate")
+    p.add_argument("--users", type=int, default=100, help="synthetic: users")
+    p.add_argument("--shift-fraction", type=float, default=1.0, help="synthetic: share of users whose interests shift")
     p.add_argument("--limit", type=int, default=2000, help="movielens: ratings to replay (impressions)")
     p.add_argument("--slate-size", type=int, default=5, help="movielens: items per impression")
     p.add_argument("--seed", type=int, default=0)
@@ -477,8 +483,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--holdout", type=float, default=0.1, help="share of first-period impressions held out")
     p.add_argument("--publish-every", type=int, default=10, help="batches between teacher updates (default strategy)")
     p.add_argument("--encoder", default=None, help="encoder folder or HF name (default: offline all-MiniLM-L6-v2)")
-    p.add_argument("--encoder-layers", type=int, default=2, help="keep the first N layers (0 = all)")
-    p.add_argument("--freeze-layers", type=int, default=None, help="frozen lower layers (default: all but the top one)")
+    p.add_argument("--encoder-layers", type=int, default=1, help="keep the first N layers of the encoder (0 = all 6)")
+    p.add_argument(
+        "--freeze-layers", type=int, default=None,
+        help="frozen lower layers of the parameter-efficient strategies (default: all of a 1-layer "
+        "encoder, else all but the top one); naive fine-tuning always tunes every layer",
+    )
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--max-text-len", type=int, default=32)
     p.add_argument("--max-history", type=int, default=20)
@@ -502,12 +512,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     if args.dataset == "synthetic":
-        replay = load_synthetic(events=args.events, seed=args.seed, history_length=args.max_history)
+        replay = load_synthetic(
+            events=args.events, seed=args.seed, history_length=args.max_history,
+            users=args.users, shift_fraction=args.shift_fraction,
+        )
     else:
         replay = load_movielens(limit=args.limit, slate_size=args.slate_size, seed=args.seed, history_length=args.max_history)
     layers = args.encoder_layers or None
     n_layers = layers or 6
-    freeze = args.freeze_layers if args.freeze_layers is not None else max(n_layers - 1, 0)
+    if args.freeze_layers is not None:
+        freeze = args.freeze_layers
+    else:
+        freeze = n_layers if n_layers == 1 else n_layers - 1
     model_config = ModelConfig(
         encoder=args.encoder,
         encoder_layers=layers,
