@@ -65,10 +65,10 @@ import faust
 from confluent_kafka import KafkaError, Producer
 
 from streams.errors import RecordError, StreamrecError
-from streams.join import JoinCore, Rejected
+from streams.join import Example, HistoryUpdate, JoinCore, Rejected
 from streams.join_settings import JoinSettings
 from streams.metrics import JoinMetrics
-from streams.records import Click, DeadLetter, Impression, Labeled, UserHistory
+from streams.records import Click, DeadLetter, Impression
 from streams.settings import KafkaSettings, default_cache_dir
 from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 
@@ -94,6 +94,23 @@ def changelog_topic_name(kafka: KafkaSettings, join: JoinSettings) -> str:
 
 def state_key(partition: int, key: str) -> bytes:
     return f"{partition}/{key}".encode()
+
+
+class _Batch:
+    """What one batch (or one idle tick) emits, and its counts for the metrics."""
+
+    __slots__ = (
+        "sends", "histories", "partitions", "impressions", "clicks", "replayed", "positives",
+        "negatives", "late", "orphans", "invalid", "malformed",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.sends: list[tuple[str, bytes | None, bytes | None, int]] = []
+        self.histories: dict[str, HistoryUpdate] = {}  # the last update per user
+        self.partitions: set[int] = set()
+        self.impressions = self.clicks = self.replayed = 0
+        self.positives = self.negatives = self.late = 0
+        self.orphans = self.invalid = self.malformed = 0
 
 
 class JoinService:
@@ -126,6 +143,13 @@ class JoinService:
         self._rebalances_seen = 0
         self._duplicates_seen: dict[int, Counter[str]] = {}
         self._next_offset: dict[tuple[str, int], int] = {}  # next input offset to process
+        self._positives = metrics.labeled.labels(label="positive")
+        self._negatives = metrics.labeled.labels(label="negative")
+        self._impressions_in = metrics.events_in.labels(topic=IMPRESSIONS.name)
+        self._clicks_in = metrics.events_in.labels(topic=CLICKS.name)
+        self._dead_orphan = metrics.dead_letters.labels(reason="orphan")
+        self._dead_invalid = metrics.dead_letters.labels(reason="invalid")
+        self._dead_malformed = metrics.dead_letters.labels(reason="malformed")
 
     # --- the producer ----------------------------------------------------------------------
     def producer(self) -> Producer:
@@ -133,7 +157,12 @@ class JoinService:
             self._producer = Producer(
                 self.kafka.producer_config(
                     logger=_rdkafka_log,
-                    **{"linger.ms": 5, "queue.buffering.max.messages": 1_000_000},
+                    on_delivery=self._on_delivery,
+                    **{
+                        "delivery.report.only.error": True,  # no Python callback per message
+                        "linger.ms": 5,
+                        "queue.buffering.max.messages": 1_000_000,
+                    },
                 )
             )
         return self._producer
@@ -142,14 +171,15 @@ class JoinService:
         if err is not None:
             self._delivery_errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int = -1) -> None:
-        producer = self.producer()
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery)
-                return
-            except BufferError:  # local queue full: serve delivery reports and retry
-                producer.poll(0.05)
+    def _produce_all(self, messages: Iterable[tuple[str, bytes | None, bytes | None, int]]) -> None:
+        produce = self.producer().produce
+        for topic, key, value, partition in messages:
+            while True:
+                try:
+                    produce(topic, value, key, partition)
+                    break
+                except BufferError:  # local queue full: serve delivery reports and retry
+                    self.producer().poll(0.05)
 
     async def _flush(self, what: str) -> None:
         """Wait until the broker acknowledged everything produced so far; raise otherwise."""
@@ -176,7 +206,7 @@ class JoinService:
             for key, value in self.table.data.items():
                 k = key.decode() if isinstance(key, bytes) else str(key)
                 if k.startswith(prefix):
-                    state.append((k[len(prefix) :], value))
+                    state.append((k[len(prefix) :], json.loads(value) if isinstance(value, bytes) else value))
             core = self.cores[partition] = JoinCore.restore(self.config, state)
             self._duplicates_seen[partition] = Counter(core.counts)
             log.info(
@@ -258,39 +288,29 @@ class JoinService:
         async with self._lock:
             self._restart_idle_clocks_after_rebalance()
             await self._touch_backlogged()
-            sends: list[tuple[str, bytes | None, bytes | None]] = []
-            histories: dict[str, UserHistory] = {}
-            counts: Counter[str] = Counter()
-            touched: set[int] = set()
+            batch = _Batch()
             next_offset = self._next_offset
+            handle = self._handle
             for event in events:
                 msg = event.message
-                touched.add(msg.partition)
-                self._handle(msg, sends, histories, counts)
+                handle(msg, batch)
                 next_offset[(msg.topic, msg.partition)] = msg.offset + 1
-            replayed = counts.pop("replayed", 0)
-            if replayed:
-                self.metrics.replayed.inc(replayed)
-            for topic, n in counts.items():
-                self.metrics.events_in.labels(topic=topic).inc(n)
-            await self._emit_and_persist(sends, histories, touched)
+            await self._emit_and_persist(batch)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    def _handle(
-        self,
-        msg: Any,
-        sends: list[tuple[str, bytes | None, bytes | None]],
-        histories: dict[str, UserHistory],
-        counts: Counter[str],
-    ) -> None:
-        is_impression = msg.topic == self.impressions_topic
-        record_type: type[Impression] | type[Click] = Impression if is_impression else Click
-        stream = IMPRESSIONS.name if is_impression else CLICKS.name
-        counts[stream] += 1
-        core = self.core(msg.partition)
+    def _handle(self, msg: Any, batch: _Batch) -> None:
+        partition = msg.partition
+        batch.partitions.add(partition)
+        if msg.topic == self.impressions_topic:
+            stream, record_type = IMPRESSIONS.name, Impression
+            batch.impressions += 1
+        else:
+            stream, record_type = CLICKS.name, Click  # type: ignore[assignment]
+            batch.clicks += 1
+        core = self.core(partition)
         if core.applied(stream, msg.offset):
-            # replayed after a restart or a move: the state already holds it, outputs went out
-            counts["replayed"] += 1
+            # redelivered after a restart or a move: the state holds it, its outputs went out
+            batch.replayed += 1
             return
         try:
             record = record_type.from_json(msg.value)
@@ -302,56 +322,44 @@ class JoinService:
                 )
         except RecordError as exc:
             core.skip(stream, msg.offset)
-            log.warning("dead-letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc)
+            log.warning("dead-letter %s[%d]@%d: %s", msg.topic, partition, msg.offset, exc)
             dead = DeadLetter.of(
                 source_topic=msg.topic,
-                partition=msg.partition,
+                partition=partition,
                 offset=msg.offset,
                 key=msg.key,
                 value=msg.value,
                 error=exc,
                 ts=int(time.time() * 1000),
             )
-            sends.append((self.dead_letter_topic, msg.key, dead.to_json()))
-            self.metrics.dead_letters.labels(reason="malformed").inc()
+            batch.sends.append((self.dead_letter_topic, msg.key, dead.to_json(), -1))
+            batch.malformed += 1
             return
-        if is_impression:
+        if record_type is Impression:
             outputs = core.on_impression(record, msg.offset)  # type: ignore[arg-type]
         else:
             outputs = core.on_click(record, msg.offset)  # type: ignore[arg-type]
         if outputs:
-            self._route(outputs, msg.partition, sends, histories)
+            self._route(outputs, partition, batch)
 
-    def _route(
-        self,
-        outputs: list[Any],
-        partition: int,
-        sends: list[tuple[str, bytes | None, bytes | None]],
-        histories: dict[str, UserHistory],
-    ) -> None:
-        positives = negatives = late = 0
+    def _route(self, outputs: list[Any], partition: int, batch: _Batch) -> None:
+        labeled = self.labeled_topic
+        sends = batch.sends
         for out in outputs:
-            if isinstance(out, Labeled):
-                sends.append((self.labeled_topic, out.user_id.encode(), out.to_json()))
+            kind = type(out)
+            if kind is Example:
+                sends.append((labeled, out.user_id.encode(), out.to_json(), -1))
                 if out.label:
-                    positives += 1
-                    late += out.late
+                    batch.positives += 1
+                    batch.late += out.late
                 else:
-                    negatives += 1
-            elif isinstance(out, UserHistory):
-                histories[out.user_id] = out
-            elif isinstance(out, Rejected):
-                self._dead_letter_click(out, partition, sends)
-        if positives:
-            self.metrics.labeled.labels(label="positive").inc(positives)
-        if negatives:
-            self.metrics.labeled.labels(label="negative").inc(negatives)
-        if late:
-            self.metrics.late_positives.inc(late)
+                    batch.negatives += 1
+            elif kind is HistoryUpdate:
+                batch.histories[out.user_id] = out
+            else:
+                self._dead_letter_click(out, partition, batch)
 
-    def _dead_letter_click(
-        self, rejected: Rejected, partition: int, sends: list[tuple[str, bytes | None, bytes | None]]
-    ) -> None:
+    def _dead_letter_click(self, rejected: Rejected, partition: int, batch: _Batch) -> None:
         click = rejected.click
         log.info(
             "dead-letter %s[%d]@%d: %s", self.clicks_topic, partition, rejected.offset, rejected.reason
@@ -365,32 +373,25 @@ class JoinService:
             error=rejected.reason,
             ts=click.ts,
         )
-        sends.append((self.dead_letter_topic, click.user_id.encode(), dead.to_json()))
+        batch.sends.append((self.dead_letter_topic, click.user_id.encode(), dead.to_json(), -1))
         if rejected.orphan:
-            self.metrics.orphans.inc()
-            self.metrics.dead_letters.labels(reason="orphan").inc()
+            batch.orphans += 1
         else:
-            self.metrics.dead_letters.labels(reason="invalid").inc()
+            batch.invalid += 1
 
-    async def _emit_and_persist(
-        self,
-        sends: list[tuple[str, bytes | None, bytes | None]],
-        histories: dict[str, UserHistory],
-        touched: Iterable[int],
-    ) -> None:
-        for user, hist in histories.items():
-            sends.append((self.history_topic, user.encode(), hist.to_json()))
-        if histories:
-            self.metrics.history_updates.inc(len(histories))
+    async def _emit_and_persist(self, batch: _Batch) -> None:
+        sends = batch.sends
+        for user, hist in batch.histories.items():
+            sends.append((self.history_topic, user.encode(), hist.to_json(), -1))
         if sends:
-            for topic, key, value in sends:
-                self._produce(topic, key, value)
+            self._produce_all(sends)
             await self._flush("outputs")
         # Outputs are durable: now the state that says they were emitted.
-        wrote = False
+        state: list[tuple[str, bytes | None, bytes | None, int]] = []
         store = self.table.data
+        topic = self.changelog_topic
         for p, core in self.cores.items():
-            changes = core.drain_changes()
+            changes = core.drain_changes_json()
             if not changes:
                 continue
             # Upserts, then the watermark key (with the input offsets the state covers), then
@@ -406,14 +407,33 @@ class JoinService:
                 skey = state_key(p, key)
                 if value is None:
                     store.pop(skey, None)
-                    self._produce(self.changelog_topic, skey, None, p)
+                    state.append((topic, skey, None, p))
                 else:
-                    store[skey] = value
-                    self._produce(self.changelog_topic, skey, json.dumps(value).encode(), p)
-            wrote = True
-        if wrote:
+                    store[skey] = value  # bytes; recovery stores the decoded JSON
+                    state.append((topic, skey, value, p))
+        if state:
+            self._produce_all(state)
             await self._flush("join state")
-        self._update_gauges(touched)
+        self._count(batch)
+        self._update_gauges(batch.partitions)
+
+    def _count(self, batch: _Batch) -> None:
+        m = self.metrics
+        for counter, n in (
+            (self._impressions_in, batch.impressions),
+            (self._clicks_in, batch.clicks),
+            (self._positives, batch.positives),
+            (self._negatives, batch.negatives),
+            (m.late_positives, batch.late),
+            (m.replayed, batch.replayed),
+            (m.orphans, batch.orphans),
+            (self._dead_orphan, batch.orphans),
+            (self._dead_invalid, batch.invalid),
+            (self._dead_malformed, batch.malformed),
+            (m.history_updates, len(batch.histories)),
+        ):
+            if n:
+                counter.inc(n)
 
     def _update_gauges(self, partitions: Iterable[int]) -> None:
         m = self.metrics
@@ -444,17 +464,17 @@ class JoinService:
             if not self._ready():
                 return
             self._restart_idle_clocks_after_rebalance()
-            sends: list[tuple[str, bytes | None, bytes | None]] = []
-            histories: dict[str, UserHistory] = {}
             owned = self._assigned_partitions()
             for p in sorted(owned):
                 self.core(p)
             await self._touch_backlogged()
+            batch = _Batch()
+            batch.partitions.update(owned)
             for p in sorted(owned):
                 outputs = self.core(p).tick()
                 if outputs:
-                    self._route(outputs, p, sends, histories)
-            await self._emit_and_persist(sends, histories, owned)
+                    self._route(outputs, p, batch)
+            await self._emit_and_persist(batch)
 
 
 def create_app(
@@ -487,6 +507,7 @@ def create_app(
         broker_heartbeat_interval=max(1.0, session / 5),
         broker_commit_interval=join.commit_interval_s,
         stream_buffer_maxsize=max(4_096, 2 * join.batch_max),
+        broker_max_poll_records=join.batch_max,
         web_enabled=bool(join.web_port),
         web_port=join.web_port or 6066,
     )

@@ -3,8 +3,12 @@
 One :class:`JoinCore` owns one partition.  Feed it impressions and clicks in
 arrival order (:meth:`JoinCore.on_impression`, :meth:`JoinCore.on_click`) and
 call :meth:`JoinCore.tick` now and then; each call returns what to emit:
-:class:`~streams.records.Labeled` examples, :class:`~streams.records.UserHistory`
-updates and :class:`Rejected` clicks (for the dead-letter topic).
+:class:`Example` (a ``labeled`` record), :class:`HistoryUpdate` (a ``user-history``
+record) and :class:`Rejected` clicks (for the dead-letter topic).  Examples
+and history updates are light objects with the record's field names; they
+encode straight to the record's JSON (``to_json``, no validation pass: every
+field is correct by construction) or convert to the validated record
+(``to_record``).
 
 Semantics (all times are event time in ms unless they say wall clock):
 
@@ -55,6 +59,7 @@ inputs instead of applying them to a state that has moved past them.
 from __future__ import annotations
 
 import heapq
+import json
 import time
 from bisect import bisect_left, insort
 from collections import Counter
@@ -64,6 +69,9 @@ from typing import Any, TypeAlias
 
 from streams.errors import ConfigError
 from streams.records import SCHEMA_VERSION, Click, Impression, Labeled, UserHistory, example_id
+
+_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 NO_WATERMARK = -(2**62)
 """The watermark before any event: below every valid ``ts``."""
@@ -115,13 +123,120 @@ class Rejected:
     """True: no impression within the grace; False: the click contradicts its impression."""
 
 
-Output: TypeAlias = Labeled | UserHistory | Rejected
+def json_list(items: list[str]) -> str:
+    """A list of strings as JSON."""
+    return "[" + ",".join(map(_quote, items)) + "]"
+
+
+class Example:
+    """One ``labeled`` record (DESIGN.md field names), cheap to build and to encode."""
+
+    __slots__ = (
+        "impression_id", "user_id", "item_id", "position", "label", "value",
+        "history", "impression_ts", "label_ts", "late", "_history_json",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        impression_id: str,
+        user_id: str,
+        item_id: str,
+        position: int,
+        label: int,
+        value: float | None,
+        history: list[str],
+        impression_ts: int,
+        label_ts: int,
+        late: bool,
+        history_json: str | None = None,
+    ) -> None:
+        self.impression_id = impression_id
+        self.user_id = user_id
+        self.item_id = item_id
+        self.position = position
+        self.label = label
+        self.value = value
+        self.history = history
+        self.impression_ts = impression_ts
+        self.label_ts = label_ts
+        self.late = late
+        self._history_json = history_json
+
+    @property
+    def example_id(self) -> str:
+        return example_id(self.impression_id, self.item_id)
+
+    @property
+    def ts(self) -> int:
+        return self.label_ts
+
+    def to_json(self) -> bytes:
+        """The ``labeled`` value: the JSON of :meth:`to_record` (optional ``value`` left out when None)."""
+        hist = self._history_json if self._history_json is not None else json_list(self.history)
+        value = "" if self.value is None else f',"value":{self.value!r}'
+        return (
+            f'{{"schema_version":{SCHEMA_VERSION},"ts":{self.label_ts},'
+            f'"example_id":{_quote(self.impression_id + ":" + self.item_id)},'
+            f'"impression_id":{_quote(self.impression_id)},"user_id":{_quote(self.user_id)},'
+            f'"item_id":{_quote(self.item_id)},"position":{self.position},"label":{self.label}{value},'
+            f'"history":{hist},"impression_ts":{self.impression_ts},"label_ts":{self.label_ts},'
+            f'"late":{"true" if self.late else "false"}}}'
+        ).encode()
+
+    def to_record(self) -> Labeled:
+        """The validated :class:`~streams.records.Labeled` record."""
+        return Labeled(
+            example_id=self.example_id,
+            impression_id=self.impression_id,
+            user_id=self.user_id,
+            item_id=self.item_id,
+            position=self.position,
+            label=self.label,
+            value=self.value,
+            history=list(self.history),
+            impression_ts=self.impression_ts,
+            label_ts=self.label_ts,
+            late=self.late,
+            ts=self.label_ts,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Example({self.example_id!r}, label={self.label}, late={self.late}, "
+            f"label_ts={self.label_ts}, history={self.history!r})"
+        )
+
+
+class HistoryUpdate:
+    """One ``user-history`` record: the user's clicked items, most recent last."""
+
+    __slots__ = ("user_id", "items", "ts")
+
+    def __init__(self, user_id: str, items: list[str], ts: int) -> None:
+        self.user_id = user_id
+        self.items = items
+        self.ts = ts
+
+    def to_json(self) -> bytes:
+        return (
+            f'{{"schema_version":{SCHEMA_VERSION},"ts":{self.ts},'
+            f'"user_id":{_quote(self.user_id)},"items":{json_list(self.items)}}}'
+        ).encode()
+
+    def to_record(self) -> UserHistory:
+        return UserHistory(user_id=self.user_id, items=list(self.items), ts=self.ts)
+
+    def __repr__(self) -> str:
+        return f"HistoryUpdate({self.user_id!r}, {self.items!r}, ts={self.ts})"
+
+
+Output: TypeAlias = Example | HistoryUpdate | Rejected
 
 
 class _Impression:
     """One remembered impression: open until its window closes, then closed until evicted."""
 
-    __slots__ = ("impression_id", "user_id", "ts", "items", "positives", "beyond", "closed")
+    __slots__ = ("impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "_items_json")
 
     def __init__(self, impression_id: str, user_id: str, ts: int, items: tuple[str, ...]) -> None:
         self.impression_id = impression_id
@@ -131,6 +246,22 @@ class _Impression:
         self.positives: set[str] = set()  # items whose positive was emitted
         self.beyond: dict[str, tuple[int, float | None]] = {}  # clicks after the window end, while open
         self.closed = False
+        self._items_json: str | None = None
+
+    def state_json(self) -> bytes:
+        """:meth:`state` encoded as JSON, fast (this is written for every impression)."""
+        if self._items_json is None:
+            self._items_json = json_list(list(self.items))
+        s = f'{{"u":{_quote(self.user_id)},"ts":{self.ts},"items":{self._items_json}'
+        if self.positives:
+            s += f',"pos":{json_list(sorted(self.positives))}'
+        if self.beyond:
+            s += ',"beyond":{' + ",".join(
+                f'{_quote(k)}:[{t},{"null" if v is None else repr(v)}]' for k, (t, v) in self.beyond.items()
+            ) + "}"
+        if self.closed:
+            s += ',"closed":true'
+        return (s + "}").encode()
 
     def state(self) -> dict[str, Any]:
         s: dict[str, Any] = {"u": self.user_id, "ts": self.ts, "items": list(self.items)}
@@ -280,6 +411,20 @@ class JoinCore:
         self._dirty = set()
         return changes
 
+    def drain_changes_json(self) -> dict[str, bytes | None]:
+        """:meth:`drain_changes` with the values encoded as JSON (the changelog values)."""
+        changes: dict[str, bytes | None] = {}
+        imps = self._imps
+        for key in self._dirty:
+            if key[0] == "i":
+                rec = imps.get(key[2:])
+                changes[key] = rec.state_json() if rec is not None else None
+            else:
+                value = self._state_of(key)
+                changes[key] = None if value is None else _compact_json(value).encode()
+        self._dirty = set()
+        return changes
+
     def snapshot(self) -> dict[str, Any]:
         """Every state key and its value (what :meth:`restore` needs)."""
         keys = ["w"]
@@ -420,14 +565,16 @@ class JoinCore:
             self._deadlines, (rec.ts + cfg.window_ms + cfg.closed_retention_ms, rec.impression_id)
         )
         history = self._history_as_of(rec)
+        hjson = json_list(history)
         end = rec.ts + cfg.window_ms
         positives = rec.positives
+        iid, user, ts0 = rec.impression_id, rec.user_id, rec.ts
         for position, item in enumerate(rec.items):
             if item not in positives:
-                out.append(_labeled(rec, item, position, 0, end, None, False, history))
+                out.append(Example(iid, user, item, position, 0, None, history, ts0, end, False, hjson))
         for item, (ts, value) in rec.beyond.items():
             positives.add(item)
-            out.append(_labeled(rec, item, rec.items.index(item), 1, ts, value, True, history))
+            out.append(Example(iid, user, item, rec.items.index(item), 1, value, history, ts0, ts, True, hjson))
         rec.beyond = {}
 
     def _apply_click(self, rec: _Impression, click: Click, offset: int, out: list[Output]) -> None:
@@ -463,7 +610,10 @@ class JoinCore:
             late = rec.closed  # the item's negative is out already
             position = rec.items.index(item)
             history = self._history_as_of(rec)
-            out.append(_labeled(rec, item, position, 1, click.ts, click.value, late, history))
+            out.append(
+                Example(rec.impression_id, rec.user_id, item, position, 1, click.value, history,
+                        rec.ts, click.ts, late)
+            )  # fmt: skip
         self._remember_click(rec, click, out)
 
     def _remember_click(self, rec: _Impression, click: Click, out: list[Output]) -> None:
@@ -483,11 +633,7 @@ class JoinCore:
         self._dirty.add("h/" + user)
         self._dirty.add("w")  # seq
         items = [e[2] for e in hist[-cfg.history_length :]]
-        out.append(
-            UserHistory.model_construct(
-                schema_version=SCHEMA_VERSION, user_id=user, items=items, ts=hist[-1][0]
-            )
-        )
+        out.append(HistoryUpdate(user, items, hist[-1][0]))
 
     def _earlier_click(self, rec: _Impression, click: Click) -> None:
         """A repeated click on an example: the history keeps the earliest one."""
@@ -557,34 +703,6 @@ class JoinCore:
                 return
 
 
-def _labeled(
-    rec: _Impression,
-    item: str,
-    position: int,
-    label: int,
-    label_ts: int,
-    value: float | None,
-    late: bool,
-    history: list[str],
-) -> Labeled:
-    # Built without validation: every field is correct by construction here.
-    return Labeled.model_construct(
-        schema_version=SCHEMA_VERSION,
-        example_id=example_id(rec.impression_id, item),
-        impression_id=rec.impression_id,
-        user_id=rec.user_id,
-        item_id=item,
-        position=position,
-        label=label,
-        value=value,
-        history=history,
-        impression_ts=rec.ts,
-        label_ts=label_ts,
-        late=late,
-        ts=label_ts,
-    )
-
-
 # --- the batch reference ------------------------------------------------------------------
 
 
@@ -592,7 +710,7 @@ def _labeled(
 class ReferenceJoin:
     """What the join must emit for a whole stream, computed at once (see :func:`reference_join`)."""
 
-    examples: tuple[Labeled, ...]
+    examples: tuple[Example, ...]
     orphans: tuple[Click, ...]
     invalid: tuple[Click, ...]
 
@@ -650,9 +768,8 @@ def reference_join(
         by_user.setdefault(click.user_id, []).append((click.ts, first[iid][0], item, iid))
     for entries in by_user.values():
         entries.sort()
-    examples: list[Labeled] = []
+    examples: list[Example] = []
     for _order, imp in sorted(first.values(), key=lambda p: p[0]):
-        rec = _Impression(imp.impression_id, imp.user_id, imp.ts, tuple(imp.items))
         prior = [
             item
             for ts, _o, item, iid in by_user.get(imp.user_id, [])
@@ -660,13 +777,12 @@ def reference_join(
         ]
         history = prior[-history_length:]
         end = imp.ts + window_ms
+        iid, user = imp.impression_id, imp.user_id
         for position, item in enumerate(imp.items):
-            click = clicked.get((imp.impression_id, item))
-            if click is None:
-                examples.append(_labeled(rec, item, position, 0, end, None, False, history))
-            elif click.ts <= end:
-                examples.append(_labeled(rec, item, position, 1, click.ts, click.value, False, history))
-            else:
-                examples.append(_labeled(rec, item, position, 0, end, None, False, history))
-                examples.append(_labeled(rec, item, position, 1, click.ts, click.value, True, history))
+            click = clicked.get((iid, item))
+            if click is None or click.ts > end:
+                examples.append(Example(iid, user, item, position, 0, None, history, imp.ts, end, False))
+            if click is not None:
+                late = click.ts > end
+                examples.append(Example(iid, user, item, position, 1, click.value, history, imp.ts, click.ts, late))
     return ReferenceJoin(tuple(examples), tuple(orphans), tuple(invalid))

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from streams.errors import ConfigError
-from streams.join import NO_WATERMARK, JoinConfig, JoinCore, Rejected, reference_join
-from streams.records import Click, Impression, Labeled, UserHistory
+from streams.join import (
+    NO_WATERMARK,
+    Example,
+    HistoryUpdate,
+    JoinConfig,
+    JoinCore,
+    Rejected,
+    reference_join,
+)
+from streams.records import Click, Impression, Labeled
 
 
 class FakeClock:
@@ -29,7 +39,7 @@ def clk(iid: str, item: str, ts: int, user: str = "u1", value: float | None = No
 
 
 def labels(outs: list) -> list[tuple[str, int, bool, int]]:
-    return [(o.example_id, o.label, o.late, o.label_ts) for o in outs if isinstance(o, Labeled)]
+    return [(o.example_id, o.label, o.late, o.label_ts) for o in outs if isinstance(o, Example)]
 
 
 def make(clock: FakeClock | None = None, **kw) -> tuple[JoinCore, FakeClock]:
@@ -96,7 +106,7 @@ def test_click_before_the_impression_time_counts_in_the_window() -> None:
 def test_positive_is_immediate_and_carries_position_and_value() -> None:
     core, _ = make()
     out = feed(core, [imp("i", 10_000, ["a", "b", "c"]), clk("i", "c", 10_500, value=4.0)])
-    [ex] = [o for o in out if isinstance(o, Labeled)]
+    [ex] = [o for o in out if isinstance(o, Example)]
     assert (ex.position, ex.value, ex.impression_ts, ex.ts) == (2, 4.0, 10_000, 10_500)
     Labeled.from_json(ex.to_json())  # satisfies the record contract
 
@@ -169,14 +179,14 @@ def test_in_window_click_overtaking_a_later_one_wins() -> None:
     # the history holds the example once, at the earlier click
     out = feed(core, [imp("j", 3_000, ["b"])]) + drain(core, clock)
     assert labels(out) == [("j:b", 0, False, 4_000)]  # no negative, no late positive for i:a
-    assert [o.history for o in out if isinstance(o, Labeled)] == [["a"]]
+    assert [o.history for o in out if isinstance(o, Example)] == [["a"]]
 
 
 def test_repeated_click_moves_the_history_entry_to_the_earliest() -> None:
     core, clock = make(allowed_lateness_ms=1_000)
     out = feed(core, [imp("i", 1_000, ["a"]), clk("i", "a", 1_900), clk("i", "a", 1_200),
                       imp("j", 1_500, ["b"])]) + drain(core, clock)
-    assert [o.history for o in out if isinstance(o, Labeled) and o.example_id == "j:b"] == [["a"]]
+    assert [o.history for o in out if isinstance(o, Example) and o.example_id == "j:b"] == [["a"]]
 
 
 # --- early clicks ---------------------------------------------------------------------------
@@ -287,12 +297,12 @@ def test_history_is_point_in_time() -> None:
         clk("i1", "b", 2_500),  # after i2 was shown: must not appear in i2's history
         clk("i2", "c", 3_000),
     ]) + drain(core, clock)
-    by_id = {o.example_id: o for o in out if isinstance(o, Labeled)}
+    by_id = {o.example_id: o for o in out if isinstance(o, Example)}
     assert by_id["i1:a"].history == [] and by_id["i1:b"].history == []
     assert by_id["i2:c"].history == ["a"]
     assert by_id["i2:d"].history == ["a"]
     assert core.history("u1") == ["a", "b", "c"]
-    updates = [o for o in out if isinstance(o, UserHistory)]
+    updates = [o for o in out if isinstance(o, HistoryUpdate)]
     assert [u.items for u in updates] == [["a"], ["a", "b"], ["a", "b", "c"]]
     assert updates[-1].ts == 3_000
 
@@ -302,7 +312,7 @@ def test_history_excludes_clicks_arriving_out_of_order_after_the_impression() ->
     # click at 1_500 (before i2 at 2_000) arrives after i2: negatives at close still see it
     out = feed(core, [imp("i1", 1_000, ["a"]), imp("i2", 2_000, ["x"]), clk("i1", "a", 1_500)])
     out += drain(core, clock)
-    by_id = {o.example_id: o for o in out if isinstance(o, Labeled)}
+    by_id = {o.example_id: o for o in out if isinstance(o, Example)}
     assert by_id["i2:x"].history == ["a"]
 
 
@@ -312,7 +322,7 @@ def test_history_is_capped() -> None:
     for n in range(20):
         events += [imp(f"i{n}", 1_000 * n, [f"m{n}"]), clk(f"i{n}", f"m{n}", 1_000 * n + 1)]
     out = feed(core, events) + drain(core, clock)
-    last = [o for o in out if isinstance(o, Labeled) and o.example_id == "i19:m19"]
+    last = [o for o in out if isinstance(o, Example) and o.example_id == "i19:m19"]
     assert last[0].history == ["m16", "m17", "m18"]
     assert core.history("u1") == ["m17", "m18", "m19"]
     assert len(core._histories["u1"]) <= core.config.history_cap
@@ -427,3 +437,20 @@ def test_join_settings_from_environment_name_the_bad_setting(monkeypatch) -> Non
     monkeypatch.delenv("STREAMREC_JOIN_ALLOWED_LATENESS_MS")
     with pytest.raises(ConfigError, match="STREAMREC_JOIN_METRICS_PORT"):
         load(JoinSettings, metrics_port=9000, web_port=9000)
+
+
+def test_changes_encode_to_the_json_of_their_values() -> None:
+    core, clock = make(allowed_lateness_ms=5_000)
+    feed(core, [
+        imp("i", 1_000, ["a", 'b"q\\', "é"]), clk("i", "a", 1_100, value=2.5), clk("i", "é", 9_000),
+        clk("early", "x", 1_200), imp("j", 1_300, ["z"], user='u"2'),
+    ])
+    snapshot = core.snapshot()
+    encoded = core.drain_changes_json()
+    assert set(encoded) == set(snapshot)
+    assert {k: json.loads(v) for k, v in encoded.items()} == snapshot
+    drain(core, clock)
+    encoded = core.drain_changes_json()
+    assert {k: json.loads(v) for k, v in encoded.items() if v is not None} == {
+        k: v for k, v in core.snapshot().items() if k in encoded
+    }

@@ -3,14 +3,15 @@ emits exactly what the batch reference computes from the whole stream at once.""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.join import JoinConfig, JoinCore, Rejected, reference_join
-from streams.records import Click, Impression, Labeled
+from streams.join import Example, HistoryUpdate, JoinConfig, JoinCore, Rejected, reference_join
+from streams.records import Click, Impression, Labeled, UserHistory
 
 WINDOW, LATENESS, GRACE, RETENTION, HISTORY = 1_000, 300, 200, 2_000, 3
 CONFIG = JoinConfig(
@@ -125,7 +126,7 @@ def test_stream_join_equals_batch_reference(sc: Scenario) -> None:
     clock = FakeClock()
     out = _run(sc.arrivals, JoinCore(CONFIG, clock=clock), clock)
     ref = reference_join(sc.impressions, sc.clicks, window_ms=WINDOW, history_length=HISTORY)
-    emitted = [o for o in out if isinstance(o, Labeled)]
+    emitted = [o for o in out if isinstance(o, Example)]
 
     # exactly the reference labels, each (example_id, label) once, same late flags
     counts = Counter((e.example_id, e.label) for e in emitted)
@@ -186,10 +187,28 @@ def test_restoring_persisted_state_mid_stream_changes_nothing(sc: Scenario, data
     out += _run(sc.arrivals[cut:], restored, clock)
 
     def key(o):
-        if isinstance(o, Labeled):
+        if isinstance(o, Example):
             return ("L", o.example_id, o.label, o.late, o.label_ts, tuple(o.history))
         if isinstance(o, Rejected):
             return ("R", _click_key(o.click), o.reason)
         return ("H", o.user_id, tuple(o.items), o.ts)
 
     assert Counter(map(key, out)) == Counter(map(key, straight))
+
+
+_ids = st.text(min_size=1, max_size=12)  # any unicode: quotes, backslashes, control characters
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    _ids, _ids, _ids, st.integers(0, 999), st.sampled_from((0, 1)),
+    st.none() | st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(_ids, max_size=5), st.integers(0, 2**53), st.integers(0, 2**53), st.booleans(),
+)  # fmt: skip
+def test_examples_encode_to_exactly_their_record(iid, user, item, pos, label, value, hist, t0, t1, late) -> None:
+    ex = Example(iid, user, item, pos, label, value, hist, t0, t1, late)
+    record = ex.to_record()
+    assert Labeled.from_json(ex.to_json()) == record
+    assert json.loads(ex.to_json()) == record.to_dict()
+    update = HistoryUpdate(user, hist, t1)
+    assert UserHistory.from_json(update.to_json()) == update.to_record()
