@@ -145,6 +145,7 @@ def run_config(name: str, args: argparse.Namespace, replay, device: torch.device
         "trainable_params": n_trainable,
         "batch_size": bs,
         "examples_per_s": n_ex / total,
+        "best_step_examples_per_s": max(s["examples"] / t for s, t in zip(stats, times, strict=True)),
         "step_ms": 1000 * step_s,
         # on a shared CPU the wall clock includes other processes' time slices: CPU seconds of
         # this process spread over its threads estimate the uncontended rate
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="frozen,top,full", help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--dataset", choices=("movielens", "synthetic"), default="movielens")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 2048 CPU, 8192 CUDA)")
+    p.add_argument("--batch-size", type=int, default=8192, help="examples per step (items repeat: bigger batches share more)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default: 3 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 3 CUDA)")
     p.add_argument("--max-history", type=int, default=20)
@@ -178,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    args.batch_size = args.batch_size or (8192 if cuda else 2048)
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]

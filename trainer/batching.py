@@ -9,7 +9,7 @@ items of one slate share their user and history: a batch lists each unique
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -98,17 +98,7 @@ def build_batch(
             i = index[ex.item_id] = len(item_ids)
             item_ids.append(ex.item_id)
         cands.append(i)
-        row: list[int] = []
-        if max_history > 0 and ex.history:
-            recent = ex.history[-max_history:]
-            if not all(h in entries for h in recent):  # rare: drop unknown items, keep the last ones
-                recent = [h for h in ex.history if h in entries][-max_history:]
-            for h in recent:
-                j = index.get(h)
-                if j is None:
-                    j = index[h] = len(item_ids)
-                    item_ids.append(h)
-                row.append(j)
+        row = _history_row(ex.history, max_history, entries, index, item_ids) if max_history > 0 else []
         key = (ex.user_id, tuple(row))
         c = context_index.get(key)
         if c is None:
@@ -179,3 +169,23 @@ def build_batch(
         example_ids=[ex.example_id for ex in kept_ex],
     )
     return batch, kept
+
+
+def _history_row(
+    history: Sequence[str],
+    max_history: int,
+    entries: Mapping[str, object],
+    index: dict[str, int],
+    item_ids: list[str],
+) -> list[int]:
+    """Indices of the ``max_history`` most recent known items of a history (adding new items)."""
+    row: list[int] = []
+    for h in history[-max_history:]:
+        j = index.get(h)
+        if j is None:  # only items new to this batch need the catalog check
+            if h not in entries:  # rare: drop the unknown items, then keep the most recent
+                return _history_row([x for x in history if x in entries], max_history, entries, index, item_ids)
+            j = index[h] = len(item_ids)
+            item_ids.append(h)
+        row.append(j)
+    return row

@@ -50,6 +50,7 @@ EXAMPLES = [
     example(3, "u1", "i3", 0, ["i2", "i3", "i1", "i4", "i2"]),
     example(4, "u3", "i4", 1, ["i1"]),
     example(5, "u3", "unknown-item", 1, ["i1"]),
+    example(6, "u4", "i2", 0, ["i1", "ghost", "i3", "i4", "i2", "i1"]),
 ]
 
 
@@ -114,14 +115,16 @@ def test_history_longer_than_max_keeps_most_recent(model) -> None:
 
 def test_batch_encodes_unique_items_and_skips_unknown() -> None:
     batch, kept = build_batch(EXAMPLES, catalog(), max_history=4, categories=CATS)
-    assert kept == [0, 1, 2, 3]  # the example on an item missing from the catalog is left out
+    assert kept == [0, 1, 2, 3, 5]  # the example on an item missing from the catalog is left out
     assert sorted(batch.item_ids) == ["i1", "i2", "i3", "i4"]  # each unique item once
-    assert batch.history.shape == (4, 4)  # four distinct (user, history) contexts
-    assert batch.context.tolist() == [0, 1, 2, 3] and batch.user_ids == ["u1", "u2", "u1", "u3"]
+    assert batch.history.shape == (5, 4)  # five distinct (user, history) contexts
+    assert batch.context.tolist() == [0, 1, 2, 3, 4] and batch.user_ids == ["u1", "u2", "u1", "u3", "u4"]
     # history keeps the 4 most recent, in order, valid entries first
     assert [batch.item_ids[i] for i in batch.history[2].tolist()] == ["i3", "i1", "i4", "i2"]
-    assert batch.history_mask.sum(1).tolist() == [2, 0, 4, 1]
-    assert batch.value_mask.tolist() == [True, False, False, False]
+    # an item missing from the catalog is dropped before the most recent four are kept
+    assert [batch.item_ids[i] for i in batch.history[4].tolist()] == ["i3", "i4", "i2", "i1"]
+    assert batch.history_mask.sum(1).tolist() == [2, 0, 4, 1, 4]
+    assert batch.value_mask.tolist() == [True, False, False, False, False]
     row = batch.item_ids.index("i3")
     assert batch.category_targets[row].tolist() == [0.0, 1.0, 1.0]
     assert batch.category_mask[batch.item_ids.index("i4")].item() is False
