@@ -84,7 +84,9 @@ def labeled_examples(
     except ImportError:  # the join module is part of the project; this keeps evaluate standalone
         reference_join = None
     if reference_join is not None:
-        examples = list(reference_join(impressions, clicks, window_ms=window_ms, history_length=history_length).examples)
+        ref = reference_join(impressions, clicks, window_ms=window_ms, history_length=history_length)
+        # the join's light example objects -> the Labeled records the trainer consumes
+        examples = [e if isinstance(e, Labeled) else e.to_record() for e in ref.examples]
     else:
         examples = _local_join(impressions, clicks, window_ms=window_ms, history_length=history_length)
     order = {imp.impression_id: n for n, imp in enumerate(impressions)}

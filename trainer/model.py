@@ -87,10 +87,11 @@ class ModelConfig(BaseModel):
     value_head: bool = False
     task_weights: TaskWeights = Field(default_factory=TaskWeights)
     freeze_layers: int = Field(
-        default=0,
-        ge=0,
-        description="Freeze the embeddings and the lower N encoder layers (>= the layer count: "
-        "the whole encoder); their per-item output is cacheable.",
+        default=-1,
+        ge=-64,
+        description="Freeze the embeddings and the lower N encoder layers; their per-item output is "
+        "cached.  >= the layer count: the whole encoder; negative: all but the top |N| layers "
+        "(default -1: only the top layer learns, on cached prefixes).",
     )
     lora_rank: int = Field(default=0, ge=0, description="LoRA adapters on the unfrozen layers; 0 = off.")
     lora_alpha: float = Field(default=16.0, gt=0.0)
@@ -129,6 +130,13 @@ def resolve_encoder(name: str | None) -> str:
 
         return str(model_path())
     return name
+
+
+def frozen_layer_count(freeze_layers: int, n_layers: int) -> int:
+    """How many lower layers ``freeze_layers`` freezes in an encoder of ``n_layers``."""
+    if freeze_layers < 0:
+        return max(n_layers + freeze_layers, 0)
+    return min(freeze_layers, n_layers)
 
 
 def user_bucket(user_id: str, buckets: int) -> int:
@@ -244,7 +252,7 @@ class ItemTower(nn.Module):
         self.tokenizer = tokenizer
         self.hidden = int(encoder.config.hidden_size)
         self.n_layers = len(layers)
-        self.frozen = min(freeze_layers, self.n_layers)
+        self.frozen = frozen_layer_count(freeze_layers, self.n_layers)
         self.max_text_len = max_text_len
         self.pooling = pooling
         self.encode_chunk = encode_chunk
@@ -755,10 +763,11 @@ def build_model(config: ModelConfig) -> RecModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.lora_rank > 0:
-            if config.freeze_layers >= n_layers:
+            frozen = frozen_layer_count(config.freeze_layers, n_layers)
+            if frozen >= n_layers:
                 raise ModelError(
                     f"lora_rank > 0 needs unfrozen layers: freeze_layers={config.freeze_layers} "
-                    f">= {n_layers} encoder layers"
+                    f"freezes all {n_layers} encoder layers"
                 )
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -767,7 +776,7 @@ def build_model(config: ModelConfig) -> RecModel:
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
                 target_modules=list(config.lora_targets),
-                layers_to_transform=list(range(config.freeze_layers, n_layers)),
+                layers_to_transform=list(range(frozen, n_layers)),
                 layers_pattern="layer",
             )
             encoder = inject_adapter_in_model(lora, encoder)
