@@ -218,9 +218,8 @@ class ContinualLearner:
         """
         t0 = time.perf_counter()
         fresh_all = self._dedup(examples)
-        fresh_batch, kept = build_batch(
-            fresh_all, self.catalog, max_history=self.model.config.max_history, categories=self.model.config.categories
-        )
+        known = self.catalog.entries()
+        kept = [i for i, ex in enumerate(fresh_all) if ex.item_id in known]
         skipped = len(fresh_all) - len(kept)
         self.examples_skipped += skipped
         stats: dict[str, float] = {
@@ -249,21 +248,19 @@ class ContinualLearner:
         update = [fresh[i] for i in train_idx] + replayed
         weights += [1.0] * len(replayed)
 
+        # With every fresh example in the update and no dropout, train and eval mode compute the
+        # same function: the training forward (before the update) is the prequential score.
         one_pass = rate == 1.0 and self.model.config.dropout == 0.0
-        if one_pass:
-            # train and eval mode compute the same function: the training forward is the score
-            batch, _ = build_batch(
-                update, self.catalog, max_history=self.model.config.max_history,
-                categories=self.model.config.categories, weights=weights,
+        if not one_pass:
+            fresh_batch, _ = build_batch(
+                fresh, self.catalog, max_history=self.model.config.max_history, categories=self.model.config.categories
             )
-            batch = batch.to(self.device)
-        else:
             probs = self._score(fresh_batch)
-            batch, _ = build_batch(
-                update, self.catalog, max_history=self.model.config.max_history,
-                categories=self.model.config.categories, weights=weights,
-            )
-            batch = batch.to(self.device)
+        batch, _ = build_batch(
+            update, self.catalog, max_history=self.model.config.max_history,
+            categories=self.model.config.categories, weights=weights,
+        )
+        batch = batch.to(self.device)
         if not self.model.training:  # (toggling every module each step costs more than it seems)
             self.model.train()
 
