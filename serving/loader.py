@@ -36,7 +36,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,7 +63,8 @@ class ServingModel:
     model: RecModel | None
     item_ids: tuple[str, ...]
     index: Mapping[str, int]
-    """item_id -> row of ``item_vecs`` / position in ``item_ids``."""
+    """item_id -> row of ``item_vecs`` / position in ``item_ids`` (a plain dict for lookup speed;
+    like everything here, never mutated once the snapshot is built)."""
     item_vecs: torch.Tensor | None
     """``[len(item_ids), d]`` on the serving device; None for the fallback."""
     text_hashes: tuple[str, ...]
@@ -82,7 +82,7 @@ def fallback_snapshot(version: str, entries: Sequence[tuple[str, CatalogEntry]])
         number=None,
         model=None,
         item_ids=ids,
-        index=MappingProxyType({i: r for r, i in enumerate(ids)}),
+        index={i: r for r, i in enumerate(ids)},
         item_vecs=None,
         text_hashes=tuple(e.text_hash for _, e in entries),
     )
@@ -116,7 +116,7 @@ def model_snapshot(
         number=number,
         model=model,
         item_ids=ids,
-        index=MappingProxyType({i: r for r, i in enumerate(ids)}),
+        index={i: r for r, i in enumerate(ids)},
         item_vecs=vecs,
         text_hashes=tuple(e.text_hash for _, e in entries),
     )
@@ -167,7 +167,7 @@ def apply_item_changes(
         number=sm.number,
         model=sm.model,
         item_ids=tuple(ids),
-        index=MappingProxyType({i: r for r, i in enumerate(ids)}),
+        index={i: r for r, i in enumerate(ids)},
         item_vecs=vecs,
         text_hashes=tuple(hashes),
     )

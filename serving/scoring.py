@@ -344,7 +344,7 @@ class Scorer:
             rows: np.ndarray | None = None
             unknown = 0
             if q.request.candidates is not None:
-                found = [index.get(c) for c in q.request.candidates]
+                found = list(map(index.get, q.request.candidates))
                 known = [r for r in found if r is not None]
                 unknown = len(found) - len(known)
                 if not known:  # nothing scorable: popularity over the whole catalog
@@ -385,7 +385,7 @@ class Scorer:
         mask = np.zeros((b, max(h, 1)), dtype=bool)
         index = sm.index
         for r, p in enumerate(plans):
-            known = [index[i] for i in p.query.history if i in index][-h:]
+            known = [r for r in map(index.get, p.query.history) if r is not None][-h:]
             idx[r, : len(known)] = known
             mask[r, : len(known)] = True
             p.row = r
