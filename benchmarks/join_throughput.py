@@ -12,7 +12,13 @@ timeout; their own labels are not counted.
 
 ``input_eps`` = input events / seconds from the first labeled record read to
 the last one; it is printed next to the raw consume rate of the broker
-(``benchmarks/broker_throughput.measure``, same run) as a ratio.  Uses the
+(``benchmarks/broker_throughput.measure``, same run) as a ratio, and next to
+the *Faust floor*: the rate at which a Faust agent with the worker's consumer
+settings merely takes the same input in batches and drops it (a subprocess,
+same run), i.e. what Faust's per-message path costs before any join work.
+``worker_cpu_s`` is the CPU the worker used while joining: on a machine
+shared with other jobs, ``input_events_per_worker_cpu_s`` is the figure that
+does not depend on the load.  Uses the
 broker at ``$STREAMREC_BOOTSTRAP_SERVERS`` or, with ``--local``, a
 :class:`~infra.broker.LocalBroker` it starts itself.  The last line is JSON.
 """
@@ -24,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +147,60 @@ def read_labeled(
     return first, last, total - len(seen), cpu
 
 
+def faust_floor(settings: KafkaSettings, n: int, partitions: int, batch: int) -> None:
+    """Child mode: consume ``n`` events of the input topics with a do-nothing Faust agent.
+
+    Prints one JSON line (events/s from the first batch to the last, CPU seconds) and exits.
+    """
+    import asyncio
+
+    import faust
+
+    app = faust.App(
+        f"{settings.topic_prefix}faust-floor",
+        broker=settings.faust_broker(),
+        store="memory://",
+        autodiscover=False,
+        datadir=tempfile.mkdtemp(prefix="faust-floor-"),
+        topic_partitions=partitions,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_max_poll_records=batch,
+        stream_buffer_maxsize=max(4_096, 2 * batch),
+        web_enabled=False,
+    )
+    inputs = app.topic(
+        IMPRESSIONS.real_name(settings), CLICKS.real_name(settings),
+        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+    )  # fmt: skip
+    seen = {"n": 0, "t0": 0.0, "cpu0": 0.0}
+
+    async def drop(stream: Any) -> None:
+        async for events in stream.take_events(batch, within=0.05):
+            if not seen["n"]:
+                seen["t0"], seen["cpu0"] = time.perf_counter(), time.process_time()
+            seen["n"] += len(events)
+            if seen["n"] >= n:
+                wall, cpu = time.perf_counter() - seen["t0"], time.process_time() - seen["cpu0"]
+                print(json.dumps({"floor_eps": round(n / wall), "floor_events_per_cpu_s": round(n / cpu)}), flush=True)
+                os._exit(0)
+            await asyncio.sleep(0)
+
+    app.agent(inputs, name="drop")(drop)
+    faust.Worker(app, loglevel="warning", quiet=True).execute_from_commandline()
+
+
+def run_faust_floor(settings: KafkaSettings, n: int, partitions: int, batch: int) -> dict[str, Any]:
+    env = dict(os.environ, STREAMREC_BOOTSTRAP_SERVERS=settings.bootstrap_servers)
+    cmd = [sys.executable, __file__, "--floor-child", settings.topic_prefix, str(n), str(partitions), str(batch)]
+    out = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # the Faust worker redirects stdout into its log: find the JSON line wherever it went
+    found = re.findall(r'\{"floor_eps".*?\}', out.stdout + out.stderr)
+    if not found:
+        raise BenchmarkError(f"the Faust floor run failed: {out.stderr[-2000:]}")
+    return json.loads(found[-1])
+
+
 def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
     bench = settings.model_copy(update={"topic_prefix": f"bench-{uuid.uuid4().hex[:8]}-"})
     ensure_topics(bench, TOPICS, partitions=args.partitions)
@@ -175,6 +236,7 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
                     proc.wait(60)
             if dupes:
                 log.warning("%d duplicate labeled records", dupes)
+        floor = run_faust_floor(bench, n_in, args.partitions or bench.partitions, args.batch)
         join_s = last - first
         result: dict[str, Any] = {
             "impressions": args.impressions,
@@ -192,6 +254,8 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
             "worker_cpu_s": round(cpu, 2) if cpu is not None else None,
             "input_events_per_worker_cpu_s": round(n_in / cpu) if cpu else None,
             "load_avg_1m": round(os.getloadavg()[0], 2),
+            **floor,
+            "ratio_to_faust_floor": round(n_in / join_s / floor["floor_eps"], 3),
         }
     finally:
         try:
@@ -214,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--profile", metavar="FILE", help="run the worker under py-spy, write folded stacks (py-spy raw)")
     parser.add_argument("--local", action="store_true", help="start a local jar broker")
+    parser.add_argument("--floor-child", nargs=4, metavar=("PREFIX", "N", "PARTITIONS", "BATCH"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
+    if args.floor_child:
+        prefix, n, partitions, batch = args.floor_child
+        floor_settings = load(KafkaSettings).model_copy(update={"topic_prefix": prefix})
+        faust_floor(floor_settings, int(n), int(partitions), int(batch))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger(f"{__name__}.librdkafka").setLevel(logging.ERROR)
     broker: LocalBroker | None = None
@@ -243,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if result["input_events_per_worker_cpu_s"]:
         print(f"cpu:     {result['input_events_per_worker_cpu_s']:>10,} input events per worker CPU-second "
               f"({result['worker_cpu_s']} s CPU, load average {result['load_avg_1m']})")
+    print(f"floor:   {result['floor_eps']:>10,} events/s through a do-nothing Faust agent "
+          f"({result['floor_events_per_cpu_s']:,} per CPU-second); join/floor = {result['ratio_to_faust_floor']}")
     print(f"raw:     {raw['consume_rps']:>10,} records/s consumed (broker_throughput, same run)")
     print(f"ratio:   {result['ratio_to_raw_consume']}")
     print(json.dumps(result))
