@@ -68,7 +68,9 @@ class ServingSettings(BaseSettings):
         "the model's max_history of them).",
     )
     encode_batch: int = Field(
-        default=256, ge=1, description="Item texts per item-tower call when computing item vectors."
+        default=4096, ge=1,
+        description="Item texts per item-tower call when computing item vectors (shortest first; "
+        "the tower pads and chunks each call by its own encode_chunk).",
     )
     prefix_cache_items: int = Field(
         default=20_000, ge=0,
