@@ -458,8 +458,8 @@ class JoinService:
 
     async def tick(self) -> None:
         """Advance every owned partition by the wall clock (idle streams close windows)."""
-        if not self._ready():
-            return
+        if not self._ready() or self._lock.locked():
+            return  # a batch is running: it advances its partitions itself; next tick for the rest
         async with self._lock:
             if not self._ready():
                 return
