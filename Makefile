@@ -54,8 +54,24 @@ test-unit: setup
 test-integration: setup
 	$(BIN)/pytest tests/integration
 
-bench: setup  ## run the benchmarks (each prints its figures, a JSON last line)
-	$(PY) benchmarks/broker_throughput.py
+bench: setup  ## run every benchmark on a local broker it starts (each prints figures and a JSON last line)
+	$(PY) benchmarks/broker_throughput.py --local
+	$(PY) benchmarks/join_throughput.py --local
+	$(PY) benchmarks/trainer_throughput.py
+	$(PY) benchmarks/freshness.py --local
+	$(PY) benchmarks/serving_latency.py --local
+
+worker: setup  ## run one streams (join) worker against $$STREAMREC_BOOTSTRAP_SERVERS
+	$(PY) -m streams.worker --create-topics
+
+trainer: setup  ## run the trainer service
+	$(PY) -m trainer
+
+serve: setup  ## run one scoring agent
+	$(PY) -m serving
+
+evaluate: setup  ## offline comparison of continual-learning strategies (table + PNG plot)
+	$(PY) -m trainer.evaluate
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
