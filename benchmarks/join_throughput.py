@@ -224,6 +224,8 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
             })  # fmt: skip
             cmd = [sys.executable, "-m", "streams.worker", "--loglevel", "warning"]
             if args.profile:
+                if not Path(sys.executable).with_name("py-spy").exists():
+                    raise BenchmarkError("--profile needs py-spy in the venv: pip install py-spy")
                 cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "100", "--nonblocking", "--threads", "-o", args.profile, "--format", "raw", "--", *cmd]
             with open(Path(tmp) / "worker.log", "wb") as out:
                 started = time.perf_counter()
