@@ -225,6 +225,7 @@ class ServingAgent:
             device=self.device,
             encode_batch=settings.encode_batch,
             prefix_cache_items=settings.prefix_cache_items,
+            nice=settings.loader_nice,
             fallback_version=FALLBACK_VERSION,
         )
         self.scorer = Scorer(

@@ -31,6 +31,7 @@ only the layers that changed.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -318,6 +319,7 @@ class ModelLoader:
         device: str = "cpu",
         encode_batch: int = 256,
         prefix_cache_items: int = 20_000,
+        nice: int = 0,
         fallback_version: str,
     ) -> None:
         self.holder = holder
@@ -327,6 +329,7 @@ class ModelLoader:
         self.model_name = model_name
         self.device = device
         self.encode_batch = encode_batch
+        self.nice = nice
         self.fallback_version = fallback_version
         self._prefix_cache = None
         self._prefix_cache_items = prefix_cache_items
@@ -395,6 +398,12 @@ class ModelLoader:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        if self.nice > 0 and hasattr(os, "setpriority"):
+            try:  # Linux: per-thread; scoring and the Kafka threads preempt version loading
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.nice))
+            except OSError as exc:
+                log.info("could not lower the loader thread's priority: %s", exc)
         while not self._stop.is_set():
             with self._wake:
                 self._wake.wait_for(

@@ -77,6 +77,11 @@ class ServingSettings(BaseSettings):
         description="Items whose frozen-encoder-prefix states are kept across versions, so a swap "
         "re-runs only the trainable layers (used when the model freezes layers; 0 = off).",
     )
+    loader_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="Niceness added to the background thread that loads versions and computes item "
+        "vectors (Linux), so scoring and Kafka I/O preempt it (0 = same priority).",
+    )
     device: str = Field(
         default="cpu", description="Torch device for inference: cpu, cuda, cuda:N, or auto."
     )
