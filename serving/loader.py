@@ -23,9 +23,14 @@ ever waits for a swap.
   (zero-shot, from its text).  Without a model the snapshot still lists the
   catalog, for the popularity fallback.
 
-When the whole encoder prefix is frozen (``freeze_layers``) the loader keeps
-one :class:`trainer.model.PrefixCache` across versions, so a swap recomputes
-only the layers that changed.
+Swap cost is mostly the item vectors (the whole catalog through the item
+tower).  It is kept down three ways: texts are encoded shortest-first in large
+calls (little padding); when the model freezes its lower encoder layers
+(``freeze_layers``) one :class:`trainer.model.PrefixCache` is kept across
+versions, so a swap re-runs only the trainable layers; and a version whose
+item tower equals the live one (only the user tower or heads changed) reuses
+the live vectors.  The loader thread runs at a lower priority
+(``loader_nice``), so scoring preempts it.
 """
 
 from __future__ import annotations
