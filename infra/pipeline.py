@@ -262,13 +262,24 @@ class ReplayTracker:
         self.event_ts = 0
         self.users: deque[str] = deque(maxlen=recent)
         self.done = threading.Event()
+        self.stop = threading.Event()
 
     def wrap(self, events: Iterable[ReplayEvent]) -> Iterator[ReplayEvent]:
         for spec, rec in events:
+            if self.stop.is_set():  # the run is being torn down: end the stream early
+                return
             if isinstance(rec, Impression):
                 self.event_ts = rec.ts
                 self.users.append(rec.user_id)
             yield spec, rec
+
+
+@contextmanager
+def _stopping(tracker: ReplayTracker) -> Iterator[ReplayTracker]:
+    try:
+        yield tracker
+    finally:
+        tracker.stop.set()
 
 
 @contextmanager
@@ -377,7 +388,7 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
     requester = Requester(settings, tracker, rate=cfg.requests_per_s, k=cfg.request_k, seed=cfg.seed)
     group = ServiceGroup(services, log_dir=cfg.out_dir / "logs", env=service_env(settings, cfg))
     result: dict[str, Any] = {}
-    with group, TopicCollector(settings, topics.values()) as collector, _running(requester):
+    with group, TopicCollector(settings, topics.values()) as collector, _running(requester), _stopping(tracker):
 
         def replay_thread() -> None:
             try:

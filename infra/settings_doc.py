@@ -47,10 +47,7 @@ def _default(field) -> str:  # noqa: ANN001 - pydantic FieldInfo
 def table() -> str:
     lines: list[str] = []
     for module, name, title in SETTINGS_CLASSES:
-        try:
-            cls: type[BaseSettings] = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
+        cls: type[BaseSettings] = getattr(importlib.import_module(module), name)
         prefix = (cls.model_config.get("env_prefix") or "").upper()
         lines += [f"**{title}** (`{module}.{name}`)", "", "| variable | default | meaning |", "|---|---|---|"]
         for fname, field in cls.model_fields.items():

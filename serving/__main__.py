@@ -9,22 +9,11 @@ import signal
 import sys
 from types import FrameType
 
-from pydantic_settings import BaseSettings
-
-from serving.settings import ENV_PREFIX as SERVING_PREFIX
 from serving.settings import FALLBACK_VERSION, ServingSettings
 from streams.errors import StreamrecError
-from streams.settings import ENV_PREFIX, KafkaSettings, load
+from streams.settings import KafkaSettings, load, settings_help
 
 log = logging.getLogger("serving")
-
-
-def _settings_help(cls: type[BaseSettings], prefix: str) -> str:
-    lines = []
-    for name, field in cls.model_fields.items():
-        default = "(computed)" if field.default_factory is not None else repr(field.default)
-        lines.append(f"  {prefix}{name.upper():<34} {field.description or ''} [default {default}]")
-    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
             "variables:"
         ),
         epilog=(
-            "serving settings:\n" + _settings_help(ServingSettings, SERVING_PREFIX)
-            + "\n\nkafka settings (shared by every service):\n" + _settings_help(KafkaSettings, ENV_PREFIX)
+            settings_help(("serving settings", ServingSettings),
+                          ("kafka settings (shared by every service)", KafkaSettings))
         ),
     )
 

@@ -198,3 +198,22 @@ def load(cls: type[S] = KafkaSettings, **overrides: Any) -> S:  # type: ignore[a
             field, _, msg = msg.partition(": ")
             name = f"{prefix}{field.split('/')[0]}".upper()
         raise ConfigError(name, msg) from None
+
+
+def settings_help(*sections: tuple[str, type[BaseSettings]]) -> str:
+    """A ``--help`` epilog listing each settings class: variable, meaning, default.
+
+    Every service CLI uses it, so ``--help`` shows the same names and defaults
+    as the README's table (both read the classes themselves).
+    """
+    lines: list[str] = []
+    for title, cls in sections:
+        prefix = (cls.model_config.get("env_prefix") or "").upper()
+        lines.append(f"{title}:")
+        for name, field in cls.model_fields.items():
+            default = "(computed)" if field.default_factory is not None else repr(field.default)
+            if isinstance(field.default, SecretStr):
+                default = "(secret)"
+            lines.append(f"  {prefix}{name.upper():<36} {field.description or ''} [default {default}]")
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -20,7 +20,7 @@ from confluent_kafka.admin import AdminClient
 
 from streams.errors import ConfigError, StreamrecError
 from streams.join_settings import ENV_PREFIX, JoinSettings
-from streams.settings import KafkaSettings, load
+from streams.settings import KafkaSettings, load, settings_help
 from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,6 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 INPUTS = (IMPRESSIONS, CLICKS)
 OUTPUTS = (LABELED, USER_HISTORY, DEAD_LETTERS)
-
-
-def _settings_epilog() -> str:
-    lines = ["join settings (environment):"]
-    for name, field in JoinSettings.model_fields.items():
-        default = field.default if field.default is not None else "-"
-        lines.append(f"  {ENV_PREFIX}{name.upper():<22} {field.description or ''} [default: {default}]")
-    lines.append("Kafka settings: STREAMREC_BOOTSTRAP_SERVERS, STREAMREC_TOPIC_PREFIX, ... (see README)")
-    return "\n".join(lines)
 
 
 def check_topics(kafka: KafkaSettings, join: JoinSettings, *, create: bool = False, timeout: float = 30.0) -> None:
@@ -84,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m streams.worker",
         description="Run one impression–click join worker (reads impressions and clicks, "
         "writes labeled, user-history and dead-letters).",
-        epilog=_settings_epilog(),
+        epilog=settings_help(("join settings", JoinSettings),
+                             ("kafka settings (shared by every service)", KafkaSettings)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])

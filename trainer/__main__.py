@@ -9,22 +9,11 @@ import signal
 import sys
 from types import FrameType
 
-from pydantic_settings import BaseSettings
-
 from streams.errors import StreamrecError
-from streams.settings import ENV_PREFIX, KafkaSettings, load
-from trainer.service_settings import ENV_PREFIX as TRAINER_PREFIX
+from streams.settings import KafkaSettings, load, settings_help
 from trainer.service_settings import TrainerSettings
 
 log = logging.getLogger("trainer")
-
-
-def _settings_help(cls: type[BaseSettings], prefix: str) -> str:
-    lines = []
-    for name, field in cls.model_fields.items():
-        default = "(computed)" if field.default_factory is not None else repr(field.default)
-        lines.append(f"  {prefix}{name.upper():<28} {field.description or ''} [default {default}]")
-    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
             "from the checkpoint.  Configured by environment variables:"
         ),
         epilog=(
-            "trainer settings:\n" + _settings_help(TrainerSettings, TRAINER_PREFIX)
-            + "\n\nkafka settings (shared by every service):\n" + _settings_help(KafkaSettings, ENV_PREFIX)
+            settings_help(("trainer settings", TrainerSettings),
+                          ("kafka settings (shared by every service)", KafkaSettings))
         ),
     )
 
