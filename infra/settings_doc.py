@@ -31,6 +31,8 @@ def _default(field) -> str:  # noqa: ANN001 - pydantic FieldInfo
             value = field.default_factory()
         except TypeError:
             return "(computed)"
+        if isinstance(value, str | Path):  # a location derived from the machine: see the description
+            return "(computed)"
     else:
         value = field.default
     if value is None:

@@ -14,3 +14,8 @@ def test_settings_table_is_current() -> None:
 def test_readme_shows_the_two_commands() -> None:
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_readme_holds_no_path_of_this_machine() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert str(PROJECT_ROOT) not in readme
