@@ -106,6 +106,10 @@ class PipelineReport:
     freshness_served_s: list[float]
     clicks_total: int
     trainer_caught_up: bool
+    labeled_rate: float
+    """Labeled examples per second the join emitted, first to last (wall clock)."""
+    trainer_rate: float
+    """Labeled examples per second the trainer consumed, first to last published version."""
     elapsed_s: float
     plot: Path | None = None
 
@@ -157,6 +161,11 @@ class PipelineReport:
                     f"  hit rate@{'k'} ({path}): {self.hit_rate[path]:.3f} over {self.hit_requests[path]:,} "
                     "requests whose user clicked again within the horizon"
                 )
+        lines.append(
+            f"throughput:     the join emitted {self.labeled_rate:,.0f} labeled/s; the trainer consumed "
+            f"{self.trainer_rate:,.0f}/s (a trainer slower than the join builds a backlog, and the "
+            "backlog is the freshness)"
+        )
         lines.append(
             f"freshness:      click → first version trained on it: p50 {fr_t[0]:.1f} s, p99 {fr_t[1]:.1f} s "
             f"({len(self.freshness_trained_s):,} of {self.clicks_total:,} clicks)"
@@ -568,6 +577,14 @@ def _report(
             fresh_served.append(max(0.0, (served - click_wall[eid]) / 1000))
 
     start_ms = min((m.timestamp_ms for m in click_msgs), default=0)
+    label_times = [m.timestamp_ms for m in labeled_msgs]
+    labeled_rate = (
+        len(label_times) / ((max(label_times) - min(label_times)) / 1000)
+        if len(label_times) > 1 and max(label_times) > min(label_times) else 0.0
+    )
+    consumed = [sum(u.source_offsets.values()) for u in updates]
+    span_s = (updates[-1].created_ts - updates[0].created_ts) / 1000 if len(updates) > 1 else 0.0
+    trainer_rate = (consumed[-1] - consumed[0]) / span_s if span_s > 0 else 0.0
     return PipelineReport(
         events=dict(produced),
         labeled_positives=sum(1 for _, r in first.values() if r.label == 1),
@@ -591,6 +608,8 @@ def _report(
         freshness_served_s=fresh_served,
         clicks_total=len(click_wall),
         trainer_caught_up=caught_up,
+        labeled_rate=labeled_rate,
+        trainer_rate=trainer_rate,
         elapsed_s=elapsed,
     )
 
