@@ -55,6 +55,7 @@ from streams.topics import (
     REC_REQUESTS,
     RECOMMENDATIONS,
 )
+from trainer.service_settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,16 @@ def high_watermarks(settings: KafkaSettings, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def committed_offsets(settings: KafkaSettings, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+    """The offsets ``group`` has committed on ``topic`` (without joining the group)."""
+    consumer = Consumer(settings.confluent_config(**{"group.id": group, "enable.auto.commit": False}))
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in tps if tp.offset >= 0}
+    finally:
+        consumer.close()
+
+
 # --- requests while the replay runs ----------------------------------------------------------
 
 
@@ -427,13 +438,21 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
         else:
             log.warning("the join did not label everything within %.0f s", cfg.drain_timeout_s)
 
-        # 2. the trainer has published a version whose offsets cover all of `labeled`
+        # 2. the trainer has consumed all of `labeled` (its committed offsets, written after each
+        #    checkpoint) and published at least one version. The newest version may not cover the
+        #    very end: the guardrail may refuse the last candidate, and training then waits for data.
         labeled_end = high_watermarks(settings, topics["labeled"])
+        trainer_group = cfg.trainer_env.get(
+            "STREAMREC_TRAINER_GROUP_ID",
+            os.environ.get("STREAMREC_TRAINER_GROUP_ID", TrainerSettings.model_fields["group_id"].default),
+        )
         caught_up = False
         while time.monotonic() < deadline:
             group.check()
-            ups = [ModelUpdate.from_json(m.value) for m in collector.snapshot(topics["model-updates"])]
-            if ups and _covers(ups[-1], topics["labeled"], labeled_end):
+            done = committed_offsets(settings, trainer_group, topics["labeled"], labeled_end)
+            if all(done.get(p, 0) >= end for p, end in labeled_end.items()) and collector.snapshot(
+                topics["model-updates"]
+            ):
                 caught_up = True
                 break
             time.sleep(1.0)
@@ -480,10 +499,6 @@ def _pair(m: Msg) -> tuple[str, int]:
 
 def _rec(m: Msg) -> Recommendation:
     return Recommendation.from_json(m.value)
-
-
-def _covers(update: ModelUpdate, labeled_topic: str, ends: Mapping[int, int]) -> bool:
-    return all(update.source_offsets.get(f"{labeled_topic}:{p}", 0) >= end for p, end in ends.items() if end)
 
 
 def _report(
