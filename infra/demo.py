@@ -52,8 +52,8 @@ DEMO_TRAINER_ENV = {
     # shared with the broker, the join and the scorer, the trainer keeps up by taking large steps
     # (items repeat across a big batch, so each is encoded once for many examples) and updating on
     # every positive and a tenth of the negatives (weighted 10x, so probabilities stay calibrated).
-    "STREAMREC_TRAINER_BATCH_SIZE": "8192",
-    "STREAMREC_TRAINER_MAX_BATCH_WAIT_S": "4",
+    "STREAMREC_TRAINER_BATCH_SIZE": "16384",
+    "STREAMREC_TRAINER_MAX_BATCH_WAIT_S": "5",
     "STREAMREC_TRAINER_PUBLISH_EVERY_S": "10",
     "STREAMREC_TRAINER_LEARNER_OPTIONS": '{"negative_sampling_rate": 0.1}',
 }
