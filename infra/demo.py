@@ -48,7 +48,7 @@ DEMO_SLATE_SIZE = 5
 DEMO_JOIN_ENV = {"STREAMREC_JOIN_IDLE_TIMEOUT_S": "3"}
 """A short idle timeout, so the windows still open when the replay ends close soon after."""
 DEMO_TRAINER_ENV = {
-    # 100,000 slates of DEMO_SLATE_SIZE give 500,000 labeled examples in ~4 minutes: on 2 CPU cores
+    # 100,000 slates of DEMO_SLATE_SIZE give 500,000 labeled examples in ~3 minutes: on 2 CPU cores
     # shared with the broker, the join and the scorer, the trainer keeps up by taking large steps
     # (items repeat across a big batch, so each is encoded once for many examples) and updating on
     # every positive and a tenth of the negatives (weighted 10x, so probabilities stay calibrated).
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the replay's slates and requests")
     parser.add_argument(
         "--speed", type=float, default=DEMO_SPEED,
-        help=f"event-time speed-up of the replay (default {DEMO_SPEED:g}: MovieLens' 7 months in ~4 minutes)",
+        help=f"event-time speed-up of the replay (default {DEMO_SPEED:g}: MovieLens' 7 months in ~3 minutes)",
     )
     parser.add_argument("--requests-per-s", type=float, default=20.0, help="recommendation requests sent per second")
     parser.add_argument("--drain-timeout", type=float, default=200.0,
