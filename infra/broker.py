@@ -282,7 +282,7 @@ def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
+def parent_death_signal() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes Linux SIGTERM the child when this process dies (even by SIGKILL).
 
     ``prctl`` is looked up here, in the parent, so that the child only makes
@@ -479,7 +479,7 @@ class LocalBroker:
                 stderr=subprocess.STDOUT,
                 cwd=self.home,
                 start_new_session=self.detached,
-                preexec_fn=None if self.detached else _parent_death_signal(),
+                preexec_fn=None if self.detached else parent_death_signal(),
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         try:
@@ -603,7 +603,7 @@ def terminate(pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = N
             pass
     elif _wait_exit(pid, timeout):
         return True
-    log.warning("Kafka pid %d did not stop %.0f s after SIGTERM; sending SIGKILL", pid, timeout)
+    log.warning("pid %d did not stop %.0f s after SIGTERM; sending SIGKILL", pid, timeout)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     if proc is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from infra.broker import _parent_death_signal, log_tail, terminate
+from infra.broker import log_tail, parent_death_signal, terminate
 from streams.errors import StreamrecError
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Service:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop the services in order
-                preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - only prctl between fork and exec
+                preexec_fn=parent_death_signal(),  # noqa: PLW1509 - only prctl between fork and exec
             )
         log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
 
