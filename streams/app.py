@@ -8,8 +8,13 @@ owns one :class:`~streams.join.JoinCore` per partition.
 
 Per batch (``stream.take_events``), in this order:
 
-1. skip an input the partition's state already holds (its offset is below the
-   state's recorded next offset: redelivered after a restart or a move);
+1. check each input's offset against the next offset the partition's state
+   must apply (:mod:`streams.offsets`): below it, skip it (the state holds it:
+   redelivered after a restart or a move); above it, a hole (Faust skipped and
+   acknowledged events around a rebalance): seek the partition back to the
+   state's offset and drop its events until the re-read arrives.  So the
+   state's offsets, not the group's committed offsets, decide what is read:
+   committed offsets may run ahead of the state (skipped events) or lag it;
 2. decode each value with :mod:`streams.records` (values are consumed raw, so
    a malformed one reaches us instead of being dropped by Faust); a value
    that does not decode, or whose message key is not its user_id, goes to
@@ -23,7 +28,8 @@ Per batch (``stream.take_events``), in this order:
    = input partition): upserts, then the watermark key ``w`` (which records
    the input offsets the state covers), then deletions; wait until the broker
    has them too;
-6. only then return, so Faust acks the batch and may commit its offsets.
+6. seek the partitions with a hole back to their state's offset;
+7. only then return, so Faust acks the batch and may commit its offsets.
 
 So the changelog never holds state whose outputs are not durable, and the
 state records which inputs it holds.  After a crash the restored state skips
@@ -38,9 +44,13 @@ redone over its own upserts (no-ops); with it, a lost deletion is redone
 after the restore.
 
 On assignment Faust recovers ``join-state`` from its changelog; the core of
-a partition is rebuilt from the recovered keys on first use.  On revocation
-the core and its keys are dropped.  A timer advances idle partitions by the
-wall clock.  A stream counts as idle only when nothing of it is waiting to be
+a partition is rebuilt from the recovered keys on first use.  Events handed
+over while the worker is still rebalancing are not applied (the state may be
+incomplete); the offset check re-reads them.  On revocation the core and its
+keys are dropped.  A partition whose consumer position passed the state's
+offset while nothing of it arrived for a while (a hole at the end of the
+input, which no later event reveals) is sought back too.  A timer advances
+idle partitions by the wall clock.  A stream counts as idle only when nothing of it is waiting to be
 read (the consumer's highwater is not past what was processed), never while
 rebalancing, and the idle clocks restart after a rebalance: a pause in
 consuming never closes windows.
@@ -63,11 +73,13 @@ from typing import Any
 
 import faust
 from confluent_kafka import KafkaError, Producer
+from faust.types import TP
 
 from streams.errors import RecordError, StreamrecError
 from streams.join import Example, HistoryUpdate, JoinCore, Rejected
 from streams.join_settings import JoinSettings
 from streams.metrics import JoinMetrics
+from streams.offsets import GapGuard, Verdict
 from streams.records import Click, DeadLetter, Impression
 from streams.settings import KafkaSettings, default_cache_dir
 from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
@@ -77,6 +89,11 @@ _rdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
 
 STATE_TABLE = "join-state"
 FLUSH_TIMEOUT_S = 60.0
+RESEEK_AFTER_S = 1.0
+"""A seek back to a hole whose re-read has not started by then is repeated."""
+END_HOLE_AFTER_S = 3.0
+"""A partition whose position passed the state's offset with nothing delivered for this long is
+sought back (the events were skipped and no later event reveals the hole)."""
 
 
 class JoinWorkerError(StreamrecError):
@@ -100,15 +117,16 @@ class _Batch:
     """What one batch (or one idle tick) emits, and its counts for the metrics."""
 
     __slots__ = (
-        "sends", "histories", "partitions", "impressions", "clicks", "replayed", "positives",
-        "negatives", "late", "orphans", "invalid", "malformed",
+        "sends", "histories", "partitions", "seeks", "impressions", "clicks", "replayed", "stale",
+        "positives", "negatives", "late", "orphans", "invalid", "malformed",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.sends: list[tuple[str, bytes | None, bytes | None, int]] = []
         self.histories: dict[str, HistoryUpdate] = {}  # the last update per user
         self.partitions: set[int] = set()
-        self.impressions = self.clicks = self.replayed = 0
+        self.seeks: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset to re-read from
+        self.impressions = self.clicks = self.replayed = self.stale = 0
         self.positives = self.negatives = self.late = 0
         self.orphans = self.invalid = self.malformed = 0
 
@@ -142,7 +160,11 @@ class JoinService:
         self._delivery_errors: list[str] = []
         self._rebalances_seen = 0
         self._duplicates_seen: dict[int, Counter[str]] = {}
-        self._next_offset: dict[tuple[str, int], int] = {}  # next input offset to process
+        self._stream_of = {self.impressions_topic: IMPRESSIONS.name, self.clicks_topic: CLICKS.name}
+        self._gaps = GapGuard(RESEEK_AFTER_S)
+        self._last_delivery: dict[tuple[str, int], float] = {}  # monotonic time of the last event
+        self._end_hole_position: dict[tuple[str, int], int] = {}  # position of a pending end hole
+        self._no_hole_at: dict[tuple[str, int], int] = {}  # positions whose re-read brought nothing
         self._positives = metrics.labeled.labels(label="positive")
         self._negatives = metrics.labeled.labels(label="negative")
         self._impressions_in = metrics.events_in.labels(topic=IMPRESSIONS.name)
@@ -225,8 +247,11 @@ class JoinService:
                 if self.cores.pop(p, None) is not None:
                     log.info("partition %d revoked: join state dropped", p)
                 self._duplicates_seen.pop(p, None)
-                self._next_offset.pop((self.impressions_topic, p), None)
-                self._next_offset.pop((self.clicks_topic, p), None)
+                for topic in (self.impressions_topic, self.clicks_topic):
+                    self._last_delivery.pop((topic, p), None)
+                    self._end_hole_position.pop((topic, p), None)
+                    self._no_hole_at.pop((topic, p), None)
+                self._gaps.forget([(self.impressions_topic, p), (self.clicks_topic, p)])
                 prefix = f"{p}/".encode()
                 store = self.table.data
                 for key in [k for k in store if isinstance(k, bytes) and k.startswith(prefix)]:
@@ -251,28 +276,32 @@ class JoinService:
 
         A stream is idle only when there is nothing to read: one whose consumer
         lags (CPU starvation, a slow fetch, a fresh assignment not fetched yet)
-        must not let the watermark run ahead.  Unknown counts as waiting.
+        or that has a hole being re-read must not let the watermark run ahead.
+        What was read is the state's next offset, not the consumer position (which
+        passes events Faust skipped).  Unknown counts as waiting.
         """
         consumer = self.app.consumer
         waiting: dict[int, list[bool]] = {}
         for tp in consumer.assignment():
-            if tp.topic not in (self.impressions_topic, self.clicks_topic):
+            stream = self._stream_of.get(tp.topic)
+            if stream is None:
                 continue
             key = (tp.topic, tp.partition)
+            core = self.cores.get(tp.partition)
             try:
                 highwater = consumer.highwater(tp)
-                nxt = self._next_offset.get(key)
-                if nxt is None and highwater is not None:
-                    # nothing processed yet in this assignment: start from the consumer position
-                    nxt = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
-                    if nxt is not None:
-                        self._next_offset[key] = nxt
             except Exception as exc:  # mid-rebalance, fetch not started: no information
-                log.debug("no backlog information for %s: %r", tp, exc)
-                highwater = nxt = None
-            if highwater is None or nxt is None or highwater > nxt:
+                log.debug("no highwater for %s: %r", tp, exc)
+                highwater = None
+            caught_up = (
+                core is not None
+                and highwater is not None
+                and not self._gaps.pending(key)
+                and (highwater <= core.next_offset(stream) or self._no_hole_at.get(key) == highwater)
+            )
+            if not caught_up:
                 flags = waiting.setdefault(tp.partition, [False, False])
-                flags[0 if tp.topic == self.impressions_topic else 1] = True
+                flags[0 if stream == IMPRESSIONS.name else 1] = True
         return {p: (f[0], f[1]) for p, f in waiting.items()}
 
     async def _touch_backlogged(self) -> None:
@@ -286,29 +315,51 @@ class JoinService:
         """Join one batch of input events; return once outputs and state are durable."""
         started = time.perf_counter()
         async with self._lock:
+            if self.app.rebalancing:
+                # Events fetched around a rebalance; the state may not be recovered yet.  Not
+                # applying them is safe: the offset check re-reads them once the worker is ready.
+                self.metrics.deferred.inc(len(events))
+                log.info("%d event(s) delivered while rebalancing: re-read after it", len(events))
+                return
             self._restart_idle_clocks_after_rebalance()
             await self._touch_backlogged()
             batch = _Batch()
-            next_offset = self._next_offset
             handle = self._handle
             for event in events:
-                msg = event.message
-                handle(msg, batch)
-                next_offset[(msg.topic, msg.partition)] = msg.offset + 1
+                handle(event.message, batch)
             await self._emit_and_persist(batch)
+            await self._seek(batch.seeks)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     def _handle(self, msg: Any, batch: _Batch) -> None:
-        partition = msg.partition
-        batch.partitions.add(partition)
+        partition, offset = msg.partition, msg.offset
+        key = (msg.topic, partition)
         if msg.topic == self.impressions_topic:
             stream, record_type = IMPRESSIONS.name, Impression
-            batch.impressions += 1
         else:
             stream, record_type = CLICKS.name, Click  # type: ignore[assignment]
-            batch.clicks += 1
         core = self.core(partition)
-        if core.applied(stream, msg.offset):
+        self._last_delivery[key] = time.monotonic()
+        expected = core.next_offset(stream)
+        verdict = self._gaps.check(key, offset, expected)
+        if verdict is Verdict.STALE:  # fetched before a pending seek: the re-read brings it again
+            batch.stale += 1
+            return
+        if verdict is Verdict.SEEK:
+            log.warning(
+                "%s[%d]: offset %d delivered but the state expects %d: events were skipped "
+                "upstream; re-reading from %d",
+                msg.topic, partition, offset, expected, expected,
+            )  # fmt: skip
+            batch.seeks[key] = expected
+            self.metrics.input_gaps.inc()
+            return
+        batch.partitions.add(partition)
+        if record_type is Impression:
+            batch.impressions += 1
+        else:
+            batch.clicks += 1
+        if verdict is Verdict.REPLAYED:
             # redelivered after a restart or a move: the state holds it, its outputs went out
             batch.replayed += 1
             return
@@ -426,6 +477,7 @@ class JoinService:
             (self._negatives, batch.negatives),
             (m.late_positives, batch.late),
             (m.replayed, batch.replayed),
+            (m.stale, batch.stale),
             (m.orphans, batch.orphans),
             (self._dead_orphan, batch.orphans),
             (self._dead_invalid, batch.invalid),
@@ -475,6 +527,66 @@ class JoinService:
                 if outputs:
                     self._route(outputs, p, batch)
             await self._emit_and_persist(batch)
+            due, abandoned = self._gaps.due()
+            for key in abandoned:
+                log.info("%s[%d]: nothing to re-read (transaction markers only)", *key)
+                self._no_hole_at[key] = self._end_hole_position.pop(key, -1)
+            seeks = dict(due)
+            seeks.update(await self._end_holes())
+            await self._seek({k: v for k, v in seeks.items() if k[1] in owned})
+
+    async def _end_holes(self) -> dict[tuple[str, int], int]:
+        """Input partitions whose consumer position is past the state's offset although nothing
+        of them arrived for :data:`END_HOLE_AFTER_S`: their last events were skipped upstream."""
+        consumer = self.app.consumer
+        now = time.monotonic()
+        holes: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            stream = self._stream_of.get(tp.topic)
+            if stream is None:
+                continue
+            key = (tp.topic, tp.partition)
+            core = self.cores.get(tp.partition)
+            if core is None or self._gaps.pending(key):
+                continue
+            if now - self._last_delivery.setdefault(key, now) < END_HOLE_AFTER_S:
+                continue
+            expected = core.next_offset(stream)
+            try:
+                position = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
+            except Exception as exc:  # mid-rebalance: no information
+                log.debug("no position for %s: %r", tp, exc)
+                continue
+            if position is None or position <= expected or self._no_hole_at.get(key) == position:
+                continue
+            try:
+                (earliest,) = (await asyncio.wait_for(consumer.earliest_offsets(tp), timeout=1.0)).values()
+            except Exception as exc:
+                log.debug("no log start offset for %s: %r", tp, exc)
+                continue
+            if earliest is not None and earliest >= position:
+                self._no_hole_at[key] = position  # retention removed them: nothing to re-read
+                continue
+            log.warning(
+                "%s[%d]: consumer position %d but the state expects %d and nothing arrived "
+                "for %.0f s: events were skipped upstream; re-reading from %d",
+                tp.topic, tp.partition, position, expected, END_HOLE_AFTER_S, expected,
+            )  # fmt: skip
+            self._gaps.expect(key, expected, position - 1)
+            self._end_hole_position[key] = position
+            self._last_delivery[key] = now
+            self.metrics.input_gaps.inc()
+            holes[key] = expected
+        return holes
+
+    async def _seek(self, offsets: dict[Any, int]) -> None:
+        """Move input partitions back to the offsets their state must apply next."""
+        if not offsets:
+            return
+        try:
+            await self.app.consumer.seek_wait({TP(t, p): o for (t, p), o in offsets.items()})
+        except Exception as exc:  # revoked meanwhile, or a broker error: the guard seeks again
+            log.warning("could not seek %s: %r (retrying)", offsets, exc)
 
 
 def create_app(

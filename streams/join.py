@@ -360,6 +360,10 @@ class JoinCore:
         state may have moved past them (a closed impression forgotten, an early click matched)."""
         return 0 <= offset < self._next_offset[_STREAMS.index(stream)]
 
+    def next_offset(self, stream: str) -> int:
+        """The next input offset of ``stream`` this state must apply (0 before any)."""
+        return self._next_offset[_STREAMS.index(stream)]
+
     def skip(self, stream: str, offset: int) -> None:
         """Record an input that never reaches the core (malformed) as applied."""
         i = _STREAMS.index(stream)

@@ -14,7 +14,10 @@ Names (all prefixed ``streamrec_join_``):
 ``dead_letters_total{reason}``     counter    records sent to dead-letters: ``malformed``, ``orphan``, ``invalid``
 ``duplicates_total{kind}``         counter    repeated impressions / clicks that changed nothing
 ``user_history_updates_total``     counter    user-history records emitted
-``replayed_skipped_total``          counter    redelivered inputs the restored state already held
+``replayed_skipped_total``         counter    redelivered inputs the restored state already held
+``input_gaps_total``               counter    holes in the delivered offsets, re-read from the state's offset
+``stale_skipped_total``            counter    events fetched before such a re-read (they come again)
+``deferred_total``                 counter    events delivered while rebalancing (re-read after it)
 ``pending_impressions{partition}`` gauge      impressions whose window is open
 ``remembered_impressions{...}``    gauge      open + closed-but-retained impressions
 ``early_clicks{partition}``        gauge      clicks waiting for their impression
@@ -60,6 +63,17 @@ class JoinMetrics:
             f"{PREFIX}replayed_skipped",
             "Inputs redelivered after a restart or rebalance that the state already held.",
             registry=r,
+        )
+        self.input_gaps = Counter(
+            f"{PREFIX}input_gaps",
+            "Holes in the delivered input offsets (events skipped upstream), re-read from the state's offset.",
+            registry=r,
+        )
+        self.stale = Counter(
+            f"{PREFIX}stale_skipped", "Events fetched before a re-read; they are delivered again.", registry=r
+        )
+        self.deferred = Counter(
+            f"{PREFIX}deferred", "Events delivered while rebalancing; re-read after it.", registry=r
         )
         self.history_updates = Counter(
             f"{PREFIX}user_history_updates", "user-history records emitted.", registry=r

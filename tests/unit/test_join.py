@@ -383,6 +383,9 @@ def test_state_records_which_inputs_it_holds() -> None:
     restored = JoinCore.restore(core.config, core.snapshot().items())
     assert restored.applied("impressions", 7) and not restored.applied("clicks", 5)
     assert not restored.applied("clicks", -1)  # unknown offsets are never skipped
+    # the next offsets to apply, which the worker checks every delivered offset against
+    assert (restored.next_offset("impressions"), restored.next_offset("clicks")) == (8, 5)
+    assert JoinCore(core.config).next_offset("impressions") == 0
 
 
 def test_restore_drops_early_clicks_whose_match_was_not_persisted() -> None:
