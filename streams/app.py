@@ -67,7 +67,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,13 @@ class JoinService:
             for core in self.cores.values():
                 core.touch()
 
+    def _input_partitions(self) -> Iterator[tuple[Any, str, tuple[str, int], JoinCore | None]]:
+        """``(tp, stream name, (topic, partition), core or None)`` of each assigned input partition."""
+        for tp in self.app.consumer.assignment():
+            stream = self._stream_of.get(tp.topic)
+            if stream is not None:
+                yield tp, stream, (tp.topic, tp.partition), self.cores.get(tp.partition)
+
     async def _backlog(self) -> dict[int, tuple[bool, bool]]:
         """Partitions whose impressions / clicks may have records waiting to be processed.
 
@@ -282,12 +289,7 @@ class JoinService:
         """
         consumer = self.app.consumer
         waiting: dict[int, list[bool]] = {}
-        for tp in consumer.assignment():
-            stream = self._stream_of.get(tp.topic)
-            if stream is None:
-                continue
-            key = (tp.topic, tp.partition)
-            core = self.cores.get(tp.partition)
+        for tp, stream, key, core in self._input_partitions():
             try:
                 highwater = consumer.highwater(tp)
             except Exception as exc:  # mid-rebalance, fetch not started: no information
@@ -541,12 +543,7 @@ class JoinService:
         consumer = self.app.consumer
         now = time.monotonic()
         holes: dict[tuple[str, int], int] = {}
-        for tp in consumer.assignment():
-            stream = self._stream_of.get(tp.topic)
-            if stream is None:
-                continue
-            key = (tp.topic, tp.partition)
-            core = self.cores.get(tp.partition)
+        for tp, stream, key, core in self._input_partitions():
             if core is None or self._gaps.pending(key):
                 continue
             if now - self._last_delivery.setdefault(key, now) < END_HOLE_AFTER_S:
