@@ -238,6 +238,8 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
                     proc.wait(60)
             if dupes:
                 log.warning("%d duplicate labeled records", dupes)
+            # holes in the delivered offsets that the worker re-read (streams/offsets.py)
+            holes = (Path(tmp) / "worker.log").read_text(errors="replace").count("re-reading from")
         floor = run_faust_floor(bench, n_in, args.partitions or bench.partitions, args.batch)
         join_s = last - first
         result: dict[str, Any] = {
@@ -258,6 +260,7 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
             "load_avg_1m": round(os.getloadavg()[0], 2),
             **floor,
             "ratio_to_faust_floor": round(n_in / join_s / floor["floor_eps"], 3),
+            "input_holes_reread": holes,
         }
     finally:
         try:
@@ -318,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({result['worker_cpu_s']} s CPU, load average {result['load_avg_1m']})")
     print(f"floor:   {result['floor_eps']:>10,} events/s through a do-nothing Faust agent "
           f"({result['floor_events_per_cpu_s']:,} per CPU-second); join/floor = {result['ratio_to_faust_floor']}")
+    print(f"holes:   {result['input_holes_reread']:>10,} holes in the delivered offsets re-read by the worker")
     print(f"raw:     {raw['consume_rps']:>10,} records/s consumed (broker_throughput, same run)")
     print(f"ratio:   {result['ratio_to_raw_consume']}")
     print(json.dumps(result))
