@@ -50,10 +50,10 @@ incomplete); the offset check re-reads them.  On revocation the core and its
 keys are dropped.  A partition whose consumer position passed the state's
 offset while nothing of it arrived for a while (a hole at the end of the
 input, which no later event reveals) is sought back too.  A timer advances
-idle partitions by the wall clock.  A stream counts as idle only when nothing of it is waiting to be
-read (the consumer's highwater is not past what was processed), never while
-rebalancing, and the idle clocks restart after a rebalance: a pause in
-consuming never closes windows.
+idle partitions by the wall clock.  A stream counts as idle only when nothing
+of it is waiting to be read (the consumer's highwater is not past the state's
+offset), never while rebalancing, and the idle clocks restart after a
+rebalance: a pause in consuming never closes windows.
 
 Outputs and state go through one confluent-kafka producer (idempotent,
 murmur2 partitioner like Faust and Java): it is much cheaper per message than
@@ -89,8 +89,8 @@ _rdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
 
 STATE_TABLE = "join-state"
 FLUSH_TIMEOUT_S = 60.0
-RESEEK_AFTER_S = 1.0
-"""A seek back to a hole whose re-read has not started by then is repeated."""
+RESEEK_AFTER_S = 5.0
+"""A seek back to a hole whose re-read has not started by then is repeated (the seek was lost)."""
 END_HOLE_AFTER_S = 3.0
 """A partition whose position passed the state's offset with nothing delivered for this long is
 sought back (the events were skipped and no later event reveals the hole)."""
@@ -348,13 +348,19 @@ class JoinService:
             batch.stale += 1
             return
         if verdict is Verdict.SEEK:
-            log.warning(
-                "%s[%d]: offset %d delivered but the state expects %d: events were skipped "
-                "upstream; re-reading from %d",
-                msg.topic, partition, offset, expected, expected,
-            )  # fmt: skip
+            if key in batch.seeks:
+                pass  # sought back in this batch already
+            elif self._gaps.confirming(key):
+                log.info("%s[%d]: re-read starts at %d, not %d: seeking once more to confirm",
+                         msg.topic, partition, offset, expected)  # fmt: skip
+            else:
+                log.warning(
+                    "%s[%d]: offset %d delivered but the state expects %d: events were skipped "
+                    "upstream; re-reading from %d",
+                    msg.topic, partition, offset, expected, expected,
+                )  # fmt: skip
+                self.metrics.input_gaps.inc()
             batch.seeks[key] = expected
-            self.metrics.input_gaps.inc()
             return
         batch.partitions.add(partition)
         if record_type is Impression:
@@ -534,12 +540,13 @@ class JoinService:
                 log.info("%s[%d]: nothing to re-read (transaction markers only)", *key)
                 self._no_hole_at[key] = self._end_hole_position.pop(key, -1)
             seeks = dict(due)
-            seeks.update(await self._end_holes())
+            seeks.update(self._end_holes())
             await self._seek({k: v for k, v in seeks.items() if k[1] in owned})
 
-    async def _end_holes(self) -> dict[tuple[str, int], int]:
-        """Input partitions whose consumer position is past the state's offset although nothing
-        of them arrived for :data:`END_HOLE_AFTER_S`: their last events were skipped upstream."""
+    def _end_holes(self) -> dict[tuple[str, int], int]:
+        """Input partitions with records past the state's offset (by the consumer's highwater)
+        although nothing of them arrived for :data:`END_HOLE_AFTER_S`: their last events were
+        skipped upstream.  No broker call: this runs under the lock, on every tick."""
         consumer = self.app.consumer
         now = time.monotonic()
         holes: dict[tuple[str, int], int] = {}
@@ -550,27 +557,19 @@ class JoinService:
                 continue
             expected = core.next_offset(stream)
             try:
-                position = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
+                highwater = consumer.highwater(tp)
             except Exception as exc:  # mid-rebalance: no information
-                log.debug("no position for %s: %r", tp, exc)
+                log.debug("no highwater for %s: %r", tp, exc)
                 continue
-            if position is None or position <= expected or self._no_hole_at.get(key) == position:
-                continue
-            try:
-                (earliest,) = (await asyncio.wait_for(consumer.earliest_offsets(tp), timeout=1.0)).values()
-            except Exception as exc:
-                log.debug("no log start offset for %s: %r", tp, exc)
-                continue
-            if earliest is not None and earliest >= position:
-                self._no_hole_at[key] = position  # retention removed them: nothing to re-read
+            if highwater is None or highwater <= expected or self._no_hole_at.get(key) == highwater:
                 continue
             log.warning(
-                "%s[%d]: consumer position %d but the state expects %d and nothing arrived "
+                "%s[%d]: records up to offset %d but the state expects %d and nothing arrived "
                 "for %.0f s: events were skipped upstream; re-reading from %d",
-                tp.topic, tp.partition, position, expected, END_HOLE_AFTER_S, expected,
+                tp.topic, tp.partition, highwater - 1, expected, END_HOLE_AFTER_S, expected,
             )  # fmt: skip
-            self._gaps.expect(key, expected, position - 1)
-            self._end_hole_position[key] = position
+            self._gaps.expect(key, expected, highwater - 1)
+            self._end_hole_position[key] = highwater
             self._last_delivery[key] = now
             self.metrics.input_gaps.inc()
             holes[key] = expected

@@ -20,9 +20,11 @@ input partition, the next offset it must apply (:meth:`streams.join.JoinCore.nex
   and drops everything of that partition until the re-read arrives.  Events
   fetched before the seek (offsets above the one that revealed the hole) are
   *stale* and dropped: every delivered offset above the highest one delivered
-  so far.  The first event at or below it is the re-read, and is applied even
-  if it is above the expected offset, since then the hole is real (offsets
-  taken by transaction markers, or removed by retention).
+  so far.  The first event at or below it is the re-read.  A re-read that
+  starts above the expected offset is sought once more, and applied when it
+  starts at the same offset again: then the hole is real (offsets taken by
+  transaction markers, or removed by retention).  Inputs written by
+  transactional producers therefore cost two seeks per transaction.
 
 A seek can itself be lost: Faust's consumer loop, still iterating a fetch from
 before the seek, records a later read offset and then drops the re-read events
@@ -63,13 +65,14 @@ class _Pending:
     marker: int  # the highest offset delivered since the hole: anything above is stale
     since: float
     seeks_left: int | None  # None: until the re-read arrives (an event revealed the hole)
+    candidate: int | None = None  # a re-read that started above ``expected``, to confirm
 
 
 class GapGuard:
     """Tracks the pending re-reads of the partitions of one worker.  Keys are any hashable
     partition ids (the worker uses ``(topic, partition)``)."""
 
-    def __init__(self, reseek_after_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, reseek_after_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         if not reseek_after_s > 0:
             raise ValueError(f"reseek_after_s must be > 0, got {reseek_after_s}")
         self.reseek_after_s = reseek_after_s
@@ -83,8 +86,14 @@ class GapGuard:
             if offset > pending.marker:
                 pending.marker = offset
                 return Verdict.STALE
-            del self._pending[key]  # the re-read has started
-            return Verdict.REPLAYED if offset < expected else Verdict.APPLY
+            if offset <= expected or offset == pending.candidate:
+                del self._pending[key]  # the re-read has started (above expected: a real hole)
+                return Verdict.REPLAYED if offset < expected else Verdict.APPLY
+            # The re-read seems to start above the expected offset: a real hole, or an event
+            # fetched before the seek.  Seek once more; a real hole starts there again.
+            pending.candidate = pending.marker = offset
+            pending.since = self._clock()
+            return Verdict.SEEK
         if offset < expected:
             return Verdict.REPLAYED
         if offset == expected:
@@ -117,6 +126,11 @@ class GapGuard:
         for key in abandoned:
             del self._pending[key]
         return seeks, abandoned
+
+    def confirming(self, key: Hashable) -> bool:
+        """Whether ``key``'s re-read started above the expected offset and is being confirmed."""
+        pending = self._pending.get(key)
+        return pending is not None and pending.candidate is not None
 
     def pending(self, key: Hashable) -> bool:
         """Whether a re-read of ``key`` is outstanding (its events are not applied yet)."""

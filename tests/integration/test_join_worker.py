@@ -253,6 +253,49 @@ def test_worker_killed_mid_stream_loses_no_example(
     assert max(Counter((r.example_id, r.label) for r in got).values()) <= 2
 
 
+def test_committed_offsets_ahead_of_the_state_are_not_trusted(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
+) -> None:
+    """Faust may skip and acknowledge events around a rebalance, so the group's committed
+    offsets can pass inputs the join never applied.  Simulate that: commit the group past
+    half of every impressions partition and to the end of every clicks partition before
+    the first worker starts.  The join's (empty) state, not those offsets, decides what
+    is read: a hole revealed by the next event, and holes at the end of the input that no
+    event reveals, are both re-read, and the labels are exactly the reference."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from streams.app import app_id
+    from streams.join_settings import JoinSettings
+
+    impressions, clicks = movielens_events
+    impressions = impressions[:600]
+    shown = {i.impression_id for i in impressions}
+    clicks = [c for c in clicks if c.impression_id in shown]
+    ref = reference(impressions, clicks)
+    produce_events(kafka_settings, impressions, clicks)
+
+    group = app_id(kafka_settings, JoinSettings())
+    admin = Consumer(kafka_settings.confluent_config(**{"group.id": group, "enable.auto.commit": False}))
+    try:
+        ahead = []
+        for topic, fraction in ((IMPRESSIONS.real_name(kafka_settings), 0.5), (CLICKS.real_name(kafka_settings), 1.0)):
+            for p in range(kafka_settings.partitions):
+                _low, high = admin.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                ahead.append(TopicPartition(topic, p, int(high * fraction)))
+        admin.commit(offsets=ahead, asynchronous=False)
+    finally:
+        admin.close()
+    assert sum(tp.offset for tp in ahead) > 0
+
+    port = free_port()
+    worker = start_worker(STREAMREC_JOIN_METRICS_PORT=str(port))
+    got = read_labeled(kafka_settings, ref)
+    assert_matches_reference(got, ref, exact_once=True)
+    assert scrape(port)["streamrec_join_input_gaps_total"] >= 1
+    assert "re-reading from 0" in worker.text()
+    assert worker.stop() == 0, worker.tail()
+
+
 def test_two_workers_share_four_partitions_and_label_the_same(
     kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
 ) -> None:

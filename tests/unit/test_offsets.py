@@ -49,10 +49,30 @@ def test_a_hole_seeks_back_drops_stale_events_and_applies_the_reread() -> None:
     assert not guard.pending(P)
 
 
-def test_a_real_hole_is_accepted_once_the_reread_shows_it() -> None:
-    # offsets 5..6 do not exist (transaction markers): the re-read starts at 7 again
+def test_a_real_hole_is_accepted_once_two_rereads_start_at_the_same_offset() -> None:
+    # offsets 5..6 do not exist (transaction markers): every re-read starts at 7
     guard = GapGuard()
-    assert feed(guard, [7, 7, 8], expected=5) == [(7, Verdict.SEEK), (7, Verdict.APPLY), (8, Verdict.APPLY)]
+    assert feed(guard, [7, 8, 7, 8, 7, 8], expected=5) == [
+        (7, Verdict.SEEK),  # the hole
+        (8, Verdict.STALE),
+        (7, Verdict.SEEK),  # the re-read starts above 5: confirm with one more seek
+        (8, Verdict.STALE),
+        (7, Verdict.APPLY),  # the same start again: the hole is real
+        (8, Verdict.APPLY),
+    ]
+
+
+def test_an_event_fetched_before_the_seek_is_not_taken_for_a_real_hole() -> None:
+    # an end hole: the state expects 10, the consumer had fetched up to 29; Faust skipped
+    # 10..14 and 15.. were still on their way when the worker sought back to 10
+    guard = GapGuard()
+    guard.expect(P, 10, delivered_up_to=29)
+    assert feed(guard, [15, 16, 10, 11], expected=10) == [
+        (15, Verdict.SEEK),  # above 10: maybe a real hole, maybe stale: seek again
+        (16, Verdict.STALE),
+        (10, Verdict.APPLY),  # the re-read
+        (11, Verdict.APPLY),
+    ]
 
 
 def test_reread_that_starts_below_the_state_offset_skips_what_the_state_holds() -> None:
