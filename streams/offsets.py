@@ -11,8 +11,9 @@ one partition, or started a partition at its committed offset 607 while the
 state held nothing of it: each hole is examples lost for good.
 
 So the join does not trust the consumer's position: its state records, per
-input partition, the next offset it must apply (:meth:`streams.join.JoinCore.next_offset`).
-:class:`GapGuard` compares every delivered offset with it:
+input partition, the next offset it must apply
+(:meth:`streams.join.JoinCore.next_offset`).  :class:`GapGuard` compares every
+delivered offset with it:
 
 * below: redelivered, the state already holds it (the caller skips it);
 * equal: apply it;
@@ -33,9 +34,10 @@ as already read.  A partition whose re-read has not started within
 else arrives for it.
 
 A hole at the end of a partition is revealed by no event; the worker finds it
-from the consumer position and registers it with :meth:`GapGuard.expect`.
-Such a re-read may bring nothing (the offsets held transaction markers only),
-so it is given up after a few seeks.
+from the consumer's highwater (records past the state's offset, none delivered
+for a while) and registers it with :meth:`GapGuard.expect`.  Such a re-read
+may bring nothing (the offsets held transaction markers only, or retention
+removed them), so it is given up after a few seeks.
 
 Pure logic: no Faust, no Kafka; the worker performs the seeks.
 """
