@@ -51,9 +51,10 @@ the core emits the same set of ``(example_id, label)``.
 State for persistence: :meth:`JoinCore.drain_changes` returns the state keys
 changed since the last call (JSON-able values, ``None`` = deleted) and
 :meth:`JoinCore.restore` rebuilds a core from such keys.  The state also
-records, per input stream, the offset up to which it holds the inputs
-(:meth:`JoinCore.applied`), so a worker that restores it skips redelivered
-inputs instead of applying them to a state that has moved past them.
+records, per input stream, the next offset it must apply
+(:meth:`JoinCore.next_offset`), so a worker that restores it skips redelivered
+inputs instead of applying them to a state that has moved past them, and
+re-reads any it never got (:mod:`streams.offsets`).
 """
 
 from __future__ import annotations
@@ -354,14 +355,11 @@ class JoinCore:
         self._advance(self._clock(), out)
         return out
 
-    def applied(self, stream: str, offset: int) -> bool:
-        """Whether the input at ``offset`` of ``stream`` (``"impressions"``/``"clicks"``) is
-        already in this state: replayed inputs (after a restart) must be skipped, since the
-        state may have moved past them (a closed impression forgotten, an early click matched)."""
-        return 0 <= offset < self._next_offset[_STREAMS.index(stream)]
-
     def next_offset(self, stream: str) -> int:
-        """The next input offset of ``stream`` this state must apply (0 before any)."""
+        """The next input offset of ``stream`` (``"impressions"``/``"clicks"``) this state must
+        apply (0 before any).  Inputs below it are in the state: redelivered ones must be
+        skipped, since the state may have moved past them (a closed impression forgotten, an
+        early click matched)."""
         return self._next_offset[_STREAMS.index(stream)]
 
     def skip(self, stream: str, offset: int) -> None:
