@@ -251,6 +251,8 @@ class ServingAgent:
         self._queued = threading.Condition()
         self._fetching_done = threading.Event()
         self._paused = False
+        self._assigned: set[int] = set()  # rec-requests partitions this agent owns now
+        self._revoked_in_fetch: set[int] = set()  # partitions revoked during the current fetch
         self._threads: list[threading.Thread] = []
         self._producer: Producer | None = None
         self._state_consumer: Consumer | None = None
@@ -467,7 +469,14 @@ class ServingAgent:
                 if msg is not None:
                     msgs = [msg]
                     if s.max_batch > 1:
+                        self._revoked_in_fetch.clear()
                         msgs += consumer.consume(num_messages=s.max_batch - 1, timeout=0)
+                        if msg.partition() in self._revoked_in_fetch:
+                            # Revoked (and committed below msg) by a rebalance inside consume():
+                            # its new owner, or this agent after a re-assignment, reads it again.
+                            log.info("dropping %s[%d]@%d: partition revoked while fetching",
+                                     msg.topic(), msg.partition(), msg.offset())  # fmt: skip
+                            msgs.pop(0)
                     self._accept(msgs)
                 self._store_offsets(consumer)
         finally:
@@ -536,7 +545,8 @@ class ServingAgent:
             log.debug("store_offsets: %s", exc)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("assigned %s", sorted(tp.partition for tp in partitions))
+        self._set_assigned(self._assigned | {tp.partition for tp in partitions})
+        log.info("assigned %s (now %s)", sorted(tp.partition for tp in partitions), sorted(self._assigned))
         if self._paused and partitions:
             consumer.pause(partitions)
         self.ready.set()
@@ -557,11 +567,19 @@ class ServingAgent:
         except KafkaException as exc:
             log.debug("commit on revoke: %s", exc)
         self.ledger.forget(parts)
+        self._revoked_in_fetch |= parts
+        self._set_assigned(self._assigned - parts)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         parts = {tp.partition for tp in partitions}
         log.warning("lost partitions %s (their requests may be answered twice)", sorted(parts))
         self.ledger.forget(parts)
+        self._revoked_in_fetch |= parts
+        self._set_assigned(self._assigned - parts)
+
+    def _set_assigned(self, partitions: set[int]) -> None:
+        self._assigned = partitions
+        self.metrics.assigned_partitions.set(len(partitions))
 
     # --- scoring -------------------------------------------------------------------------------
     def _take(self) -> list[_Pending]:
@@ -678,6 +696,7 @@ class ServingAgent:
             "catalog": len(self.catalog),
             "users": len(self.users),
             "queued": len(self._queue),
+            "assigned": sorted(self._assigned),
             "refused": list(self.loader.refused),
         }
 

@@ -20,6 +20,7 @@ Exported (prefix ``streamrec_serving_``):
 * ``unknown_candidates_total`` — candidate ids not in the catalog (skipped).
 * ``produce_errors_total`` — outputs the broker did not accept (logged).
 * ``catalog_items``, ``items_encoded_total`` — catalog size and item vectors computed.
+* ``assigned_partitions`` — ``rec-requests`` partitions this agent owns in its group.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class ServingMetrics:
             f"{p}produce_errors", "Recommendations or dead letters the broker did not accept.", registry=r
         )
         self.catalog_items = Gauge(f"{p}catalog_items", "Items in the catalog.", registry=r)
+        self.assigned_partitions = Gauge(
+            f"{p}assigned_partitions", "rec-requests partitions this agent owns in its group.", registry=r
+        )
         self.items_encoded = Counter(
             f"{p}items_encoded", "Item vectors computed by the item tower.", registry=r
         )

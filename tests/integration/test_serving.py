@@ -7,6 +7,7 @@ read its counters; requests and recommendations go through the broker.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -99,6 +100,7 @@ class Recommendations:
         self.by_id: dict[str, Recommendation] = {}
         self.keys: dict[str, bytes | None] = {}
         self.duplicates = 0
+        self.duplicated: list[str] = []  # request ids answered more than once
 
     def wait_for(self, request_ids: list[str], timeout: float = 30.0) -> list[Recommendation]:
         """The recommendations of ``request_ids`` (in that order); fails after ``timeout``."""
@@ -110,7 +112,9 @@ class Recommendations:
             for msg in self.consumer.consume(num_messages=1000, timeout=min(left, 0.5)):
                 assert msg.error() is None, msg.error()
                 rec = Recommendation.from_json(msg.value())
-                self.duplicates += rec.request_id in self.by_id
+                if rec.request_id in self.by_id:
+                    self.duplicates += 1
+                    self.duplicated.append(rec.request_id)
                 self.by_id[rec.request_id] = rec
                 self.keys[rec.request_id] = msg.key()
         return [self.by_id[r] for r in request_ids]
@@ -297,3 +301,69 @@ def test_missing_topics_fail_at_start_up_naming_the_topic(kafka_bootstrap: str, 
     agent = ServingAgent(kafka, ServingSettings(weights_root=str(tmp_path), startup_timeout_s=20))
     with pytest.raises(AgentError, match=f"topic {kafka.topic_prefix}items is not usable"):
         agent.start()
+
+
+def test_two_agents_in_one_group_share_requests_and_hand_over_without_loss(
+    kafka_settings: KafkaSettings, store: WeightStore, model: RecModel, recs: Recommendations
+) -> None:
+    """Scale-out: a second agent joins the group mid-stream, then the first leaves.
+
+    Requests stream in all the while (users spread over every partition).  The
+    handovers are graceful (cooperative rebalance; a revoked partition's
+    requests are answered and committed first), so every request is answered
+    exactly once, both agents answer some, and the survivor answers the rest.
+    """
+    users = [f"u{i}" for i in range(40)]
+    seed_catalog(kafka_settings, {u: ["s1", "c1"] for u in users})
+    produce(kafka_settings, MODEL_UPDATES, [store.publish(model, version=1)])
+    group = f"serving-{uuid.uuid4().hex[:8]}"
+    sent: list[str] = []
+    chunks = itertools.count()  # the streaming thread and the test both send chunks
+
+    def chunk(size: int = 40) -> None:
+        n = next(chunks)
+        ids = [f"g{n}-{i}" for i in range(size)]
+        produce(kafka_settings, REC_REQUESTS, [request(r, user=users[i % len(users)], k=2) for i, r in enumerate(ids)])
+        sent.extend(ids)
+
+    def streaming(stop: threading.Event) -> None:
+        while not stop.is_set():
+            chunk(10)
+            time.sleep(0.02)
+
+    def served(agent: ServingAgent) -> float:
+        return sum(agent.metrics.value("requests_total", {"path": p}) for p in ("model", "cold", "fallback"))
+
+    with running_agent(kafka_settings, store, group_id=group) as first:
+        chunk()
+        recs.wait_for(list(sent))
+        stop_streaming = threading.Event()
+        producer = threading.Thread(target=streaming, args=(stop_streaming,), daemon=True)
+        producer.start()
+        try:
+            with running_agent(kafka_settings, store, group_id=group) as second:
+                # The group settles into two members; requests keep flowing through it.
+                deadline = time.monotonic() + 60
+                while not (first.status()["assigned"] and second.status()["assigned"]):
+                    assert time.monotonic() < deadline, "the second agent never got a share of the partitions"
+                    time.sleep(0.2)
+                before = served(first), served(second)
+                chunk()
+                recs.wait_for(list(sent), timeout=60)
+                assert served(first) > before[0] and served(second) > before[1]  # both answer a share
+                first.stop()  # leaves the group mid-stream: its partitions move to the second agent
+                time.sleep(1.0)
+                stop_streaming.set()
+                producer.join(30)
+                chunk()
+                recs.wait_for(list(sent), timeout=60)
+                topic = REC_REQUESTS.real_name(kafka_settings)
+                partitions = recs.consumer.list_topics(topic, timeout=30).topics[topic].partitions
+                assert second.status()["assigned"] == sorted(partitions)  # the survivor owns them all
+        finally:
+            stop_streaming.set()
+            producer.join(30)
+    assert set(recs.by_id) == set(sent)  # none lost
+    assert recs.duplicated == []  # none answered twice
+    assert served(first) + served(second) == len(sent)
+    assert {r.model_version for r in recs.by_id.values()} == {"1"}
