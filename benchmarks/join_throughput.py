@@ -36,14 +36,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from infra.admin import AdminError, delete_topics, ensure_topics
-from infra.broker import BrokerError, LocalBroker
+from infra.broker import BrokerError, LocalBroker, free_ports
 from streams.errors import ConfigError
 from streams.records import Click, Impression
 from streams.settings import KafkaSettings, load
@@ -99,8 +101,45 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def worker_pid(proc: subprocess.Popen, profiled: bool) -> int:
+    """The worker's pid: ``proc`` itself, or under ``--profile`` the child py-spy started."""
+    if not profiled:
+        return proc.pid
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return int(children[0]) if children else proc.pid
+
+
+WORKER_COUNTERS = {
+    "streamrec_join_events_in_total": "worker_events_applied",
+    "streamrec_join_replayed_skipped_total": "worker_replayed_skipped",
+    "streamrec_join_stale_skipped_total": "worker_stale_skipped",
+    "streamrec_join_deferred_total": "worker_deferred",
+    "streamrec_join_input_gaps_total": "worker_input_gaps",
+}
+
+
+def worker_counters(port: int) -> dict[str, int]:
+    """The worker's own counts of what it applied and what it skipped (its /metrics endpoint).
+
+    Events skipped (redelivered, fetched before a re-read, handed over while
+    rebalancing) are read and decoded again: they explain a run that needed
+    more worker CPU than another for the same input.
+    """
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    got = dict.fromkeys(WORKER_COUNTERS.values(), 0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in WORKER_COUNTERS:
+                got[WORKER_COUNTERS[sample.name]] += int(sample.value)
+    return got
+
+
 def read_labeled(
-    settings: KafkaSettings, expected: int, proc: subprocess.Popen, timeout: float
+    settings: KafkaSettings, expected: int, proc: subprocess.Popen, timeout: float, *, profiled: bool = False
 ) -> tuple[float, float, int, float | None]:
     """Read ``labeled`` until ``expected`` non-flush examples.
 
@@ -118,6 +157,7 @@ def read_labeled(
     total = 0
     first = last = 0.0
     cpu_first: float | None = None
+    pid = proc.pid
     try:
         meta = consumer.list_topics(topic, timeout=30).topics[topic]
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
@@ -133,14 +173,15 @@ def read_labeled(
                 value = msg.value()
                 if not first:
                     first = time.perf_counter()
-                    cpu_first = cpu_seconds(proc.pid)
+                    pid = worker_pid(proc, profiled)
+                    cpu_first = cpu_seconds(pid)
                 if b'"flush-' in value[:64]:
                     continue
                 total += 1
                 # example_id is the first field of the JSON after schema_version and ts
                 seen.add(value[: value.index(b'","impression_id"')])
             last = time.perf_counter()
-        cpu_last = cpu_seconds(proc.pid)
+        cpu_last = cpu_seconds(pid)
     finally:
         consumer.close()
     cpu = cpu_last - cpu_first if cpu_first is not None and cpu_last is not None else None
@@ -222,7 +263,9 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
                 "STREAMREC_JOIN_DATA_DIR": tmp,
                 "STREAMREC_JOIN_BATCH_MAX": str(args.batch),
             })  # fmt: skip
-            cmd = [sys.executable, "-m", "streams.worker", "--loglevel", "warning"]
+            (metrics_port,) = free_ports(1)
+            env["STREAMREC_JOIN_METRICS_PORT"] = str(metrics_port)
+            cmd = [sys.executable, "-m", "streams.worker", "--loglevel", args.worker_loglevel]
             if args.profile:
                 if not Path(sys.executable).with_name("py-spy").exists():
                     raise BenchmarkError("--profile needs py-spy in the venv: pip install py-spy")
@@ -231,7 +274,10 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
                 started = time.perf_counter()
                 proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
                 try:
-                    first, last, dupes, cpu = read_labeled(bench, expected, proc, timeout=args.timeout)
+                    first, last, dupes, cpu = read_labeled(
+                        bench, expected, proc, timeout=args.timeout, profiled=bool(args.profile)
+                    )
+                    counters = worker_counters(metrics_port)
                 finally:
                     # py-spy writes its profile on SIGINT (and stops the worker)
                     proc.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)
@@ -239,7 +285,10 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
             if dupes:
                 log.warning("%d duplicate labeled records", dupes)
             # holes in the delivered offsets that the worker re-read (streams/offsets.py)
-            holes = (Path(tmp) / "worker.log").read_text(errors="replace").count("re-reading from")
+            worker_log = (Path(tmp) / "worker.log").read_text(errors="replace")
+            holes = worker_log.count("re-reading from")
+            if args.worker_log:
+                Path(args.worker_log).write_text(worker_log)
         floor = run_faust_floor(bench, n_in, args.partitions or bench.partitions, args.batch)
         join_s = last - first
         result: dict[str, Any] = {
@@ -261,6 +310,7 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
             **floor,
             "ratio_to_faust_floor": round(n_in / join_s / floor["floor_eps"], 3),
             "input_holes_reread": holes,
+            **counters,
         }
     finally:
         try:
@@ -282,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-n", type=int, default=200_000, help="records for the raw broker rate")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--profile", metavar="FILE", help="run the worker under py-spy, write folded stacks (py-spy raw)")
+    parser.add_argument("--worker-log", metavar="FILE", help="copy the worker's log there at the end")
+    parser.add_argument("--worker-loglevel", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--local", action="store_true", help="start a local jar broker")
     parser.add_argument("--floor-child", nargs=4, metavar=("PREFIX", "N", "PARTITIONS", "BATCH"),
                         help=argparse.SUPPRESS)  # fmt: skip
@@ -322,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"floor:   {result['floor_eps']:>10,} events/s through a do-nothing Faust agent "
           f"({result['floor_events_per_cpu_s']:,} per CPU-second); join/floor = {result['ratio_to_faust_floor']}")
     print(f"holes:   {result['input_holes_reread']:>10,} holes in the delivered offsets re-read by the worker")
+    print(f"worker:  {result['worker_events_applied']:>10,} events applied; skipped and read again: "
+          f"{result['worker_replayed_skipped']:,} redelivered, {result['worker_stale_skipped']:,} fetched before "
+          f"a re-read, {result['worker_deferred']:,} handed over while rebalancing")
     print(f"raw:     {raw['consume_rps']:>10,} records/s consumed (broker_throughput, same run)")
     print(f"ratio:   {result['ratio_to_raw_consume']}")
     print(json.dumps(result))
