@@ -17,8 +17,10 @@ Per batch (``stream.take_events``), in this order:
    committed offsets may run ahead of the state (skipped events) or lag it;
 2. decode each value with :mod:`streams.records` (values are consumed raw, so
    a malformed one reaches us instead of being dropped by Faust); a value
-   that does not decode, or whose message key is not its user_id, goes to
-   ``dead-letters`` with the reason (logged as ``topic[partition]@offset``);
+   that does not decode, whose message key is not its user_id, or whose
+   event time is far after its Kafka timestamp
+   (:func:`~streams.join.check_event_time`), goes to ``dead-letters`` with
+   the reason (logged as ``topic[partition]@offset``);
 3. feed the core of the event's partition;
 4. produce the outputs (``labeled``, ``user-history`` coalesced per user,
    ``dead-letters`` for orphan and contradicting clicks) and **wait until the
@@ -76,7 +78,7 @@ from confluent_kafka import KafkaError, Producer
 from faust.types import TP
 
 from streams.errors import RecordError, StreamrecError
-from streams.join import Example, HistoryUpdate, JoinCore, Rejected
+from streams.join import Example, HistoryUpdate, JoinCore, Rejected, check_event_time
 from streams.join_settings import JoinSettings
 from streams.metrics import JoinMetrics
 from streams.offsets import GapGuard, Verdict
@@ -341,6 +343,7 @@ class JoinService:
         else:
             stream, record_type = CLICKS.name, Click  # type: ignore[assignment]
         core = self.core(partition)
+        max_skew = self.join.max_future_skew_ms
         self._last_delivery[key] = time.monotonic()
         expected = core.next_offset(stream)
         verdict = self._gaps.check(key, offset, expected)
@@ -378,6 +381,11 @@ class JoinService:
                     record_type.__name__,
                     "<key>",
                     f"message key {msg.key!r} is not the user_id {record.user_id!r} (co-partitioning)",
+                )
+            if max_skew:
+                kafka_ts = msg.timestamp  # seconds (Faust); None when the record has none
+                check_event_time(
+                    record_type.__name__, record.ts, None if kafka_ts is None else round(kafka_ts * 1000), max_skew
                 )
         except RecordError as exc:
             core.skip(stream, msg.offset)

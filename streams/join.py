@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from streams.errors import ConfigError
+from streams.errors import ConfigError, RecordError
 from streams.records import SCHEMA_VERSION, Click, Impression, Labeled, UserHistory, example_id
 
 _quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -122,6 +122,33 @@ class Rejected:
     reason: str
     orphan: bool
     """True: no impression within the grace; False: the click contradicts its impression."""
+
+
+def check_event_time(record_type: str, ts: int, kafka_ts_ms: int | None, max_future_skew_ms: int) -> None:
+    """Refuse an event whose ``ts`` is more than ``max_future_skew_ms`` after its Kafka timestamp.
+
+    One event from a clock far ahead would move its partition's watermark
+    there and close every open window at once: a false negative for each
+    pending impression, and late positives after.  The record's Kafka
+    timestamp (the producer's CreateTime, or the broker's LogAppendTime)
+    bounds when the event can have happened; events of the past (replays)
+    always pass.  ``0`` turns the check off, and a record without a Kafka
+    timestamp is not checked.  A producer that stamps both from the same
+    wrong clock is not caught.
+
+    Raises:
+        RecordError: field ``ts``, saying by how much and which setting.
+    """
+    if max_future_skew_ms and kafka_ts_ms is not None and kafka_ts_ms > 0:
+        ahead = ts - kafka_ts_ms
+        if ahead > max_future_skew_ms:
+            raise RecordError(
+                record_type,
+                "ts",
+                f"event time {ts} is {ahead} ms after the record's Kafka timestamp {kafka_ts_ms} "
+                f"(more than STREAMREC_JOIN_MAX_FUTURE_SKEW_MS={max_future_skew_ms}): a clock far ahead "
+                "would close every window of its partition",
+            )
 
 
 def json_list(items: list[str]) -> str:

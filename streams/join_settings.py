@@ -61,6 +61,15 @@ class JoinSettings(BaseSettings):
         default=100_000, ge=1, description="Early clicks buffered per partition before the oldest is dead-lettered."
     )
 
+    max_future_skew_ms: int = Field(
+        default=24 * 3_600_000,
+        ge=0,
+        description=(
+            "An event whose ts is more than this after its Kafka record timestamp goes to dead-letters "
+            "(one clock far ahead would close every window of its partition); 0 = no check."
+        ),
+    )
+
     # --- wall clock (s) -------------------------------------------------------------------
     idle_timeout_s: float = Field(
         default=10.0,

@@ -331,6 +331,7 @@ def test_malformed_burst_goes_to_dead_letters_and_labeling_goes_on(
     ref = reference(impressions, clicks + [orphan])
     assert list(ref.orphans) == [orphan]
     imp_topic, click_topic = IMPRESSIONS.real_name(kafka_settings), CLICKS.real_name(kafka_settings)
+    future_ms = int(time.time() * 1000) + 10 * 86_400_000
     bad = [
         (imp_topic, b"7", b"not json at all"),
         (imp_topic, b"7", b'{"schema_version": 1, "user_id": "7", "ts": 1}'),  # no impression_id/items
@@ -340,6 +341,9 @@ def test_malformed_burst_goes_to_dead_letters_and_labeling_goes_on(
         (click_topic, b"7", b"[1, 2, 3]"),
         (click_topic, b"7", b'{"schema_version": 1, "impression_id": "x", "user_id": "7", "item_id": "1", "ts": -5}'),
         (click_topic, None, b"\xff\xfe binary"),
+        # valid, but from a clock ten days ahead: would close every window of its partition
+        (imp_topic, b"7", Impression(impression_id="future", user_id="7", items=["1"], ts=future_ms).to_json()),
+        (click_topic, b"7", Click(impression_id="future", user_id="7", item_id="1", ts=future_ms).to_json()),
     ] * 5
 
     # the burst sits in the middle of both input topics
@@ -347,7 +351,7 @@ def test_malformed_burst_goes_to_dead_letters_and_labeling_goes_on(
     for topic in (imp_topic, click_topic):
         produce_raw(kafka_settings, topic, [(k, v) for t, k, v in bad if t == topic])
     produce_events(kafka_settings, rest_imps, rest_clicks)
-    worker = start_worker()
+    worker = start_worker()  # the default max_future_skew_ms refuses the future events (0 would fail this test)
 
     got = read_labeled(kafka_settings, ref)
     assert_matches_reference(got, ref, exact_once=True)
@@ -358,6 +362,7 @@ def test_malformed_burst_goes_to_dead_letters_and_labeling_goes_on(
     assert all(d.offset >= 0 and d.partition >= 0 and d.error for d in malformed)
     assert any("schema version" in d.error for d in malformed)
     assert any("co-partitioning" in d.error for d in malformed)
+    assert sum("after the record's Kafka timestamp" in d.error for d in malformed) == 10
     [orphaned] = [d for d in dead if "orphan" in d.error]
     assert Click.from_json(orphaned.raw()) == orphan and orphaned.source_topic == click_topic
     assert "dead-letter " + imp_topic in worker.text()  # logged as topic[partition]@offset

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from streams.errors import ConfigError
+from streams.errors import ConfigError, RecordError
 from streams.join import (
     NO_WATERMARK,
     Example,
@@ -14,6 +14,7 @@ from streams.join import (
     JoinConfig,
     JoinCore,
     Rejected,
+    check_event_time,
     reference_join,
 )
 from streams.records import Click, Impression, Labeled
@@ -456,3 +457,17 @@ def test_changes_encode_to_the_json_of_their_values() -> None:
     assert {k: json.loads(v) for k, v in encoded.items() if v is not None} == {
         k: v for k, v in core.snapshot().items() if k in encoded
     }
+
+
+# --------------------------------------------------------------------------- event time vs the Kafka timestamp
+def test_an_event_far_after_its_kafka_timestamp_is_refused_naming_the_setting() -> None:
+    day = 86_400_000
+    check_event_time("Impression", 5 * day, 4 * day, day)  # exactly the allowed skew: fine
+    check_event_time("Impression", 1_000, 4 * day, day)  # the past (a replay): fine
+    with pytest.raises(RecordError, match="STREAMREC_JOIN_MAX_FUTURE_SKEW_MS") as err:
+        check_event_time("Click", 5 * day + 1, 4 * day, day)
+    assert err.value.record_type == "Click" and err.value.field == "ts"
+    assert f"is {day + 1} ms after" in str(err.value)
+    check_event_time("Click", 100 * day, 4 * day, 0)  # 0: no check
+    check_event_time("Click", 100 * day, None, day)  # no Kafka timestamp: not checked
+    check_event_time("Click", 100 * day, -1, day)  # librdkafka's "no timestamp"
