@@ -164,6 +164,7 @@ class JoinService:
         self._duplicates_seen: dict[int, Counter[str]] = {}
         self._stream_of = {self.impressions_topic: IMPRESSIONS.name, self.clicks_topic: CLICKS.name}
         self._gaps = GapGuard(RESEEK_AFTER_S)
+        self._max_skew_ms = join.max_future_skew_ms
         self._last_delivery: dict[tuple[str, int], float] = {}  # monotonic time of the last event
         self._end_hole_position: dict[tuple[str, int], int] = {}  # position of a pending end hole
         self._no_hole_at: dict[tuple[str, int], int] = {}  # positions whose re-read brought nothing
@@ -343,7 +344,6 @@ class JoinService:
         else:
             stream, record_type = CLICKS.name, Click  # type: ignore[assignment]
         core = self.core(partition)
-        max_skew = self.join.max_future_skew_ms
         self._last_delivery[key] = time.monotonic()
         expected = core.next_offset(stream)
         verdict = self._gaps.check(key, offset, expected)
@@ -382,10 +382,11 @@ class JoinService:
                     "<key>",
                     f"message key {msg.key!r} is not the user_id {record.user_id!r} (co-partitioning)",
                 )
-            if max_skew:
+            if self._max_skew_ms:
                 kafka_ts = msg.timestamp  # seconds (Faust); None when the record has none
                 check_event_time(
-                    record_type.__name__, record.ts, None if kafka_ts is None else round(kafka_ts * 1000), max_skew
+                    record_type.__name__, record.ts, None if kafka_ts is None else round(kafka_ts * 1000),
+                    self._max_skew_ms,
                 )
         except RecordError as exc:
             core.skip(stream, msg.offset)
