@@ -13,15 +13,25 @@ learns from it):
 - ``retrain``: periodic full retraining: at the end of each period a fresh
   model is trained on everything so far, then serves the next period frozen.
 
-Printed: prequential AUC and log loss per period and overall, and forgetting:
-the AUC on an early held-out slice (impressions of the first period that no
-strategy trains on) right after the first period and after the whole run.
-On the synthetic drift stream the best achievable AUC (of the true click
-probabilities) is printed too.  A PNG plot of AUC over event time goes to
-``--out``.
+Beside them, on the same batches and split, the baselines of
+:mod:`trainer.baselines` (``--baselines``): item click rate so far, user x
+category click rate (decayed), online logistic matrix factorisation (k=16),
+River's logistic regression on one-hot user/item/genre, and on the synthetic
+stream a learnable oracle that knows the generator but the users' interests.
+
+Printed: prequential AUC (with the standard error of the overall AUC, a
+bootstrap over impressions) and log loss per period and overall, examples
+trained on and wall time per row, and forgetting: the AUC on an early
+held-out slice (impressions of the first period that no row trains on) right
+after the first period and after the whole run.  On the synthetic drift
+stream the best achievable AUC (of the true click probabilities) is printed
+too, and the recovery after the interest shift: batches until a row's AUC over
+the last 5 batches reaches 0.9 x the oracle's on the same examples.  A PNG
+plot of AUC over event time goes to ``--out``.
 
     python -m trainer.evaluate --dataset synthetic
-    python -m trainer.evaluate --dataset movielens --limit 3000
+    python -m trainer.evaluate --dataset movielens              # first 20k ratings
+    python -m trainer.evaluate --dataset movielens --limit 0    # all 100k
 """
 
 from __future__ import annotations
@@ -44,6 +54,15 @@ from tqdm import tqdm
 
 from streams.records import Click, Impression, Item, Labeled, example_id
 from streams.settings import default_cache_dir
+from trainer.baselines import (
+    BASELINES,
+    Baseline,
+    KnownGenerator,
+    bootstrap_auc,
+    delong_se,
+    make_baseline,
+    river_version,
+)
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig
 from trainer.metrics import auc, log_loss
@@ -67,6 +86,8 @@ class Replay:
     """Best achievable AUC on some examples (synthetic only)."""
     shift_ts: int | None = None
     notes: dict[str, float] = field(default_factory=dict)
+    generator: KnownGenerator | None = None
+    """What the learnable oracle may know of the generator (synthetic only)."""
 
 
 def labeled_examples(
@@ -161,15 +182,22 @@ def load_synthetic(
         examples=examples,
         truth=lambda exs: world.best_auc(list(exs)),
         shift_ts=world.shift_ts,
+        generator=KnownGenerator(
+            item_topics=dict(zip(world.item_ids, world.item_topics, strict=True)),
+            sharpness=world.config.sharpness,
+            bias=world.config.bias,
+            user_concentration=world.config.user_concentration,
+        ),
     )
 
 
-def load_movielens(*, limit: int, slate_size: int, seed: int, history_length: int) -> Replay:
+def load_movielens(*, limit: int | None, slate_size: int, seed: int, history_length: int) -> Replay:
+    """MovieLens-100k; ``limit`` ratings (impressions) in event-time order, 0 or None = all 100k."""
     from infra.assets import movielens_path
     from streams.replay.movielens import MovieLensReplay, MovieLensReplayConfig
 
     replay = MovieLensReplay.from_path(
-        movielens_path(), MovieLensReplayConfig(limit=limit, slate_size=slate_size, seed=seed)
+        movielens_path(), MovieLensReplayConfig(limit=limit or None, slate_size=slate_size, seed=seed)
     )
     items, imps, clicks = _split(replay.stream())
     examples = labeled_examples(imps, clicks, window_ms=3_600_000, history_length=history_length)
@@ -187,6 +215,12 @@ class StrategyResult:
     early_auc_end: float
     seconds: float
     trained_examples: int
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Position in the stream of each scored example."""
+    batch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Batch number of each scored example."""
+    kind: str = "strategy"
+    """'strategy' (the learner), 'baseline' or 'reference' (the learnable oracle)."""
 
 
 @dataclass
@@ -255,6 +289,9 @@ def run_strategy(
     frozen = False
     trained = 0
     batches = _batches(stream, settings.batch_size)
+    where = {id(e): k for k, e in enumerate(stream)}
+    i_out: list[np.ndarray] = []
+    b_out: list[np.ndarray] = []
     for n, batch in enumerate(tqdm(batches, desc=name, unit="batch", leave=False, file=sys.stderr)):
         start_ts = batch[0].impression_ts
         while period < len(bounds) - 1 and start_ts >= bounds[period]:
@@ -289,6 +326,8 @@ def run_strategy(
         ts_out.append(np.array([e.impression_ts for e in scored], dtype=np.int64))
         y_out.append(np.array([e.label for e in scored], dtype=np.float32))
         p_out.append(np.asarray(probs, dtype=np.float64))
+        i_out.append(np.array([where.get(id(e), -1) for e in scored], dtype=np.int64))
+        b_out.append(np.full(len(scored), n, dtype=np.int64))
     if math.isnan(early_first):
         early_first = learner.evaluate(held).get("auc", math.nan)
     early_end = learner.evaluate(held).get("auc", math.nan)
@@ -303,6 +342,81 @@ def run_strategy(
         early_auc_end=early_end,
         seconds=time.perf_counter() - t0,
         trained_examples=trained,
+        index=_cat(i_out, np.int64),
+        batch=_cat(b_out, np.int64),
+    )
+
+
+def _cat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def _held_auc(model: Baseline, held: Sequence[Labeled]) -> float:
+    if not held:
+        return math.nan
+    y = np.array([e.label for e in held], dtype=np.float64)
+    return _metric(y, model.predict(held), auc)
+
+
+def run_baseline(
+    name: str,
+    replay: Replay,
+    stream: Sequence[Labeled],
+    held: Sequence[Labeled],
+    bounds: Sequence[int],
+    settings: EvalSettings,
+    *,
+    seed: int = 0,
+) -> StrategyResult:
+    """Run one baseline (:mod:`trainer.baselines`) prequentially over the learner's batches.
+
+    The same batches, in the same order, as :func:`run_strategy`; examples of
+    items not yet in the catalog are dropped (as the learner does), each batch
+    is predicted (late positives left out) before the baseline learns from it
+    (late positives included), and forgetting is the AUC on the held-out slice
+    after the first period and at the end.
+    """
+    t0 = time.perf_counter()
+    model = make_baseline(name, replay.items, replay.generator, seed=seed)
+    catalog = Catalog()
+    feed = _Feed(replay.items, catalog)
+    where = {id(e): k for k, e in enumerate(stream)}
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "y", "p", "i", "b")}
+    early_first = math.nan
+    period = 0
+    trained = 0
+    for n, batch in enumerate(tqdm(_batches(stream, settings.batch_size), desc=name, unit="batch", leave=False, file=sys.stderr)):
+        start_ts = batch[0].impression_ts
+        while period < len(bounds) - 1 and start_ts >= bounds[period]:
+            if period == 0:
+                early_first = _held_auc(model, held)
+            period += 1
+        feed.until(max(e.impression_ts for e in batch))
+        known = catalog.entries()
+        batch = [e for e in batch if e.item_id in known]
+        scored = [e for e in batch if not e.late]
+        probs = np.asarray(model.predict(scored), dtype=np.float64) if scored else np.zeros(0)
+        model.learn(batch)
+        trained += len(batch)
+        outs["ts"].append(np.array([e.impression_ts for e in scored], dtype=np.int64))
+        outs["y"].append(np.array([e.label for e in scored], dtype=np.float32))
+        outs["p"].append(probs)
+        outs["i"].append(np.array([where[id(e)] for e in scored], dtype=np.int64))
+        outs["b"].append(np.full(len(scored), n, dtype=np.int64))
+    if math.isnan(early_first):
+        early_first = _held_auc(model, held)
+    return StrategyResult(
+        name=name,
+        ts=_cat(outs["ts"], np.int64),
+        labels=_cat(outs["y"], np.float32),
+        probs=_cat(outs["p"], np.float64),
+        early_auc_after_first=early_first,
+        early_auc_end=_held_auc(model, held),
+        seconds=time.perf_counter() - t0,
+        trained_examples=trained,
+        index=_cat(outs["i"], np.int64),
+        batch=_cat(outs["b"], np.int64),
+        kind="reference" if name == "oracle" else "baseline",
     )
 
 
@@ -328,33 +442,120 @@ def _retrain(
 
 
 # --------------------------------------------------------------------------- reporting
+SE_RESAMPLES = 200
+SE_SEED = 0
+RECOVERY_WINDOW = 5
+"""Batches in the sliding window of the recovery figure."""
+RECOVERY_SHARE = 0.9
+"""Recovered: window AUC >= this share of the learnable oracle's on the same examples."""
+
+
 def _metric(y: np.ndarray, p: np.ndarray, fn: Callable) -> float:  # noqa: ANN001
     if y.size == 0 or (fn is auc and len(np.unique(y)) < 2):
         return math.nan
     return float(fn(y, p))
 
 
-def summarize(replay: Replay, results: Sequence[StrategyResult], bounds: Sequence[int]) -> dict:
-    """Per-strategy, per-period AUC and log loss, overall, forgetting (JSON-able)."""
+def _recovery(r: StrategyResult, ref: StrategyResult, shift_ts: int) -> tuple[int | None, int | None, int]:
+    """Batches after the shift until ``r``'s window AUC reaches the share of ``ref``'s (None: never).
+
+    The window holds the scored post-shift examples of the last
+    :data:`RECOVERY_WINDOW` batches; both rows are compared on the examples
+    they both scored.  Two criteria: the AUC itself (``AUC_r >= share *
+    AUC_ref``) and the lift over chance (``AUC_r - 0.5 >= share * (AUC_ref -
+    0.5)``, the stricter one: right after a shift the oracle is near chance
+    too, so that the plain ratio is met by rows that learn nothing).  Returns
+    (batches by AUC, batches by lift, post-shift batches).
+    """
+    post_ref = ref.ts >= shift_ts
+    if not post_ref.any():
+        return None, None, 0
+    b0, b_end = int(ref.batch[post_ref].min()), int(ref.batch[post_ref].max())
+    order = np.argsort(ref.index)
+    ref_idx, ref_p = ref.index[order], ref.probs[order]
+    post = r.ts >= shift_ts
+    by_auc = by_lift = None
+    for b in range(b0, b_end + 1):
+        m = post & (r.batch >= max(b0, b - RECOVERY_WINDOW + 1)) & (r.batch <= b)
+        pos = np.searchsorted(ref_idx, r.index[m])
+        ok = (pos < len(ref_idx)) & (ref_idx[np.minimum(pos, len(ref_idx) - 1)] == r.index[m])
+        y = r.labels[m][ok]
+        a_r = _metric(y, r.probs[m][ok], auc)
+        a_ref = _metric(y, ref_p[pos[ok]], auc)
+        if not (a_r == a_r and a_ref == a_ref):
+            continue
+        if by_auc is None and a_r >= RECOVERY_SHARE * a_ref:
+            by_auc = b - b0 + 1
+        if by_lift is None and a_ref > 0.5 and a_r - 0.5 >= RECOVERY_SHARE * (a_ref - 0.5):
+            by_lift = b - b0 + 1
+        if by_auc is not None and by_lift is not None:
+            break
+    return by_auc, by_lift, b_end - b0 + 1
+
+
+def summarize(
+    replay: Replay,
+    results: Sequence[StrategyResult],
+    bounds: Sequence[int],
+    stream: Sequence[Labeled] | None = None,
+) -> dict:
+    """Per-row (strategies, then baselines), per-period AUC and log loss, overall, SEs, forgetting (JSON-able).
+
+    The SE of each overall AUC is the standard deviation of
+    :data:`SE_RESAMPLES` bootstrap resamples of whole impressions (seed
+    :data:`SE_SEED`, the same resamples for every row) when ``stream`` is
+    given; DeLong's SE (examples independent) is kept beside it.
+    """
     edges = [-(2**62), *bounds]
-    out: dict = {"dataset": replay.name, "periods": len(bounds), "strategies": {}}
+    out: dict = {"dataset": replay.name, "periods": len(bounds), "strategies": {}, "baselines": {}}
+    clusters = n_clusters = None
+    if stream is not None:
+        imp: dict[str, int] = {}
+        clusters = np.fromiter((imp.setdefault(e.impression_id, len(imp)) for e in stream), dtype=np.int64, count=len(stream))
+        n_clusters = len(imp)
+        out["se_method"] = f"bootstrap over impressions ({SE_RESAMPLES} resamples, seed {SE_SEED})"
+    else:
+        out["se_method"] = "DeLong"
+    ref = next((r for r in results if r.kind == "reference"), None)
+    if replay.shift_ts is not None and ref is not None:
+        out["recovery"] = {
+            "reference": ref.name, "window_batches": RECOVERY_WINDOW, "share": RECOVERY_SHARE, "shift_ts": replay.shift_ts,
+        }
     for r in results:
         per_auc, per_ll = [], []
         for k in range(len(bounds)):
             m = (r.ts >= edges[k]) & (r.ts < edges[k + 1])
             per_auc.append(_metric(r.labels[m], r.probs[m], auc))
             per_ll.append(_metric(r.labels[m], r.probs[m], log_loss))
-        out["strategies"][r.name] = {
+        se_delong = delong_se(r.labels, r.probs) if r.labels.size else math.nan
+        se = se_delong
+        if clusters is not None and r.index.size and (r.index >= 0).all():
+            reps = bootstrap_auc(
+                r.labels, r.probs, clusters[r.index], n_clusters=n_clusters, resamples=SE_RESAMPLES, seed=SE_SEED
+            )
+            se = float(np.nanstd(reps, ddof=1)) if np.isfinite(reps).sum() > 1 else math.nan
+        row = {
+            "kind": r.kind,
             "auc_per_period": per_auc,
             "log_loss_per_period": per_ll,
             "auc": _metric(r.labels, r.probs, auc),
+            "auc_se": se,
+            "auc_se_delong": se_delong,
             "log_loss": _metric(r.labels, r.probs, log_loss),
+            "scored_examples": int(r.labels.size),
             "early_auc_after_first_period": r.early_auc_after_first,
             "early_auc_end": r.early_auc_end,
             "forgetting": r.early_auc_after_first - r.early_auc_end,
             "seconds": r.seconds,
             "trained_examples": r.trained_examples,
         }
+        if "recovery" in out and ref is not None and r is not ref:
+            row["recovery_batches"], row["recovery_batches_lift"], out["recovery"]["post_shift_batches"] = _recovery(
+                r, ref, replay.shift_ts
+            )
+        out["strategies" if r.kind == "strategy" else "baselines"][r.name] = row
+    if any(r.name == "river-lr" for r in results):
+        out["river_version"] = river_version()
     if replay.truth is not None and results:
         ex_ts = np.array([e.impression_ts for e in replay.examples])
         best = []
@@ -366,36 +567,104 @@ def summarize(replay: Replay, results: Sequence[StrategyResult], bounds: Sequenc
     return out
 
 
+_NOTES = {
+    "item-ctr": "item click rate so far (beta-smoothed)",
+    "user-cat-ctr": "user x category click rate (decayed)",
+    "mf-16": "online logistic MF, k=16",
+    "river-lr": "River LogisticRegression, one-hot user/item/genre",
+    "oracle": "learnable: knows phi_i, sharpness, bias; learns theta_u",
+}
+
+
 def format_table(summary: dict) -> str:
     periods = summary["periods"]
-    head = f"{'strategy':<10}" + "".join(f"{'P' + str(k + 1):>8}" for k in range(periods))
-    lines = [f"dataset: {summary['dataset']}", "", "prequential AUC per period", head + f"{'overall':>9}"]
+    w = 14
+    strategies, baselines = summary["strategies"], summary.get("baselines", {})
+    learned = {k: v for k, v in baselines.items() if v.get("kind") != "reference"}
+    refs = {k: v for k, v in baselines.items() if v.get("kind") == "reference"}
 
-    def fmt(x: float) -> str:
-        return f"{x:8.3f}" if x == x else f"{'-':>8}"
+    def fmt(x: float | None, width: int = 8) -> str:
+        return f"{x:{width}.3f}" if x is not None and x == x else f"{'-':>{width}}"
 
-    for name, s in summary["strategies"].items():
-        lines.append(f"{name:<10}" + "".join(fmt(a) for a in s["auc_per_period"]) + " " + fmt(s["auc"]))
-    if "best_auc" in summary:
-        lines.append(f"{'best':<10}" + "".join(fmt(a) for a in summary["best_auc_per_period"]) + " " + fmt(summary["best_auc"]) + "   (true probabilities)")
-    lines += ["", "prequential log loss per period", head + f"{'overall':>9}"]
-    for name, s in summary["strategies"].items():
-        lines.append(f"{name:<10}" + "".join(fmt(a) for a in s["log_loss_per_period"]) + " " + fmt(s["log_loss"]))
+    cols = "".join(f"{'P' + str(k + 1):>8}" for k in range(periods))
+    lines = [f"dataset: {summary['dataset']}", "", "prequential AUC per period"]
+    lines.append(f"{'row':<{w}}" + cols + f"{'overall':>9}{'SE':>8}{'trained':>10}{'seconds':>9}")
+
+    def auc_row(name: str, s: dict) -> str:
+        return (
+            f"{name:<{w}}" + "".join(fmt(a) for a in s["auc_per_period"]) + " " + fmt(s["auc"]) + fmt(s.get("auc_se"))
+            + f"{s['trained_examples']:>10d}{s['seconds']:>9.1f}"
+        )
+
+    def section(title: str, rows: dict, fn: Callable[[str, dict], str], notes: bool = True) -> None:
+        if rows:
+            lines.append(f"-- {title}")
+            for name, s in rows.items():
+                note = f"   ({_NOTES[name]})" if notes and name in _NOTES else ""
+                lines.append(fn(name, s) + note)
+
+    section("strategies", strategies, auc_row)
+    section("baselines", learned, auc_row)
+    if refs or "best_auc" in summary:
+        section("references", refs, auc_row)
+        if "best_auc" in summary:
+            if not refs:
+                lines.append("-- references")
+            lines.append(
+                f"{'best':<{w}}" + "".join(fmt(a) for a in summary["best_auc_per_period"]) + " " + fmt(summary["best_auc"])
+                + "   (true probabilities)"
+            )
+    footer = [f"SE of the overall AUC: {summary.get('se_method', 'DeLong')}"]
+    if "river_version" in summary:
+        footer.append(f"river-lr ran River {summary['river_version']}")
+    lines += footer
+
+    def ll_row(name: str, s: dict) -> str:
+        return f"{name:<{w}}" + "".join(fmt(a) for a in s["log_loss_per_period"]) + " " + fmt(s["log_loss"])
+
+    lines += ["", "prequential log loss per period", f"{'row':<{w}}" + cols + f"{'overall':>9}"]
+    section("strategies", strategies, ll_row, notes=False)
+    section("baselines", learned, ll_row, notes=False)
+    section("references", refs, ll_row, notes=False)
+
+    def forget_row(name: str, s: dict) -> str:
+        return (
+            f"{name:<{w}}{fmt(s['early_auc_after_first_period']):>10}{fmt(s['early_auc_end']):>10}"
+            f"{fmt(s['forgetting']):>10}{s['trained_examples']:>10d}{s['seconds']:>10.1f}"
+        )
+
     lines += [
         "",
         "forgetting: AUC on the early held-out slice",
-        f"{'strategy':<10}{'after P1':>10}{'at end':>10}{'drop':>10}{'trained':>10}{'seconds':>10}",
+        f"{'row':<{w}}{'after P1':>10}{'at end':>10}{'drop':>10}{'trained':>10}{'seconds':>10}",
     ]
-    for name, s in summary["strategies"].items():
-        lines.append(
-            f"{name:<10}{fmt(s['early_auc_after_first_period']):>10}{fmt(s['early_auc_end']):>10}"
-            f"{fmt(s['forgetting']):>10}{s['trained_examples']:>10d}{s['seconds']:>10.1f}"
-        )
+    section("strategies", strategies, forget_row, notes=False)
+    section("baselines", learned, forget_row, notes=False)
+    section("references", refs, forget_row, notes=False)
+
+    rec = summary.get("recovery")
+    if rec:
+        lines += [
+            "",
+            f"recovery after the interest shift: batches (of {rec.get('post_shift_batches', '-')} after it) until "
+            f"the AUC over the last {rec['window_batches']} batches reaches {rec['share']:.2f} x the "
+            f"{rec['reference']}'s on the same examples; 'lift': the same for AUC - 0.5",
+            f"{'row':<{w}}{'AUC':>10}{'lift':>10}",
+        ]
+
+        def n(b: int | None) -> str:
+            return str(b) if b is not None else "never"
+
+        for title, rows in (("strategies", strategies), ("baselines", learned)):
+            if rows:
+                lines.append(f"-- {title}")
+                for name, s in rows.items():
+                    lines.append(f"{name:<{w}}{n(s.get('recovery_batches')):>10}{n(s.get('recovery_batches_lift')):>10}")
     return "\n".join(lines)
 
 
 def plot(replay: Replay, results: Sequence[StrategyResult], bounds: Sequence[int], out: Path, bins: int = 30) -> Path:
-    """AUC over event time (equal-count bins of the stream), one line per strategy."""
+    """AUC over event time (equal-count bins of the stream), one line per row (baselines dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,13 +680,14 @@ def plot(replay: Replay, results: Sequence[StrategyResult], bounds: Sequence[int
         for a, b in zip(edges[:-1], edges[1:], strict=True):
             m = (r.ts >= a) & (r.ts < b)
             ys.append(_metric(r.labels[m], r.probs[m], auc))
-        ax.plot(mids, ys, marker=".", label=r.name)
+        style = {"strategy": "-", "baseline": "--", "reference": "-."}[r.kind]
+        ax.plot(mids, ys, marker="." if r.kind == "strategy" else None, ls=style, lw=1.5 if r.kind == "strategy" else 1.0, label=r.name)
     if replay.truth is not None:
         best = []
         for a, b in zip(edges[:-1], edges[1:], strict=True):
             sel = [e for e, t in zip(replay.examples, ts_all, strict=True) if a <= t < b]
             best.append(replay.truth(sel) if sel else math.nan)
-        ax.plot(mids, best, "k--", label="best (truth)")
+        ax.plot(mids, best, "k:", lw=2, label="best (truth)")
     for b in bounds[:-1]:
         ax.axvline(datetime.fromtimestamp(b / 1000, tz=UTC), color="grey", lw=0.5, ls=":")
     if replay.shift_ts is not None:
@@ -426,7 +696,7 @@ def plot(replay: Replay, results: Sequence[StrategyResult], bounds: Sequence[int
     ax.set_ylabel("prequential AUC")
     ax.set_title(f"{replay.name}: AUC over event time")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", ncol=2)
     fig.autofmt_xdate()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
@@ -455,6 +725,7 @@ def evaluate(
     model_config: ModelConfig,
     learner_config: LearnerConfig,
     settings: EvalSettings,
+    baselines: Sequence[str] = (),
 ) -> tuple[dict, list[StrategyResult], list[int]]:
     bounds = _period_bounds(replay.examples, settings.periods)
     stream, held = _holdout(replay.examples, bounds[0], settings.holdout)
@@ -464,7 +735,30 @@ def evaluate(
         mc, lc = strategy_configs(name, model_config, learner_config)
         results.append(run_strategy(name, replay, stream, held, bounds, mc, lc, settings))
         log.info("%s done in %.1fs", name, results[-1].seconds)
-    return summarize(replay, results, bounds), results, bounds
+    for name in baselines:
+        results.append(run_baseline(name, replay, stream, held, bounds, settings, seed=model_config.seed))
+        log.info("%s done in %.1fs", name, results[-1].seconds)
+    return summarize(replay, results, bounds, stream), results, bounds
+
+
+def baseline_names(spec: str, replay: Replay) -> list[str]:
+    """``--baselines``: 'all' (those that can run on this replay), 'none', or a comma list."""
+    spec = spec.strip()
+    if spec == "none" or not spec:
+        return []
+    if spec == "all":
+        names = [b for b in BASELINES if b != "oracle" or replay.generator is not None]
+        if river_version() is None:
+            log.warning("river is not installed: river-lr skipped (pip install -c constraints.txt river)")
+            names.remove("river-lr")
+        return names
+    names = [b.strip() for b in spec.split(",") if b.strip()]
+    bad = [b for b in names if b not in BASELINES]
+    if bad:
+        raise ValueError(f"unknown baselines {bad}; choose from {', '.join(BASELINES)} (or all, none)")
+    if "oracle" in names and replay.generator is None:
+        raise ValueError("the oracle baseline runs on the synthetic stream only")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,10 +768,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument(
+        "--baselines", default="all",
+        help=f"comma-separated subset of {','.join(BASELINES)} (oracle: synthetic only), 'all' or 'none'",
+    )
     p.add_argument("--events", type=int, default=2000, help="synthetic: impressions to generate")
     p.add_argument("--users", type=int, default=100, help="synthetic: users")
     p.add_argument("--shift-fraction", type=float, default=1.0, help="synthetic: share of users whose interests shift")
-    p.add_argument("--limit", type=int, default=2000, help="movielens: ratings to replay (impressions)")
+    p.add_argument("--limit", type=int, default=20_000, help="movielens: ratings to replay (impressions); 0 = all 100k")
     p.add_argument("--slate-size", type=int, default=5, help="movielens: items per impression")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -519,7 +817,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             users=args.users, shift_fraction=args.shift_fraction,
         )
     else:
-        replay = load_movielens(limit=args.limit, slate_size=args.slate_size, seed=args.seed, history_length=args.max_history)
+        replay = load_movielens(limit=args.limit or None, slate_size=args.slate_size, seed=args.seed, history_length=args.max_history)
+    try:
+        baselines = baseline_names(args.baselines, replay)
+    except ValueError as exc:
+        p.error(str(exc))
     layers = args.encoder_layers or None
     n_layers = layers or 6
     if args.freeze_layers is not None:
@@ -544,7 +846,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     settings = EvalSettings(batch_size=args.batch_size, periods=args.periods, holdout=args.holdout, publish_every=args.publish_every)
     summary, results, bounds = evaluate(
-        replay, strategies=strategies, model_config=model_config, learner_config=learner_config, settings=settings
+        replay, strategies=strategies, model_config=model_config, learner_config=learner_config, settings=settings,
+        baselines=baselines,
     )
     out = args.out or default_cache_dir() / "evaluate" / f"auc_{replay.name}.png"
     plot(replay, results, bounds, out)
