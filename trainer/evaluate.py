@@ -504,7 +504,9 @@ def summarize(
     The SE of each overall AUC is the standard deviation of
     :data:`SE_RESAMPLES` bootstrap resamples of whole impressions (seed
     :data:`SE_SEED`, the same resamples for every row) when ``stream`` is
-    given; DeLong's SE (examples independent) is kept beside it.
+    given; DeLong's SE (examples independent) is kept beside it.  With the
+    same resamples for every row, the difference of each row's AUC to the
+    ``default`` strategy's (else the first row's) gets a paired bootstrap SE.
     """
     edges = [-(2**62), *bounds]
     out: dict = {"dataset": replay.name, "periods": len(bounds), "strategies": {}, "baselines": {}}
@@ -521,6 +523,7 @@ def summarize(
         out["recovery"] = {
             "reference": ref.name, "window_batches": RECOVERY_WINDOW, "share": RECOVERY_SHARE, "shift_ts": replay.shift_ts,
         }
+    replicates: dict[str, np.ndarray] = {}
     for r in results:
         per_auc, per_ll = [], []
         for k in range(len(bounds)):
@@ -534,6 +537,7 @@ def summarize(
                 r.labels, r.probs, clusters[r.index], n_clusters=n_clusters, resamples=SE_RESAMPLES, seed=SE_SEED
             )
             se = float(np.nanstd(reps, ddof=1)) if np.isfinite(reps).sum() > 1 else math.nan
+            replicates[r.name] = reps
         row = {
             "kind": r.kind,
             "auc_per_period": per_auc,
@@ -554,6 +558,16 @@ def summarize(
                 r, ref, replay.shift_ts
             )
         out["strategies" if r.kind == "strategy" else "baselines"][r.name] = row
+    names = [r.name for r in results]
+    base = "default" if "default" in names else (names[0] if names else None)
+    if base is not None and base in replicates:
+        out["diff_to"] = base
+        base_row = {**out["strategies"], **out["baselines"]}[base]
+        for group in ("strategies", "baselines"):
+            for name, row in out[group].items():
+                d = replicates.get(name, np.full(1, np.nan)) - replicates[base]
+                row["auc_diff"] = row["auc"] - base_row["auc"]
+                row["auc_diff_se"] = float(np.nanstd(d, ddof=1)) if name != base and np.isfinite(d).sum() > 1 else math.nan
     if any(r.name == "river-lr" for r in results):
         out["river_version"] = river_version()
     if replay.truth is not None and results:
@@ -588,12 +602,22 @@ def format_table(summary: dict) -> str:
 
     cols = "".join(f"{'P' + str(k + 1):>8}" for k in range(periods))
     lines = [f"dataset: {summary['dataset']}", "", "prequential AUC per period"]
-    lines.append(f"{'row':<{w}}" + cols + f"{'overall':>9}{'SE':>8}{'trained':>10}{'seconds':>9}")
+    base = summary.get("diff_to")
+    diff_head = f"{'- ' + base:>17}" if base else ""
+    lines.append(f"{'row':<{w}}" + cols + f"{'overall':>9}{'SE':>8}{diff_head}{'trained':>10}{'seconds':>9}")
+
+    def diff(s: dict) -> str:
+        if not base:
+            return ""
+        d, se = s.get("auc_diff"), s.get("auc_diff_se")
+        if d is None or d != d or se is None or se != se:
+            return f"{'':>17}"
+        return f"{f'{d:+.3f} +- {se:.4f}':>17}"
 
     def auc_row(name: str, s: dict) -> str:
         return (
             f"{name:<{w}}" + "".join(fmt(a) for a in s["auc_per_period"]) + " " + fmt(s["auc"]) + fmt(s.get("auc_se"))
-            + f"{s['trained_examples']:>10d}{s['seconds']:>9.1f}"
+            + diff(s) + f"{s['trained_examples']:>10d}{s['seconds']:>9.1f}"
         )
 
     def section(title: str, rows: dict, fn: Callable[[str, dict], str], notes: bool = True) -> None:
@@ -615,6 +639,8 @@ def format_table(summary: dict) -> str:
                 + "   (true probabilities)"
             )
     footer = [f"SE of the overall AUC: {summary.get('se_method', 'DeLong')}"]
+    if base:
+        footer.append(f"'- {base}': overall AUC minus {base}'s, +- the paired bootstrap SE of the difference (same resamples)")
     if "river_version" in summary:
         footer.append(f"river-lr ran River {summary['river_version']}")
     lines += footer

@@ -232,6 +232,10 @@ def test_cli_prints_baselines_with_ses_and_recovery(tmp_path, capsys) -> None:
     assert summary["baselines"]["oracle"]["kind"] == "reference"
     assert "recovery_batches" in summary["baselines"]["item-ctr"]
     assert summary["baselines"]["item-ctr"]["auc_se"] > 0
+    assert summary["diff_to"] == "item-ctr"  # no 'default' row: differences to the first row
+    oracle = summary["baselines"]["oracle"]
+    assert oracle["auc_diff"] == pytest.approx(oracle["auc"] - summary["baselines"]["item-ctr"]["auc"])
+    assert 0 < oracle["auc_diff_se"] < 0.2
 
 
 def test_cli_rejects_unknown_baselines_and_the_oracle_off_synthetic() -> None:
