@@ -15,9 +15,16 @@ version behind.  :meth:`WeightStore.load` refuses a version whose weights do
 not match the manifest's sha256 (or size), raising :class:`WeightsError` with
 the reason; the serving agent keeps its old model in that case.
 
-A delta holds only the trainable parameters (LoRA adapters, unfrozen layers,
-heads); loading it loads its base version first, recursively, then applies the
-delta on top.
+A delta holds only the tensors that differ from its base version (the
+trainer passes the base's state: :func:`changed_tensors`; without it, the
+trainable parameters: LoRA adapters, unfrozen layers, heads); loading it loads
+its base version first, recursively, then applies the delta on top.  Comparing
+with the base, not trusting ``requires_grad``, also carries buffers that change
+while training.
+
+:func:`locate_version` names one version of *another* store by its directory
+or manifest (``STREAMREC_TRAINER_INIT_FROM``), and :func:`config_mismatch` says
+where its model config differs from the one configured.
 """
 
 from __future__ import annotations
@@ -249,8 +256,14 @@ class WeightStore:
         source_offsets: Mapping[str, int] | None = None,
         model_name: str = "streamrec",
         created_ts: int | None = None,
+        tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> ModelUpdate:
-        """Write one version atomically and return the ModelUpdate that announces it."""
+        """Write one version atomically and return the ModelUpdate that announces it.
+
+        ``tensors`` are a delta's tensors (e.g. :func:`changed_tensors` against its
+        base); default: the model's trainable parameters.  A full version is
+        always the whole ``state_dict()``.
+        """
         if version < 1:
             raise WeightsError(f"version must be >= 1, got {version}")
         if kind not in ("full", "delta"):
@@ -271,7 +284,16 @@ class WeightStore:
         if self.fs.exists(self._join(version_dir(version), MANIFEST_FILE)):
             raise WeightsError(f"version {version} already exists in {self.url}")
 
-        state = model.state_dict() if kind == "full" else model.trainable_state_dict()
+        if kind == "full":
+            state: Mapping[str, torch.Tensor] = model.state_dict()
+        elif tensors is not None:
+            own = model.state_dict()
+            unknown = sorted(set(tensors) - set(own))
+            if unknown:
+                raise WeightsError(f"delta {version}: tensors the model lacks: {unknown[:5]}")
+            state = tensors
+        else:
+            state = model.trainable_state_dict()
         if not state:
             raise WeightsError(f"version {version}: the model has no {'trainable ' if kind == 'delta' else ''}tensors")
         data = _serialize(state, {"model_name": model_name, "version": str(version), "kind": kind})
@@ -354,6 +376,42 @@ class WeightStore:
         model.to(device)
         model.eval()
         return model
+
+    def load_into(self, model: torch.nn.Module, version: int) -> Manifest:
+        """Load a version's tensors (its delta chain resolved, every file verified) into a model
+        built elsewhere, e.g. from this deployment's own config; return the version's manifest.
+
+        The tensors must fit the model exactly (names and shapes), else :class:`WeightsError`."""
+        man = self.manifest(version)
+        _load_exact(model, self.state(version), f"version {version} of {self.url}")
+        return man
+
+    def state(self, version: int) -> dict[str, torch.Tensor]:
+        """A version's whole state dict on the CPU (its delta chain resolved, every file verified)."""
+        where = f"version {version} of {self.url}"
+        man = self.manifest(version)
+        return self._state_chain(self.fs, self._join(version_dir(version)), man, where, depth=0)
+
+    def _state_chain(
+        self, fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int
+    ) -> dict[str, torch.Tensor]:
+        if depth > _MAX_DELTA_CHAIN:
+            raise WeightsError(f"{where}: delta chain longer than {_MAX_DELTA_CHAIN}")
+        state = self._read_weights(fs, vdir, man, where)
+        if man.kind == "full":
+            return dict(state)
+        assert man.base_version is not None
+        base_dir = posixpath.join(posixpath.dirname(vdir), version_dir(man.base_version))
+        base_where = f"base version {man.base_version} of {where}"
+        base_man = self._read_manifest(fs, posixpath.join(base_dir, MANIFEST_FILE), base_where)
+        if base_man.model_config != man.model_config:
+            raise WeightsError(f"{where}: model config differs from its base version {man.base_version}")
+        merged = self._state_chain(fs, base_dir, base_man, base_where, depth + 1)
+        unexpected = sorted(set(state) - set(merged))
+        if unexpected:
+            raise WeightsError(f"{where}: delta has tensors its base lacks: {unexpected[:5]}")
+        merged.update(state)
+        return merged
 
     def _build(
         self, fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int
@@ -454,6 +512,77 @@ class WeightStore:
                 log.info("removing %s: a publish that never completed", m.group(0))
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm(self._join(m.group(0)), recursive=True)
+
+
+# --- deltas and other stores' versions -------------------------------------------
+
+
+def changed_tensors(
+    state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` that differ from ``base`` (or that ``base`` lacks): a delta on it."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        old = base.get(name)
+        t = tensor.detach()
+        if old is None or old.shape != t.shape or old.dtype != t.dtype or not torch.equal(old, t.to(old.device)):
+            out[name] = t
+    return out
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the tensor data of a state dict (what a safetensors file of it is, give or take)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a model's state dict (the base a later delta is compared with)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def locate_version(ref: str) -> tuple[WeightStore, int]:
+    """The store and version a reference names: a version directory (``.../v000024``) or its
+    ``manifest.json``, as a local path or an fsspec URL.  Raises :class:`WeightsError` when
+    it names no published version."""
+    ref = ref.strip()
+    try:
+        fs, path = fsspec.core.url_to_fs(ref)
+    except (ValueError, ImportError) as exc:
+        raise WeightsError(f"{ref!r}: {exc}") from exc
+    path = path.rstrip("/")
+    if posixpath.basename(path) == MANIFEST_FILE:
+        path = posixpath.dirname(path)
+    m = _VERSION_DIR.match(posixpath.basename(path))
+    if not m:
+        raise WeightsError(
+            f"{ref!r} is not a version directory (<store root>/v000001) or its {MANIFEST_FILE}"
+        )
+    store = WeightStore(fs.unstrip_protocol(posixpath.dirname(path) or "/"))
+    version = int(m.group(1))
+    if version not in store.versions():
+        raise WeightsError(f"{ref!r}: no published version {version} in {store.url} (no {MANIFEST_FILE})")
+    return store, version
+
+
+def config_mismatch(
+    found: Mapping[str, Any], expected: Mapping[str, Any], *, ignore: tuple[str, ...] = ("seed",)
+) -> list[str]:
+    """Fields where two model configs differ (each normalised through ModelConfig, so fields
+    one side lacks compare as their defaults), as ``"field: found X, expected Y"``."""
+    from trainer.model import ModelConfig
+
+    def norm(cfg: Mapping[str, Any], what: str) -> dict[str, Any]:
+        try:
+            return ModelConfig.model_validate(dict(cfg)).model_dump(mode="json")
+        except Exception as exc:  # pydantic ValidationError or a config rule
+            raise WeightsError(f"the {what} model config does not validate: {exc}") from exc
+
+    a, b = norm(found, "published"), norm(expected, "configured")
+    return [
+        f"{k}: published {a.get(k)!r}, configured {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in ignore and a.get(k) != b.get(k)
+    ]
 
 
 # --- helpers --------------------------------------------------------------------
