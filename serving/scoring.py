@@ -164,6 +164,25 @@ class Popularity:
     def __len__(self) -> int:
         return len(self._weights)
 
+    def state(self) -> dict[str, object]:
+        """Everything needed to rebuild this estimate (JSON- and ``torch.load(weights_only)``-safe)."""
+        with self._lock:
+            return {"half_life_s": self.half_life_ms / 1000.0, "ref_ts": self._ref_ts,
+                    "weights": dict(self._weights), "clicks": self.clicks}
+
+    @classmethod
+    def from_state(cls, state: dict[str, object], half_life_s: float) -> Popularity:
+        """An estimate restored from :meth:`state`; one kept under another half-life starts empty."""
+        pop = cls(half_life_s)
+        if float(state.get("half_life_s", -1.0)) != float(half_life_s):  # type: ignore[arg-type]
+            return pop
+        ref = state.get("ref_ts")
+        pop._ref_ts = None if ref is None else int(ref)  # type: ignore[call-overload]
+        pop._weights = {str(k): float(v) for k, v in dict(state.get("weights", {})).items()}  # type: ignore[call-overload]
+        pop.clicks = int(state.get("clicks", 0))  # type: ignore[call-overload]
+        pop.generation = 1 if pop._weights else 0
+        return pop
+
 
 def cold_start_scores(
     popularity: np.ndarray, item_vecs: np.ndarray | None, *, trending: int, blend: float
