@@ -47,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ from confluent_kafka import (
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from pydantic import ValidationError
 
+from serving.scoring import Popularity
 from streams.errors import ConfigError, RecordError, StreamrecError
 from streams.records import DeadLetter, Item, Labeled
 from streams.settings import KafkaSettings
@@ -72,13 +74,22 @@ from trainer.catalog import Catalog
 from trainer.checkpoint import (
     Checkpoint,
     check_model_config,
+    checkpoint_path,
     load_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
 )
 from trainer.metrics import binary_metrics
 from trainer.service_settings import ENV_PREFIX, TrainerSettings
-from trainer.weights import WeightsError, WeightStore
+from trainer.weights import (
+    WeightsError,
+    WeightStore,
+    changed_tensors,
+    config_mismatch,
+    cpu_state,
+    locate_version,
+    state_bytes,
+)
 
 log = logging.getLogger(__name__)
 _rdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
@@ -169,6 +180,82 @@ def guardrail_passes(
     return ok, f"{metric} candidate {c:.4f} {'' if ok else 'not '}{rel} {bound:.4f} (live {v:.4f}, {why})"
 
 
+class Refusal(StrEnum):
+    """Why the guardrail refused a candidate: the ``reason`` label of
+    ``streamrec_trainer_guardrail_rejections_total`` (a fixed set, never an error message)."""
+
+    BELOW_FALLBACK = "below_fallback"
+    """No live version, and the candidate does not beat the popularity fallback (see :func:`beats_fallback`)."""
+    WORSE_THAN_LIVE = "worse_than_live"
+    """Worse than the live version on the held-back examples (see :func:`guardrail_passes`)."""
+    METRIC_UNDEFINED = "metric_undefined"
+    """The compared metric is undefined on the held-back examples (e.g. AUC with one class only)."""
+    NON_FINITE = "non_finite"
+    """The candidate has NaN/inf parameters."""
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their mean rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new_group = np.r_[True, xs[1:] != xs[:-1]]
+    starts = np.flatnonzero(new_group)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = ((starts + ends - 1) / 2.0 + 1.0)[np.cumsum(new_group) - 1]
+    return ranks
+
+
+def paired_auc(labels: Any, a: Any, b: Any) -> tuple[float, float, float]:
+    """(AUC of ``a``, AUC of ``b``, standard error of AUC(a) - AUC(b)) on the same examples.
+
+    DeLong's variance of correlated AUCs (the fast midrank form of Sun & Xu,
+    2014); ties count one half, as in the AUC itself.  NaNs when either class
+    has fewer than two examples.
+    """
+    y = np.asarray(labels, dtype=np.float64) > 0.5
+    sa, sb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        return math.nan, math.nan, math.nan
+    aucs, v10s, v01s = [], [], []
+    for s in (sa, sb):
+        pos, neg = s[y], s[~y]
+        tx, ty = _midranks(pos), _midranks(neg)
+        tz = _midranks(np.concatenate([pos, neg]))
+        aucs.append(float((tz[:m].sum() - m * (m + 1) / 2.0) / (m * n)))
+        v10s.append((tz[:m] - tx) / n)  # per positive: share of negatives ranked below it
+        v01s.append(1.0 - (tz[m:] - ty) / m)  # per negative: share of positives ranked above it
+    sx, sy = np.cov(np.vstack(v10s)), np.cov(np.vstack(v01s))
+    var = (sx[0, 0] + sx[1, 1] - 2 * sx[0, 1]) / m + (sy[0, 0] + sy[1, 1] - 2 * sy[0, 1]) / n
+    return aucs[0], aucs[1], float(math.sqrt(max(var, 0.0)))
+
+
+def beats_fallback(labels: Any, candidate: Any, fallback: Any, *, z: float) -> tuple[bool, Refusal | None, str, dict[str, float]]:
+    """Whether a candidate may replace the popularity fallback: (passes, refusal, explanation, metrics).
+
+    The rule: on the same held-back examples, the candidate's AUC must exceed
+    the fallback's by more than ``z`` standard errors of the paired AUC
+    difference (:func:`paired_auc`), i.e. ``auc_c - auc_f > z * se``.  With
+    ``z = 1.64`` that is a one-sided test at about 5%: the burden of proof is
+    on the candidate (against a *live* version it is the other way round, see
+    :func:`guardrail_passes`).  AUC, not log loss, because the fallback ranks
+    items but gives no probabilities; popularity ties (items never clicked)
+    count one half.  Undefined AUCs (one class only) refuse with
+    :attr:`Refusal.METRIC_UNDEFINED`.
+    """
+    auc_c, auc_f, se = paired_auc(labels, candidate, fallback)
+    metrics = {"holdout_auc": auc_c, "holdout_fallback_auc": auc_f, "holdout_fallback_auc_diff_se": se}
+    metrics = {k: v for k, v in metrics.items() if _finite(v)}
+    if not (_finite(auc_c) and _finite(auc_f) and _finite(se)):
+        return False, Refusal.METRIC_UNDEFINED, "AUC undefined on the held-back examples (too few of a class)", metrics
+    bound = auc_f + z * se
+    ok = auc_c > bound
+    why = (f"auc candidate {auc_c:.4f} {'>' if ok else 'not >'} {bound:.4f} "
+           f"(popularity fallback {auc_f:.4f} + {z} x se {se:.4f})")
+    return ok, None if ok else Refusal.BELOW_FALLBACK, why, metrics
+
+
 def paired_log_loss_se(labels: Any, cand: Any, live: Any) -> float:
     """Standard error of the mean of per-example log-loss differences (candidate - live)."""
     y = np.asarray(labels, dtype=np.float64)
@@ -215,7 +302,12 @@ class TrainerMetrics:
         self.duplicates = Counter(p + "duplicates_dropped", "Redelivered example_ids dropped", registry=r)
         self.steps = Counter(p + "steps", "Training steps", registry=r)
         self.published = Counter(p + "versions_published", "Versions published", ["kind"], registry=r)
-        self.rejections = Counter(p + "guardrail_rejections", "Candidates the guardrail refused", registry=r)
+        self.rejections = Counter(p + "guardrail_rejections", "Candidates the guardrail refused, by reason",
+                                  ["reason"], registry=r)
+        for reason in Refusal:
+            self.rejections.labels(reason=reason.value)
+        self.published_bytes = Counter(p + "published_bytes", "Bytes of weights written to the store",
+                                       ["kind"], registry=r)
         self.publish_failures = Counter(p + "publish_failures", "Versions the store could not take", registry=r)
         self.dead_letters = Counter(p + "dead_letters", "Records sent to dead-letters", ["topic"], registry=r)
         self.items = Counter(p + "items_consumed", "Item records read into the catalog", registry=r)
@@ -270,6 +362,9 @@ class TrainerService:
         except WeightsError as exc:
             raise ConfigError(f"{ENV_PREFIX}WEIGHTS_ROOT", str(exc)) from exc
         model_config_from(settings.model_overrides())  # fail now, not after the catalog load
+        self._init_source: tuple[WeightStore, int] | None = None
+        if settings.init_from is not None:
+            self._init_source = self._check_init_from()
         self._learner_config()
         from trainer.learner import LearnerError, resolve_device
 
@@ -304,6 +399,10 @@ class TrainerService:
         self._last_checkpoint = time.monotonic()
         self._checkpointed_offsets: dict[int, int] = {}
         self._live_probs: dict[str, float] = {}
+        self.popularity = Popularity(settings.fallback_half_life_s)
+        """The popularity fallback as serving computes it, fed by the positives trained on."""
+        self._base_state: dict[str, torch.Tensor] | None = None
+        """CPU copy of the last full version's tensors: deltas are what differs from it."""
         self._last_log = time.monotonic()
         self._last_partition_check = time.monotonic()
         self._last_step_metrics: dict[str, float] = {}
@@ -311,6 +410,40 @@ class TrainerService:
         self._ids_log_size = 0
         self._delivery_errors: list[str] = []
         self._counts = {"trained": 0, "held_back": 0, "duplicates": 0, "dead": 0, "consumed": 0}
+        self._refusals = {reason.value: 0 for reason in Refusal}
+
+    def _check_init_from(self) -> tuple[WeightStore, int]:
+        """Validate STREAMREC_TRAINER_INIT_FROM at start-up: a published version whose model config
+        matches the configured one (checked only when no checkpoint will win over it)."""
+        s = self.settings
+        setting = f"{ENV_PREFIX}INIT_FROM"
+        try:
+            store, version = locate_version(s.init_from or "")
+            man = store.manifest(version)
+        except (WeightsError, OSError) as exc:
+            raise ConfigError(setting, str(exc)) from exc
+        if checkpoint_path(s.checkpoint_dir).exists():
+            return store, version  # the checkpoint wins (logged at start); nothing to match
+        expected = self._init_config(man.model_config).model_dump(mode="json")
+        try:
+            diffs = config_mismatch(man.model_config, expected)
+        except WeightsError as exc:
+            raise ConfigError(setting, str(exc)) from exc
+        if diffs:
+            raise ConfigError(
+                setting,
+                f"version {version} in {store.url} was published for another model config "
+                f"({'; '.join(diffs)}); set the model settings to match it",
+            )
+        return store, version
+
+    def _init_config(self, source_config: dict[str, Any]) -> Any:
+        """This deployment's model config when it starts from a published version: the settings,
+        with the category vocabulary of the source unless STREAMREC_TRAINER_CATEGORIES is given."""
+        fields = self.settings.model_overrides()
+        if "categories" not in fields:
+            fields["categories"] = list(source_config.get("categories", []))
+        return model_config_from(fields)
 
     # --- control ---------------------------------------------------------------------
     def stop(self) -> None:
@@ -329,6 +462,7 @@ class TrainerService:
             "examples_trained": self._examples_trained(),
             "live_version": self._live_version,
             **{k: v for k, v in self._counts.items() if not k.startswith("_")},
+            "refused": dict(self._refusals),
         }
 
     def run(self) -> None:
@@ -449,7 +583,13 @@ class TrainerService:
                  time.monotonic() - started)
 
     def _model_config_for(self, ckpt: Checkpoint | None) -> Any:
-
+        if ckpt is None and self._init_source is not None:
+            store, version = self._init_source
+            try:
+                source = store.manifest(version).model_config
+            except (WeightsError, OSError) as exc:
+                raise ConfigError(f"{ENV_PREFIX}INIT_FROM", str(exc)) from exc
+            return self._init_config(source)
         fields = self.settings.model_overrides()
         if "categories" not in fields:
             # The category vocabulary is fixed when a model is born: from the checkpoint when
@@ -473,6 +613,20 @@ class TrainerService:
             self.model = build_model(config)
         except ModelError as exc:
             raise ConfigError(f"{ENV_PREFIX}ENCODER_PATH / {ENV_PREFIX}MODEL_OPTIONS", str(exc)) from exc
+        if self._init_source is not None:
+            store, version = self._init_source
+            if ckpt is not None:
+                log.info("checkpoint in %s wins over %sINIT_FROM=%s: resuming from the checkpoint, "
+                         "not initialising from version %d", self.settings.checkpoint_dir, ENV_PREFIX,
+                         self.settings.init_from, version)
+            else:
+                try:
+                    man = store.load_into(self.model, version)
+                except (WeightsError, OSError) as exc:
+                    raise ConfigError(f"{ENV_PREFIX}INIT_FROM", str(exc)) from exc
+                log.info("no checkpoint: initialised the model from version %d of %r in %s (%d examples "
+                         "trained there); optimizer, replay buffer and metrics start fresh",
+                         version, man.model_name, store.url, man.trained_examples)
         try:
             self.learner = ContinualLearner(self.model, self._learner_config(), self.catalog)
         except LearnerError as exc:
@@ -522,6 +676,8 @@ class TrainerService:
         self._next_version = max(store_next, int(st.get("next_version", 1)))
         self._last_full_version = st.get("last_full_version")
         self._publishes_since_full = int(st.get("publishes_since_full", 0))
+        if isinstance(st.get("popularity"), dict):
+            self.popularity = Popularity.from_state(st["popularity"], self.settings.fallback_half_life_s)
         live = st.get("live_version")
         if live is not None:
             try:
@@ -535,6 +691,13 @@ class TrainerService:
                             live, exc)
         if self._last_full_version is not None and self._last_full_version not in self.store.versions():
             self._last_full_version = None  # pruned or lost: the next version is full
+        if self._last_full_version is not None and self.settings.publish_kind == "delta":
+            try:
+                self._base_state = self.store.state(int(self._last_full_version))
+            except (WeightsError, OSError) as exc:
+                log.warning("base version %s cannot be read (%s); the next version is full",
+                            self._last_full_version, exc)
+                self._last_full_version = None
         log.info(
             "resumed from checkpoint of %s: %d examples trained, %d steps, offsets %s, live version %s",
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ckpt.created_ts / 1000)),
@@ -734,6 +897,9 @@ class TrainerService:
             self._steps_since_attempt += 1
             self._steps_since_checkpoint += 1
             self._counts["trained"] += len(train)
+            for ex in train:  # serving's fallback counts each click once (a late one too)
+                if ex.label == 1:
+                    self.popularity.add((ex.item_id,), ex.label_ts)
             self.metrics.steps.inc()
             self.metrics.trained.inc(len(train))
             self._last_step_metrics = {k: float(v) for k, v in result.items()}
@@ -768,19 +934,39 @@ class TrainerService:
         )
 
     def _guardrail(self) -> tuple[bool, dict[str, float], dict[str, float]]:
-        """(publish?, guardrail metrics for the manifest, candidate predictions by example key)."""
+        """(publish?, guardrail metrics for the manifest, candidate predictions by example key).
+
+        With no live version the candidate must beat the popularity fallback
+        (:func:`beats_fallback`); with one, it must be no worse than it
+        (:func:`guardrail_passes`).  The fallback's held-back AUC is computed
+        (and published in the manifest) either way.
+        """
         s = self.settings
         if s.holdout_fraction <= 0:
             return True, {}, {}
         holdout = list(self._holdout)
-        if self._live_model is not None and len(holdout) < s.guardrail_min_examples:
+        if len(holdout) < s.guardrail_min_examples:
             log.info("publish postponed: %d held-back examples, the guardrail needs %d",
                      len(holdout), s.guardrail_min_examples)
             return False, {}, {}
         cand_probs, kept = self.learner.predict(holdout)
         cand = {dedupe_key(holdout[i]): float(p) for i, p in zip(kept, cand_probs, strict=True)}
+        by_key = {dedupe_key(ex): ex for ex in holdout}
+        keys = list(cand)
+        y = [by_key[k].label for k in keys]
+        pc = [cand[k] for k in keys]
+        fallback = self.popularity.vector([by_key[k].item_id for k in keys])
+        fb_ok, fb_refusal, fb_why, extra = beats_fallback(y, pc, fallback, z=s.guardrail_fallback_z)
+        extra["holdout_examples"] = float(len(keys))
         if self._live_model is None:
-            return True, {}, cand  # the first version: nothing to compare with
+            if not fb_ok:
+                assert fb_refusal is not None
+                self._refuse(fb_refusal, f"against the popularity fallback on {len(keys)} held-back "
+                                         f"examples: {fb_why}")
+                return False, extra, cand
+            log.info("guardrail passed against the popularity fallback on %d held-back examples: %s",
+                     len(keys), fb_why)
+            return True, extra, cand
         # The live version does not change between publishes: score each held-back example once.
         new = [ex for ex in holdout if dedupe_key(ex) in cand and dedupe_key(ex) not in self._live_probs]
         if new:
@@ -788,24 +974,28 @@ class TrainerService:
             for i, p in zip(live_kept, live_probs, strict=True):
                 self._live_probs[dedupe_key(new[i])] = float(p)
         keys = [k for k in cand if k in self._live_probs]
-        labels = {dedupe_key(ex): ex.label for ex in holdout}
-        y = [labels[k] for k in keys]
+        y = [by_key[k].label for k in keys]
         pc, pl = [cand[k] for k in keys], [self._live_probs[k] for k in keys]
         cand_m, live_m = binary_metrics(y, pc), binary_metrics(y, pl)
         ok, why = guardrail_passes(
             cand_m, live_m, metric=s.guardrail_metric, margin=s.guardrail_margin,
             z=s.guardrail_z, loss_diff_se=paired_log_loss_se(y, pc, pl),
         )
-        extra = {f"holdout_{k}": float(v) for k, v in cand_m.items() if _finite(v)}
+        extra.update({f"holdout_{k}": float(v) for k, v in cand_m.items() if _finite(v)})
         extra.update({f"live_holdout_{k}": float(v) for k, v in live_m.items() if _finite(v)})
         if not ok:
-            self.metrics.rejections.inc()
-            log.warning("guardrail refused the candidate after step %d against live version %s: %s",
-                        self._steps, self._live_version, why)
+            reason = Refusal.METRIC_UNDEFINED if "undefined" in why else Refusal.WORSE_THAN_LIVE
+            self._refuse(reason, f"against live version {self._live_version}: {why}")
         else:
-            log.info("guardrail passed against live version %s on %d held-back examples: %s",
-                     self._live_version, len(keys), why)
+            log.info("guardrail passed against live version %s on %d held-back examples: %s "
+                     "(vs the popularity fallback: %s)", self._live_version, len(keys), why, fb_why)
         return ok, extra, cand
+
+    def _refuse(self, reason: Refusal, why: str) -> None:
+        self.metrics.rejections.labels(reason=reason.value).inc()
+        self._refusals[reason.value] += 1
+        log.warning("guardrail refused the candidate after step %d (reason=%s) %s",
+                    self._steps, reason.value, why)
 
     def _publish(self, now: float) -> None:
         s = self.settings
@@ -814,17 +1004,13 @@ class TrainerService:
         self._steps_since_attempt = 0
         bad = [k for k, t in self.model.trainable_state_dict().items() if not bool(torch.isfinite(t).all())]
         if bad:
-            self.metrics.rejections.inc()
-            log.error("not publishing after step %d: non-finite parameters %s", self._steps, bad[:5])
+            self._refuse(Refusal.NON_FINITE, f"non-finite parameters {bad[:5]}")
             return
         ok, guard, cand_probs = self._guardrail()
         if not ok:
             return
-        delta = (
-            s.publish_kind == "delta"
-            and self._last_full_version is not None
-            and self._publishes_since_full + 1 < s.full_every
-        )
+        tensors = self._delta_tensors()
+        delta = tensors is not None
         metrics = {f"prequential_{k}": v for k, v in self._prequential().items() if _finite(v)}
         metrics.update({f"step_{k}": v for k, v in self._last_step_metrics.items() if _finite(v)})
         metrics.update(guard)
@@ -837,6 +1023,7 @@ class TrainerService:
                     version=version,
                     kind="delta" if delta else "full",
                     base_version=self._last_full_version if delta else None,
+                    tensors=tensors,
                     metrics=metrics,
                     trained_examples=self._examples_trained(),
                     source_offsets=source_offsets,
@@ -857,6 +1044,13 @@ class TrainerService:
         else:
             self._last_full_version = version
             self._publishes_since_full = 0
+            if s.publish_kind == "delta":
+                self._base_state = cpu_state(self.model)
+        try:
+            size = self.store.manifest(version).size
+            self.metrics.published_bytes.labels(kind=update.kind).inc(size)
+        except (WeightsError, OSError):
+            pass
         self._announce(update)
         self._live_version = version
         self._refresh_live_model(version)
@@ -877,6 +1071,29 @@ class TrainerService:
                 self.store.prune(s.keep_versions)
             except (WeightsError, OSError) as exc:
                 log.warning("pruning the weight store failed: %s", exc)
+
+    def _delta_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The tensors of the next version when it is a delta; None when it is full.
+
+        Full: with publish_kind=full, for the first version (or after the base was
+        lost), every ``full_every``-th version, and whenever the delta (what changed
+        since the base) would be at least half the size of a full snapshot.
+        """
+        s = self.settings
+        if (
+            s.publish_kind != "delta"
+            or self._last_full_version is None
+            or self._base_state is None
+            or self._publishes_since_full + 1 >= s.full_every
+        ):
+            return None
+        state = self.model.state_dict()
+        tensors = changed_tensors(state, self._base_state)
+        if not tensors or 2 * state_bytes(tensors) >= state_bytes(state):
+            log.info("a delta would hold %.1f of %.1f MB: publishing a full version",
+                     state_bytes(tensors) / 1e6, state_bytes(state) / 1e6)
+            return None
+        return tensors
 
     def _refresh_live_model(self, version: int) -> None:
         """The guardrail's copy of the live version: loaded once from the store, then copied in."""
@@ -961,6 +1178,7 @@ class TrainerService:
                 "last_full_version": self._last_full_version,
                 "publishes_since_full": self._publishes_since_full,
                 "holdout": [ex.to_dict() for ex in self._holdout],
+                "popularity": self.popularity.state(),
                 "trained_ids_log_size": ids_size,
             },
         )

@@ -80,11 +80,20 @@ class TrainerSettings(BaseSettings):
         default=5.0, gt=0, description="...or this many seconds since the last publish, whichever first."
     )
     publish_kind: Literal["full", "delta"] = Field(
-        default="full",
-        description="full: the whole state dict; delta: only the trainable params, on the last full version.",
+        default="delta",
+        description="delta: only the tensors that changed since the last full version (the first "
+        "version, every full_every-th, and any whose delta would be at least half the full size are "
+        "full); full: the whole state dict every time.",
     )
     full_every: int = Field(
         default=10, ge=1, description="With publish_kind=delta, every N-th version is full (bounds chains)."
+    )
+    init_from: str | None = Field(
+        default=None,
+        description="Start a fresh trainer (no checkpoint) from another deployment's published version: "
+        "its version directory or manifest.json, a path or fsspec URL (e.g. /srv/weights/v000024). "
+        "The model settings must match its config (categories and seed are taken from it); a "
+        "checkpoint, when present, wins.",
     )
     keep_versions: int = Field(
         default=10, ge=0, description="Versions kept in the weight store (older pruned; 0 = keep all)."
@@ -111,6 +120,17 @@ class TrainerSettings(BaseSettings):
         default=1.64, ge=0.0,
         description="...plus this many standard errors of the paired log-loss difference "
         "(log_loss only; 0 = the margin alone).",
+    )
+    guardrail_fallback_z: float = Field(
+        default=1.64, ge=0.0,
+        description="With no live version, a candidate replaces the popularity fallback only when its "
+        "held-back AUC beats the fallback's by more than this many standard errors of the paired "
+        "AUC difference (DeLong); 0 = any improvement.",
+    )
+    fallback_half_life_s: float = Field(
+        default=3600.0, gt=0,
+        description="Half-life of the trainer's copy of the popularity fallback (fed by the positives "
+        "it trains on); keep it equal to STREAMREC_SERVING_POPULARITY_HALF_LIFE_S.",
     )
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -152,7 +172,6 @@ class TrainerSettings(BaseSettings):
         default_factory=dict,
         description='LearnerConfig fields, as a JSON object, e.g. {"lr_heads": 0.003, "replay_size": 5000}.',
     )
-    seed: int = Field(default=0, ge=0, description="Seed of the model init, learner RNG and hold-back choice.")
 
     # --- operations -----------------------------------------------------------------------
     metrics_port: int = Field(
@@ -172,6 +191,14 @@ class TrainerSettings(BaseSettings):
         if not v:
             raise ValueError("must not be empty")
         return v
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        return v or None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainerSettings:

@@ -50,6 +50,7 @@ TINY: dict[str, Any] = {
     "holdout_fraction": 0.1,
     "guardrail_min_examples": 4,
     "guardrail_margin": 0.5,
+    "guardrail_fallback_z": 0.0,  # a handful of held-back examples: beating the fallback at all suffices
     "missing_item_wait_s": 1.0,
     "metrics_port": 0,
     "log_every_s": 2.0,
@@ -160,6 +161,8 @@ def test_labeled_examples_become_a_loadable_version(kafka_settings: KafkaSetting
         assert isinstance(first, ModelUpdate)
         assert (first.model, first.version, first.kind) == ("streamrec", 1, "full")
         assert first.trained_examples > 0
+        # it beat the popularity fallback on the held-back examples (both AUCs are in the manifest)
+        assert first.metrics["holdout_auc"] > first.metrics["holdout_fallback_auc"]
         assert set(first.source_offsets) <= set(_end_offsets(kafka_settings))
 
         model = WeightStore(settings.weights_root).load(first)
@@ -199,6 +202,8 @@ def test_labeled_examples_become_a_loadable_version(kafka_settings: KafkaSetting
     assert sample("streamrec_trainer_examples_trained_total") == len(seen) - len(held)
     assert sample("streamrec_trainer_versions_published_total", {"kind": "full"}) >= 1
     assert "streamrec_trainer_steps_total" in exposition and "streamrec_trainer_last_step_loss" in exposition
+    assert 'streamrec_trainer_guardrail_rejections_total{reason="below_fallback"}' in exposition
+    assert sample("streamrec_trainer_published_bytes_total", {"kind": "full"}) > 0
 
     ckpt = load_checkpoint(settings.checkpoint_dir)  # written at shutdown
     assert ckpt is not None
