@@ -16,6 +16,18 @@ records of that run:
   hit when *u* clicks one of its items in a click produced after the
   recommendation (so the scorer cannot have seen it) with event time at most
   ``T + horizon``; requests whose user makes no such click are not counted;
+* model vs fallback on the same requests: every measured request that a
+  trained version answered is also answered the fallback's way, offline:
+  :func:`fallback_hits` replays ``user-history`` with the serving agent's
+  own code (:func:`serving.scoring.appended_items` into a
+  :class:`serving.scoring.Popularity`, its half-life and history length) up
+  to the recommendation's Kafka timestamp, ranks the catalog with
+  :func:`serving.scoring.top_k`, and scores that top-k against the same
+  later clicks; the report gives both hit rates on those requests and the
+  standard error of their paired difference;
+* bytes written per version kind: the manifests of the announced versions
+  in the run's weight store (the demo keeps every version);
+* guardrail refusals, by reason: counted in the trainer's log;
 * freshness, per click: click produced → first published version whose
   trained-up-to offsets include the click's positive example → first
   recommendation scored by that version (Kafka message timestamps and the
@@ -25,8 +37,10 @@ records of that run:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -42,9 +56,20 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from infra.admin import ensure_topics
 from infra.processes import Service, ServiceGroup
+from serving.scoring import Popularity, appended_items, top_k
+from serving.settings import ServingSettings
 from streams.join import reference_join
 from streams.join_settings import JoinSettings
-from streams.records import Click, Impression, Labeled, ModelUpdate, Recommendation, RecRequest
+from streams.records import (
+    Click,
+    Impression,
+    Item,
+    Labeled,
+    ModelUpdate,
+    Recommendation,
+    RecRequest,
+    UserHistory,
+)
 from streams.replay import ReplayEvent
 from streams.settings import KafkaSettings, load
 from streams.topics import (
@@ -54,8 +79,11 @@ from streams.topics import (
     MODEL_UPDATES,
     REC_REQUESTS,
     RECOMMENDATIONS,
+    USER_HISTORY,
 )
+from trainer.service import Refusal
 from trainer.service_settings import TrainerSettings
+from trainer.weights import WeightsError, WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +131,13 @@ class PipelineReport:
     recommendations_by_version: dict[str, int]
     hit_rate: dict[str, float]
     hit_requests: dict[str, int]
+    same_requests: SameRequests
+    """Measured requests answered by trained versions, scored the fallback's way too."""
+    version_bytes: dict[str, tuple[int, int]]
+    """kind -> (versions, bytes of weights) of the announced versions whose manifest was readable."""
+    versions_unreadable: int
+    refusals: dict[str, int]
+    """Guardrail refusals by reason (from the trainer's log)."""
     freshness_trained_s: list[float]
     freshness_served_s: list[float]
     clicks_total: int
@@ -136,32 +171,48 @@ class PipelineReport:
             f"versions:       {len(self.versions)} published"
             + (f", last v{last['version']} after {last['trained_examples']:,} trained examples" if last else "")
             + ("" if self.trainer_caught_up else " (trainer had NOT caught up with `labeled` at the end)"),
+            "guardrail:      " + (", ".join(f"{n} refused ({r})" for r, n in self.refusals.items() if n)
+                                  or "no candidate refused"),
         ]
+        if not self.versions:
+            lines.append("                no version was published: every candidate was refused, so the "
+                         "popularity fallback served throughout")
+        if self.version_bytes or self.versions_unreadable:
+            parts = [f"{kind} {n} version{'s' if n != 1 else ''}, {b / 1e6:,.1f} MB "
+                     f"({b / 1e6 / max(n, 1):,.1f} MB each)"
+                     for kind, (n, b) in sorted(self.version_bytes.items())]
+            lines.append("weights written: " + "; ".join(parts)
+                         + (f" ({self.versions_unreadable} manifests unreadable)" if self.versions_unreadable else ""))
         if self.versions:
             lines.append("prequential metrics (as published, over event time):")
-            lines.append(f"  {'version':>7} {'event time':>19} {'examples':>9} {'AUC(win)':>9} "
-                         f"{'logloss(win)':>12} {'AUC(all)':>9} {'logloss(all)':>12}")
+            lines.append(f"  {'version':>7} {'kind':>5} {'event time':>19} {'examples':>9} {'AUC(win)':>9} "
+                         f"{'logloss(win)':>12} {'AUC(all)':>9} {'logloss(all)':>12} "
+                         f"{'AUC(held)':>9} {'fallback(held)':>14}")
             step = max(1, len(self.versions) // 12)
             shown = self.versions[::step] + ([] if (len(self.versions) - 1) % step == 0 else self.versions[-1:])
             for v in shown:
                 lines.append(
-                    f"  {v['version']:>7} {_fmt_ts(v['event_ts']):>19} {v['trained_examples']:>9,} "
+                    f"  {v['version']:>7} {v['kind']:>5} {_fmt_ts(v['event_ts']):>19} {v['trained_examples']:>9,} "
                     f"{_f(v['metrics'].get('prequential_window_auc')):>9} "
                     f"{_f(v['metrics'].get('prequential_window_log_loss')):>12} "
                     f"{_f(v['metrics'].get('prequential_cumulative_auc')):>9} "
-                    f"{_f(v['metrics'].get('prequential_cumulative_log_loss')):>12}"
+                    f"{_f(v['metrics'].get('prequential_cumulative_log_loss')):>12} "
+                    f"{_f(v['metrics'].get('holdout_auc')):>9} "
+                    f"{_f(v['metrics'].get('holdout_fallback_auc')):>14}"
                 )
         lines.append(
             f"recommendations: {self.recommendations:,} for {self.requests_sent:,} requests; "
             f"{self.recommendations_by_version.get('fallback', 0):,} by the popularity fallback, "
             f"{self.recommendations_by_version.get('model', 0):,} by trained versions"
         )
-        for path in ("model", "fallback", "all"):
-            if self.hit_requests.get(path):
-                lines.append(
-                    f"  hit rate@{'k'} ({path}): {self.hit_rate[path]:.3f} over {self.hit_requests[path]:,} "
-                    "requests whose user clicked again within the horizon"
-                )
+        lines.extend(self.same_requests.format())
+        if self.hit_requests.get("fallback"):
+            n = self.hit_requests["fallback"]
+            p = self.hit_rate["fallback"]
+            lines.append(
+                f"  hit rate@k of the requests the fallback answered itself (no version live yet): "
+                f"{p:.3f} ± {math.sqrt(p * (1 - p) / n):.3f} over {n:,} measured requests"
+            )
         lines.append(
             f"throughput:     the join emitted {self.labeled_rate:,.0f} labeled/s; the trainer consumed "
             f"{self.trainer_rate:,.0f}/s (a trainer slower than the join builds a backlog, and the "
@@ -179,6 +230,106 @@ class PipelineReport:
             lines.append(f"plot:           {self.plot}")
         lines.append(f"elapsed:        {self.elapsed_s:.0f} s")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SameRequests:
+    """Hit rates of the model and of the fallback on the same measured requests."""
+
+    k: int
+    model_hits: list[bool]
+    fallback_hits: list[bool]
+
+    @property
+    def n(self) -> int:
+        return len(self.model_hits)
+
+    def rates(self) -> dict[str, float]:
+        """model / fallback hit rates, their standard errors, and the paired difference's."""
+        n = self.n
+        if n == 0:
+            return {}
+        m = np.asarray(self.model_hits, dtype=np.float64)
+        f = np.asarray(self.fallback_hits, dtype=np.float64)
+        d = m - f
+        return {
+            "model": float(m.mean()), "model_se": float(math.sqrt(m.mean() * (1 - m.mean()) / n)),
+            "fallback": float(f.mean()), "fallback_se": float(math.sqrt(f.mean() * (1 - f.mean()) / n)),
+            "diff": float(d.mean()), "diff_se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+        }
+
+    def format(self) -> list[str]:
+        if not self.n:
+            return ["  hit rate@k: no measured request was answered by a trained version"]
+        r = self.rates()
+        return [
+            f"  hit rate@{self.k} on the same {self.n:,} measured requests answered by trained versions "
+            "(the fallback's top-k recomputed per request from the clicks serving had seen):",
+            f"    model {r['model']:.3f} ± {r['model_se']:.3f}, popularity fallback {r['fallback']:.3f} ± "
+            f"{r['fallback_se']:.3f}; model − fallback {r['diff']:+.3f} ± {r['diff_se']:.3f} (paired se)",
+        ]
+
+
+def fallback_hits(
+    requests: Iterable[tuple[int, int, set[str]]],
+    history: Iterable[tuple[int, UserHistory]],
+    catalog: list[str],
+    *,
+    half_life_s: float,
+    history_len: int,
+) -> list[bool]:
+    """Whether the popularity fallback's top-k would have hit, per request.
+
+    ``requests``: (Kafka timestamp of the recommendation, k, items the user
+    clicked later); ``history``: ``user-history`` records with their Kafka
+    timestamps.  Popularity is rebuilt exactly as the serving agent builds it
+    (:class:`serving.scoring.Popularity` fed by
+    :func:`serving.scoring.appended_items`) from the records produced up to
+    each recommendation, and the catalog ranked by :func:`serving.scoring.top_k`
+    (ties to the smaller item_id).  Answers in the order of ``requests``.
+    """
+    reqs = sorted(enumerate(requests), key=lambda e: e[1][0])
+    hist = sorted(history, key=lambda h: h[0])
+    pop = Popularity(half_life_s)
+    users: dict[str, tuple[str, ...]] = {}
+    out: dict[int, bool] = {}
+    j = 0
+    for idx, (wall, k, later) in reqs:
+        while j < len(hist) and hist[j][0] <= wall:
+            rec = hist[j][1]
+            old = users.get(rec.user_id, ())
+            pop.add(appended_items(old, rec.items, history_len), rec.ts)
+            users[rec.user_id] = tuple(rec.items[-history_len:])
+            j += 1
+        ranked = top_k(pop.vector(catalog), catalog, k)
+        out[idx] = any(catalog[i] in later for i in ranked)
+    return [out[i] for i in range(len(out))]
+
+
+def version_sizes(store: WeightStore, versions: Iterable[int]) -> tuple[dict[str, tuple[int, int]], int]:
+    """kind -> (count, bytes) over the manifests of some versions, and how many could not be read."""
+    sizes: dict[str, tuple[int, int]] = {}
+    missing = 0
+    for v in versions:
+        try:
+            man = store.manifest(v)
+        except (WeightsError, OSError):
+            missing += 1
+            continue
+        n, b = sizes.get(man.kind, (0, 0))
+        sizes[man.kind] = (n + 1, b + man.size)
+    return sizes, missing
+
+
+_REFUSAL_LINE = re.compile(r"guardrail refused the candidate .*?\(reason=([a-z_]+)\)")
+
+
+def refusals_in_log(text: str) -> dict[str, int]:
+    """Guardrail refusals by reason, counted in a trainer log."""
+    counts = {r.value: 0 for r in Refusal}
+    for m in _REFUSAL_LINE.finditer(text):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
 
 
 def _f(x: Any) -> str:
@@ -378,11 +529,14 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
     )
     impressions: list[Impression] = []
     clicks: list[Click] = []
+    catalog: dict[str, None] = {}
     for _, rec in replay.stream():
         if isinstance(rec, Impression):
             impressions.append(rec)
         elif isinstance(rec, Click):
             clicks.append(rec)
+        elif isinstance(rec, Item):
+            catalog[rec.item_id] = None
     join = load(JoinSettings, **{k.removeprefix("STREAMREC_JOIN_").lower(): v for k, v in cfg.join_env.items()})
     reference = reference_join(impressions, clicks, window_ms=join.window_ms, history_length=join.history_length)
     expected = reference.pairs()
@@ -403,7 +557,7 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
         }),
     ]
     topics = {spec.name: spec.real_name(settings) for spec in (
-        LABELED, MODEL_UPDATES, RECOMMENDATIONS, DEAD_LETTERS, CLICKS)}
+        LABELED, MODEL_UPDATES, RECOMMENDATIONS, DEAD_LETTERS, CLICKS, USER_HISTORY)}
     tracker = ReplayTracker()
     requester = Requester(settings, tracker, rate=cfg.requests_per_s, k=cfg.request_k, seed=cfg.seed)
     group = ServiceGroup(services, log_dir=cfg.out_dir / "logs", env=service_env(settings, cfg))
@@ -439,8 +593,8 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
             log.warning("the join did not label everything within %.0f s", cfg.drain_timeout_s)
 
         # 2. the trainer has consumed all of `labeled` (its committed offsets, written after each
-        #    checkpoint) and published at least one version. The newest version may not cover the
-        #    very end: the guardrail may refuse the last candidate, and training then waits for data.
+        #    checkpoint). The newest version may not cover the very end, and there may be none: the
+        #    guardrail may refuse candidates (a first one that does not beat the popularity fallback).
         labeled_end = high_watermarks(settings, topics["labeled"])
         trainer_group = cfg.trainer_env.get(
             "STREAMREC_TRAINER_GROUP_ID",
@@ -450,9 +604,7 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
         while time.monotonic() < deadline:
             group.check()
             done = committed_offsets(settings, trainer_group, topics["labeled"], labeled_end)
-            if all(done.get(p, 0) >= end for p, end in labeled_end.items()) and collector.snapshot(
-                topics["model-updates"]
-            ):
+            if all(done.get(p, 0) >= end for p, end in labeled_end.items()):
                 caught_up = True
                 break
             time.sleep(1.0)
@@ -481,15 +633,24 @@ def run_pipeline(settings: KafkaSettings, cfg: PipelineConfig, *, progress: bool
         if what is not None:
             raise what
 
+    trainer_log = cfg.out_dir / "logs" / "trainer.log"
     report = _report(
         cfg, collector, topics, reference, requester.sent,
         result["produced"].counts, caught_up, time.monotonic() - started,
+        catalog=list(catalog),
+        refusals=refusals_in_log(trainer_log.read_text(errors="replace")) if trainer_log.exists() else {},
     )
     try:
         report.plot = plot_report(report, cfg.out_dir / "pipeline.png")
     except Exception:  # the numbers are the result; a plotting failure must not hide them
         log.exception("writing the plot failed")
     return report
+
+
+def _serving_settings(cfg: PipelineConfig) -> ServingSettings:
+    """The scoring agent's settings in this run (the environment plus the run's serving_env)."""
+    prefix = "STREAMREC_SERVING_"
+    return load(ServingSettings, **{k.removeprefix(prefix).lower(): v for k, v in cfg.serving_env.items()})
 
 
 def _pair(m: Msg) -> tuple[str, int]:
@@ -510,6 +671,9 @@ def _report(
     produced: Mapping[str, int],
     caught_up: bool,
     elapsed: float,
+    *,
+    catalog: list[str],
+    refusals: dict[str, int],
 ) -> PipelineReport:
     labeled_msgs = collector.snapshot(topics["labeled"])
     labeled = [(m, Labeled.from_json(m.value)) for m in labeled_msgs]
@@ -556,6 +720,8 @@ def _report(
         clicks_by_user[c.user_id].append((c.ts, c.item_id, m.timestamp_ms))
     hits: dict[str, int] = defaultdict(int)
     counted: dict[str, int] = defaultdict(int)
+    by_model: list[tuple[int, int, set[str]]] = []
+    model_hits: list[bool] = []
     for rm, r in recs:
         if r.request_id not in sent:
             continue
@@ -571,6 +737,18 @@ def _report(
         for path in (kind, "all"):
             counted[path] += 1
             hits[path] += hit
+        if kind == "model":
+            by_model.append((rm.timestamp_ms, len(r.items), later))
+            model_hits.append(hit)
+    serving = _serving_settings(cfg)
+    history = [(m.timestamp_ms, UserHistory.from_json(m.value)) for m in collector.snapshot(topics["user-history"])
+               if m.value]
+    same = SameRequests(
+        k=cfg.request_k, model_hits=model_hits,
+        fallback_hits=fallback_hits(by_model, history, catalog, half_life_s=serving.popularity_half_life_s,
+                                    history_len=serving.history_len),
+    )
+    sizes, unreadable = version_sizes(WeightStore(cfg.out_dir / "weights"), [u.version for u in updates])
 
     # freshness: click produced -> first version covering its positive -> first recommendation by it
     click_wall: dict[str, int] = {}
@@ -619,6 +797,10 @@ def _report(
         recommendations_by_version=dict(by_version),
         hit_rate={p: hits[p] / counted[p] for p in counted},
         hit_requests=dict(counted),
+        same_requests=same,
+        version_bytes=sizes,
+        versions_unreadable=unreadable,
+        refusals=refusals,
         freshness_trained_s=fresh_trained,
         freshness_served_s=fresh_served,
         clicks_total=len(click_wall),
