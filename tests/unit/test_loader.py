@@ -132,6 +132,37 @@ def test_loader_swaps_good_versions_and_refuses_bad_ones(
     assert holder.current.version == "4" and holder.current.item_ids[-1] == "m9"
 
 
+def test_delta_chains_as_the_trainer_writes_them_serve_the_trainers_model(model: RecModel, tmp_path: Path) -> None:
+    """Deltas of what changed since the base (buffers included), in turn: each swaps in as published."""
+    from trainer.weights import changed_tensors, cpu_state
+
+    catalog = CatalogState()
+    for item in _items(TEXTS):
+        catalog.upsert(item)
+    loader, holder, _metrics, store = _loader(tmp_path, catalog)
+    trained = _perturbed(model, 0.0)
+    store.publish(trained, version=1)
+    base = cpu_state(trained)
+    for version in (2, 3, 4):
+        with torch.no_grad():
+            trained.item_tower.proj.weight.add_(0.01 * version)
+            trained.click_head.bias.add_(0.1)
+            for _name, buf in trained.named_buffers():  # e.g. the text centre: not a parameter
+                if buf.is_floating_point():
+                    buf.add_(0.001)
+                    break
+        delta = changed_tensors(trained.state_dict(), base)
+        update = store.publish(trained, version=version, kind="delta", base_version=1, tensors=delta)
+        assert loader._try_swap(update)
+        live = holder.current.model
+        assert live is not None and holder.current.number == version
+        own = trained.state_dict()
+        for name, tensor in live.state_dict().items():
+            assert torch.equal(tensor, own[name]), (version, name)
+        torch.testing.assert_close(holder.current.item_vecs,
+                                   encode_entries(trained, items_entries(_items(TEXTS)), batch=8))
+
+
 def test_start_up_takes_the_newest_valid_version_from_the_store(model: RecModel, tmp_path: Path) -> None:
     catalog = CatalogState()
     catalog.upsert(Item(item_id="a", text="some text", ts=1))
