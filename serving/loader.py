@@ -104,7 +104,7 @@ def encode_entries(
     """
     dev = model.item_tower.proj.weight.device
     if not entries:
-        return torch.zeros((0, model.config.embed_dim), device=dev)
+        return torch.zeros((0, model.vector_width), device=dev)
     order = sorted(range(len(entries)), key=lambda r: len(entries[r][1].text))
     parts = []
     with torch.inference_mode():
@@ -112,7 +112,10 @@ def encode_entries(
             chunk = [entries[r] for r in order[start : start + batch]]
             parts.append(
                 model.encode_items(
-                    [e.text for _, e in chunk], [i for i, _ in chunk], [e.text_hash for _, e in chunk]
+                    [e.text for _, e in chunk],
+                    [i for i, _ in chunk],
+                    [e.text_hash for _, e in chunk],
+                    [e.categories for _, e in chunk],
                 )
             )
         vecs = torch.cat(parts)
@@ -202,7 +205,7 @@ def check_finite(sm: ServingModel) -> None:
     with torch.inference_mode():
         if not bool(torch.isfinite(sm.item_vecs).all()):
             raise WeightsError(f"version {sm.version}: item vectors are not finite (NaN/inf weights)")
-        d = sm.item_vecs.shape[1] if sm.item_vecs.ndim == 2 else sm.model.config.embed_dim
+        d = sm.item_vecs.shape[1] if sm.item_vecs.ndim == 2 else sm.model.vector_width
         dev = sm.item_vecs.device
         probe = sm.model.encode_users(
             torch.zeros((1, 1, d), device=dev), torch.zeros((1, 1), dtype=torch.bool, device=dev), ["probe"]

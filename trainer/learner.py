@@ -47,6 +47,8 @@ from trainer.replay_buffer import ReservoirBuffer
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+CENTER_ITEMS = 4096
+"""Catalog items whose mean text vector centres a fresh model (the first ids in sorted order)."""
 
 
 class LearnerError(StreamrecError):
@@ -61,6 +63,23 @@ class LearnerConfig(BaseModel):
     lr_encoder: float = Field(default=3e-5, ge=0.0, description="AdamW lr of unfrozen encoder layers / LoRA.")
     lr_towers: float = Field(default=1e-3, ge=0.0, description="lr of the projection and the user tower.")
     lr_heads: float = Field(default=1e-3, ge=0.0, description="lr of the click/category/value heads.")
+    lr_ids: float = Field(
+        default=0.05,
+        ge=0.0,
+        description="Adagrad lr of the hashed id embeddings and biases (no weight decay).  Adagrad, not "
+        "Adam: a row's steps shrink with the evidence it has seen, like a click counter's average, "
+        "where Adam would move a rarely seen row by a full lr on each noisy label.",
+    )
+    lr_item_ids: float = Field(
+        default=1e-3, ge=0.0, description="AdamW lr of the item-id and category embeddings (no weight decay)."
+    )
+    updates_per_batch: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Optimizer steps on each batch (after it is scored): a stream is seen once, so one "
+        "step per batch starves the model of updates.",
+    )
     weight_decay: float = Field(default=0.01, ge=0.0, description="On matrices only (not biases, norms).")
     grad_clip: float = Field(default=1.0, ge=0.0, description="Max global grad norm; 0 = off.")
     replay_size: int = Field(default=20_000, ge=0, description="Reservoir capacity; 0 = no replay.")
@@ -111,6 +130,7 @@ class ContinualLearner:
             distill_temperature=self.config.distill_temperature,
         )
         self.optimizer = self._make_optimizer()
+        self.id_optimizer = self._make_id_optimizer()
         self.metrics = PrequentialMetrics(self.config.window, threshold=self.config.threshold)
         self.replay: ReservoirBuffer[Labeled] = ReservoirBuffer(self.config.replay_size, seed=self.config.seed)
         self._rng = torch.Generator().manual_seed(self.config.seed)
@@ -125,19 +145,41 @@ class ContinualLearner:
         """The examples the last step scored (prequential) and their predicted probabilities."""
 
     # --- setup ------------------------------------------------------------------------
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        lrs = {"encoder": self.config.lr_encoder, "towers": self.config.lr_towers, "heads": self.config.lr_heads}
+    def _make_optimizer(self) -> torch.optim.Optimizer | None:
+        lrs = {
+            "encoder": self.config.lr_encoder,
+            "towers": self.config.lr_towers,
+            "heads": self.config.lr_heads,
+            "ids": self.config.lr_ids,
+            "item_ids": self.config.lr_item_ids,
+        }
         groups = []
         for name, params in self.model.parameter_groups().items():
-            decay = [p for p in params if p.ndim >= 2]
-            no_decay = [p for p in params if p.ndim < 2]
+            if name == "ids":
+                continue
+            # weight decay on id rows would shrink every row at every step, seen or not
+            decay = [p for p in params if p.ndim >= 2 and name != "item_ids"]
+            no_decay = [p for p in params if p.ndim < 2 or name == "item_ids"]
             for suffix, ps, wd in (("", decay, self.config.weight_decay), ("_no_decay", no_decay, 0.0)):
                 if ps:
                     groups.append({"name": name + suffix, "params": ps, "lr": lrs[name], "weight_decay": wd})
-        if not groups:
+        if not groups and not self.model.parameter_groups()["ids"]:
             raise LearnerError("the model has no trainable parameters")
+        if not groups:
+            return None
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(groups, fused=fused) if fused else torch.optim.AdamW(groups)
+
+    def _make_id_optimizer(self) -> torch.optim.Optimizer | None:
+        params = self.model.parameter_groups()["ids"]
+        if not params:
+            return None
+        # no weight decay: it would shrink every row at every step, seen or not
+        return torch.optim.Adagrad([{"name": "ids", "params": params, "lr": self.config.lr_ids}])
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.optimizer, self.id_optimizer) if o is not None]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:
@@ -183,10 +225,12 @@ class ContinualLearner:
             ]
             missing = [n for n, v in enumerate(vecs) if v is None]
             if missing:
+                entries = self.catalog.entries()
                 fresh = teacher.encode_items(
                     [batch.texts[n] for n in missing],
                     [batch.item_ids[n] for n in missing],
                     [batch.text_hashes[n] for n in missing],
+                    [entries[batch.item_ids[n]].categories if batch.item_ids[n] in entries else () for n in missing],
                 ).float()
                 for row, n in enumerate(missing):
                     vecs[n] = fresh[row]
@@ -234,6 +278,7 @@ class ContinualLearner:
             return stats
         fresh = [fresh_all[i] for i in kept]
         scored = [not ex.late for ex in fresh]  # a late positive was already scored as a negative
+        self._maybe_center()
 
         # negative downsampling of the update (the scores above cover every fresh example)
         rate = self.config.negative_sampling_rate
@@ -275,15 +320,11 @@ class ContinualLearner:
         self.metrics.update(labels[mask], probs[mask])
         self.last_scored = ([ex for ex, s in zip(fresh, scored, strict=True) if s], probs[mask])
 
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        else:
-            log.warning("non-finite gradient norm at step %d: update skipped", self.steps)
+        grad_norm = self._update(out.loss)
+        for _ in range(self.config.updates_per_batch - 1):
+            with self._autocast():
+                again = self.train_wrapper(batch, teacher_logits)
+            grad_norm = self._update(again.loss)
 
         for ex in fresh:
             self.replay.add(ex)
@@ -304,6 +345,33 @@ class ContinualLearner:
         )
         return stats
 
+    def _update(self, loss: Tensor) -> float:
+        """One optimizer step on ``loss``; returns the gradient norm (a non-finite one skips the step)."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if math.isfinite(grad_norm):
+            for opt in self.optimizers:
+                opt.step()
+        else:
+            log.warning("non-finite gradient norm at step %d: update skipped", self.steps)
+        return grad_norm
+
+    def _maybe_center(self) -> None:
+        """Before the first update of a fresh model: centre its text vectors on the catalog."""
+        tower = self.model.item_tower
+        if not self.model.config.center_text or bool(tower.centred):
+            return
+        entries = self.catalog.entries()
+        if not entries:
+            return
+        ids = sorted(entries)[:CENTER_ITEMS]
+        self.model.center_text([entries[i].text for i in ids], ids, [entries[i].text_hash for i in ids])
+        log.info("text vectors centred on %d catalog items", len(ids))
+
     def _score(self, batch: Batch, model: RecModel | None = None) -> np.ndarray:
         """Click probabilities of a batch, no gradients, inference mode."""
         m = model if model is not None else self.model
@@ -318,6 +386,8 @@ class ContinualLearner:
 
     def predict(self, examples: Sequence[Labeled], model: RecModel | None = None) -> tuple[np.ndarray, list[int]]:
         """Click probabilities of the examples whose item is in the catalog, and their indices."""
+        if model is None or model is self.model:
+            self._maybe_center()  # a fresh model is centred on first use, scored or trained
         probs: list[np.ndarray] = []
         kept_all: list[int] = []
         for start in range(0, len(examples), self.config.eval_batch_size):
@@ -357,7 +427,8 @@ class ContinualLearner:
             "model_config": self.model.config.model_dump(mode="json"),
             "learner_config": self.config.model_dump(mode="json"),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "id_optimizer": self.id_optimizer.state_dict() if self.id_optimizer is not None else None,
             "replay": self.replay.state_dict(encode=lambda ex: ex.to_json().decode("utf-8")),
             "metrics": self.metrics.state_dict(),
             "teacher": self._teacher_state,
@@ -379,7 +450,9 @@ class ContinualLearner:
                 f"{_config_diff(theirs, self.model.config)}"
             )
         self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        for opt, key in ((self.optimizer, "optimizer"), (self.id_optimizer, "id_optimizer")):
+            if opt is not None:
+                opt.load_state_dict(state[key])
         self.replay.load_state_dict(state["replay"], decode=Labeled.from_json)
         self.metrics.load_state_dict(state["metrics"])
         self.set_teacher(state["teacher"])

@@ -193,7 +193,8 @@ def test_model_path_scores_equal_the_model_brute_force(
     pop = Popularity(3600)
     pop.add(["m2"], ts=1)
     scorer = Scorer(pop, fallback_version=FALLBACK_VERSION, refresh_s=0)
-    history = ("m1", "zzz-unknown", "m3")
+    # three history items: with two, the mean direction is equally near both (an exact tie, in floats)
+    history = ("m1", "zzz-unknown", "m3", "m4")
     queries = [
         Query(RecRequest(request_id="a", user_id="u1", k=10, ts=1), history),
         Query(RecRequest(request_id="b", user_id="u1", k=2, candidates=["m5", "m4", "nope", "m2"], ts=1), history),
@@ -202,8 +203,8 @@ def test_model_path_scores_equal_the_model_brute_force(
     out = scorer.score(sm, queries)
 
     with torch.inference_mode():
-        hist = sm.item_vecs[torch.tensor([[0, 2]])]
-        user = model.encode_users(hist, torch.tensor([[True, True]]), ["u1"])
+        hist = sm.item_vecs[torch.tensor([[0, 2, 3]])]
+        user = model.encode_users(hist, torch.tensor([[True, True, True]]), ["u1"])
         full = model.score_matrix(user, sm.item_vecs)[0].numpy()
     ids = list(sm.item_ids)
     assert [s.item_id for s in out[0].items] == [ids[i] for i in top_k(full, ids, 10)]

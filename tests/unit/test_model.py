@@ -71,12 +71,13 @@ def test_config_round_trips_through_json() -> None:
 
 
 def test_shapes_of_towers_and_scores(model) -> None:
-    items = model.encode_items([t for t, _ in TEXTS.values()])
-    assert items.shape == (4, 32)
-    hist = items[None].expand(3, 4, 32)
+    items = model.encode_items([t for t, _ in TEXTS.values()], list(TEXTS), None, [c for _, c in TEXTS.values()])
+    assert items.shape == (4, 33) == (4, model.vector_width)  # embed_dim + the bias column
+    torch.testing.assert_close(items[:, :32].norm(dim=-1), torch.ones(4))  # unit item directions
+    hist = items[None].expand(3, 4, 33)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     users = model.encode_users(hist, mask, ["u1", "u2", "u3"])
-    assert users.shape == (3, 32) and torch.isfinite(users).all()
+    assert users.shape == (3, 33) and torch.isfinite(users).all()
     logits = model.click_logits(users, items[:3])
     assert logits.shape == (3,)
     matrix = model.score_matrix(users, items)
@@ -88,8 +89,8 @@ def test_shapes_of_towers_and_scores(model) -> None:
 
 def test_mean_user_tower_and_empty_history() -> None:
     m = build_model(tiny(user_tower="mean", categories=[], value_head=False))
-    users = m.encode_users(torch.zeros(2, 0, 32), torch.zeros(2, 0, dtype=torch.bool), ["a", "b"])
-    assert users.shape == (2, 32) and torch.isfinite(users).all()
+    users = m.encode_users(torch.zeros(2, 0, 33), torch.zeros(2, 0, dtype=torch.bool), ["a", "b"])
+    assert users.shape == (2, 33) and torch.isfinite(users).all()
     torch.testing.assert_close(users[0], users[1])  # no history, no user embedding: the same prior
     with pytest.raises(ModelError):
         m.category_logits(users)
@@ -99,15 +100,21 @@ def test_mean_user_tower_and_empty_history() -> None:
 
 def test_hashed_user_embedding_tells_users_apart() -> None:
     m = build_model(tiny(user_buckets=64))
-    hist = torch.zeros(2, 0, 32)
-    users = m.encode_users(hist, torch.zeros(2, 0, dtype=torch.bool), ["alice", "never-seen-before"])
+    hist = torch.zeros(2, 0, 33)
+    no = torch.zeros(2, 0, dtype=torch.bool)
+    with torch.no_grad():
+        # rows start at zero (a user's own taste is learned from their labels); once learned, they differ
+        torch.testing.assert_close(*m.encode_users(hist, no, ["alice", "never-seen-before"]))
+        m.user_tower.user_embedding.weight.normal_()
+        m.user_id_bias.weight.normal_()
+    users = m.encode_users(hist, no, ["alice", "never-seen-before"])
     assert not torch.allclose(users[0], users[1])
     assert user_bucket("alice", 64) == user_bucket("alice", 64)
     assert 0 <= user_bucket("x", 7) < 7
 
 
 def test_history_longer_than_max_keeps_most_recent(model) -> None:
-    vecs = torch.randn(1, 6, 32)
+    vecs = torch.randn(1, 6, 33)
     full = torch.ones(1, 6, dtype=torch.bool)
     a = model.encode_users(vecs, full, ["u"])
     b = model.encode_users(vecs[:, 2:], full[:, 2:], ["u"])  # max_history=4: the last four
@@ -137,7 +144,8 @@ def test_examples_of_one_slate_share_one_context(model) -> None:
     assert batch.context.tolist() == [0, 0, 0, 1] and batch.history.shape[0] == 2
     with torch.no_grad():
         out = model(batch)
-        items = model.encode_items(batch.texts)
+        cats = [TEXTS[i][1] for i in batch.item_ids]
+        items = model.encode_items(batch.texts, batch.item_ids, batch.text_hashes, cats)
         one = model.encode_users(items[batch.history[:1]], batch.history_mask[:1], ["u1"])
     torch.testing.assert_close(out.user_vecs[:3], one.expand(3, -1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.click_logits, model.click_logits(out.user_vecs, items[batch.candidate]))
@@ -232,7 +240,7 @@ def test_prefix_cache_matches_uncached_and_invalidates_on_text_change() -> None:
 
     with torch.no_grad():
         changed = m.encode_items(["a completely different text"], ["i4"])
-        direct = build_model(tiny(encoder_layers=2, freeze_layers=1)).encode_items(["a completely different text"])
+        direct = build_model(tiny(encoder_layers=2, freeze_layers=1)).encode_items(["a completely different text"], ["i4"])
     assert cache.invalidations == 1
     torch.testing.assert_close(changed, direct, atol=1e-5, rtol=1e-5)
 
@@ -263,7 +271,7 @@ def test_gradients_flow_through_unfrozen_layers_on_cached_prefix() -> None:
 @pytest.mark.parametrize("kind", ["attention", "mean"])
 def test_indexed_user_tower_equals_per_slot(kind) -> None:
     m = build_model(tiny(user_tower=kind, user_buckets=8))
-    items = torch.randn(5, 32)
+    items = torch.randn(5, 33)
     history = torch.tensor([[0, 3, 4, 1, 2, 0], [2, 2, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     users = ["a", "b", "c"]
