@@ -70,8 +70,9 @@ trainer: setup  ## run the trainer service
 serve: setup  ## run one scoring agent
 	$(PY) -m serving
 
-evaluate: setup  ## offline comparison of continual-learning strategies (table + PNG plot)
-	$(PY) -m trainer.evaluate
+evaluate: setup  ## strategies vs baselines on the synthetic stream and MovieLens (first 20k ratings): tables + PNGs
+	$(PY) -m trainer.evaluate --dataset synthetic
+	$(PY) -m trainer.evaluate --dataset movielens
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .

@@ -2,8 +2,9 @@
 
 Configurations (all-MiniLM-L6-v2, 6 layers, multi-task heads, replay + distillation on):
 
-- ``frozen``: the whole encoder frozen; the prefix cache holds each item's pooled output;
-- ``top``: the top layer tuned on cached outputs of the 5 frozen layers (the default);
+- ``frozen``: the whole encoder frozen (the default); the prefix cache holds each item's pooled
+  output, and the projection, id embeddings, towers and heads learn on it;
+- ``top``: the top layer tuned on cached outputs of the 5 frozen layers;
 - ``lora``: LoRA adapters on the top layer, on cached prefixes;
 - ``full``: full fine-tuning (embeddings and all 6 layers).
 
@@ -48,7 +49,8 @@ CONFIGS = {
     "lora": {"freeze_layers": 5, "lora_rank": 8},
     "full": {"freeze_layers": 0},
 }
-CPU_TARGET = 2_000.0  # examples/s, default configuration, this project's 2-core CPU
+DEFAULT = "frozen"  # ModelConfig's default freeze_layers: the whole encoder
+CPU_TARGET = 4_000.0  # examples/s, default configuration, this project's 2-core CPU
 GPU_TARGET = 100_000.0  # examples/s, full fine-tuning in bf16
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
@@ -221,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not cuda:
         summary["load_average"] = os.getloadavg()[0]
-    if "top" in by and not cuda:
-        summary["default_examples_per_s"] = by["top"]["examples_per_s"]
-        summary["default_examples_per_cpu_thread_s"] = by["top"]["examples_per_cpu_thread_s"]
+    if DEFAULT in by and not cuda:
+        summary["default_config"] = DEFAULT
+        summary["default_examples_per_s"] = by[DEFAULT]["examples_per_s"]
+        summary["default_examples_per_cpu_thread_s"] = by[DEFAULT]["examples_per_cpu_thread_s"]
         summary["cpu_target"] = CPU_TARGET
-        summary["meets_cpu_target"] = by["top"]["examples_per_s"] >= CPU_TARGET
+        summary["meets_cpu_target"] = by[DEFAULT]["examples_per_s"] >= CPU_TARGET
     if "full" in by and cuda:
         summary["gpu_full_target"] = GPU_TARGET
         summary["meets_gpu_target"] = by["full"]["examples_per_s"] >= GPU_TARGET

@@ -61,12 +61,19 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lr_encoder: float = Field(default=3e-5, ge=0.0, description="AdamW lr of unfrozen encoder layers / LoRA.")
-    lr_towers: float = Field(default=1e-3, ge=0.0, description="lr of the projection and the user tower.")
-    lr_heads: float = Field(default=1e-3, ge=0.0, description="lr of the click/category/value heads.")
-    lr_ids: float = Field(
-        default=0.05,
+    lr_towers: float = Field(
+        default=1e-4,
         ge=0.0,
-        description="Adagrad lr of the hashed id embeddings and biases (no weight decay).  Adagrad, not "
+        description="AdamW lr of the projection and the user tower.  Small: the frozen text geometry is "
+        "the prior that carries a young stream (faster rates lost 0.02-0.09 AUC on the evaluation streams).",
+    )
+    lr_heads: float = Field(
+        default=1e-2, ge=0.0, description="AdamW lr of the click/category/value heads (a few scalars and vectors)."
+    )
+    lr_ids: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="Adagrad lr of the per-id biases and user embeddings (no weight decay).  Adagrad, not "
         "Adam: a row's steps shrink with the evidence it has seen, like a click counter's average, "
         "where Adam would move a rarely seen row by a full lr on each noisy label.",
     )

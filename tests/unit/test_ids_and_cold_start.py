@@ -1,0 +1,109 @@
+"""What the id and category parts add, and what the text part keeps: tiny sizes, no Kafka."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streams.records import Item, Labeled
+from trainer.catalog import Catalog
+from trainer.learner import ContinualLearner, LearnerConfig
+from trainer.model import ModelConfig, build_model, item_bucket
+
+# Ten films with similar titles: the text alone cannot tell the popular one apart.
+ITEMS = [Item(item_id=f"m{k}", text=f"Film number {k} (1995)", categories=["Drama"], ts=1) for k in range(10)]
+NEW_SPACE = Item(item_id="new-space", text="Galaxy rocket astronaut orbit", categories=[], ts=2)
+NEW_COOKING = Item(item_id="new-cooking", text="Garlic pasta recipe in the oven", categories=[], ts=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(**kw) -> ModelConfig:
+    base = dict(encoder_layers=1, freeze_layers=1, max_text_len=16, embed_dim=16, max_history=4,
+                item_buckets=256, user_buckets=64, categories=["Drama"])
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def slate(n: int, user: str, clicked: str | None, history: list[str]) -> list[Labeled]:
+    """User ``user`` is shown all ten films; ``clicked`` (if any) is the one clicked."""
+    return [
+        Labeled(
+            example_id=f"imp{n}:{it.item_id}", impression_id=f"imp{n}", user_id=user, item_id=it.item_id,
+            position=p, label=int(it.item_id == clicked), history=history, impression_ts=n, label_ts=n, ts=n,
+        )
+        for p, it in enumerate(ITEMS)
+    ]
+
+
+def test_an_id_embedding_learns_a_popular_item_within_a_few_steps() -> None:
+    catalog = Catalog(ITEMS)
+    learner = ContinualLearner(build_model(config()), LearnerConfig(device="cpu", replay_size=0), catalog)
+    # every user clicks m3, whoever they are: popularity that no title carries
+    batches = [[ex for u in range(8) for ex in slate(10 * s + u, f"u{s}-{u}", "m3", [])] for s in range(5)]
+    first = None
+    for b in batches:
+        learner.step(b)
+        if first is None:
+            first = learner.last_scored
+    probs, kept = learner.predict(slate(999, "someone-new", None, []))
+    scores = dict(zip([ITEMS[i].item_id for i in kept], probs.tolist(), strict=True))
+    assert max(scores, key=scores.get) == "m3"
+    others = max(v for k, v in scores.items() if k != "m3")
+    assert scores["m3"] > 2 * others  # learned in five steps, for a user it has never seen
+    _, p0 = first
+    assert p0.max() - p0.min() < 0.1  # before any update the popular item did not stand out
+
+
+def test_without_ids_the_same_model_scores_from_text_alone() -> None:
+    model = build_model(config())
+    texts = [it.text for it in ITEMS]
+    ids = [it.item_id for it in ITEMS]
+    with torch.no_grad():
+        model.item_embedding.weight.normal_()  # as if trained: the id part is large
+        model.item_id_bias.weight.normal_()
+        with_ids = model.encode_items(texts, ids)
+        text_only = model.encode_items(texts)
+        again = model.encode_items(texts)
+    assert not torch.allclose(with_ids, text_only)
+    torch.testing.assert_close(text_only, again)
+    # the text part is what an unseen id also gets, up to its (untrained) hash row
+    fresh = build_model(config())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.encode_items(texts), text_only, rtol=1e-4, atol=1e-4)
+    assert item_bucket("m1", 256) == item_bucket("m1", 256)  # stable: no new row for an unseen id
+
+
+def test_a_brand_new_item_is_scored_from_its_text() -> None:
+    """A user who clicked space titles: a never-clicked new space title beats a new cooking title."""
+    space = [Item(item_id=f"s{k}", text=t, categories=[], ts=1) for k, t in enumerate(
+        ["Galaxy telescope and comet", "Planet orbit, lunar eclipse", "Rocket to mars", "Nebula and supernova"])]
+    catalog = Catalog([*space, *ITEMS, NEW_SPACE, NEW_COOKING])
+    model = build_model(config())
+    learner = ContinualLearner(model, LearnerConfig(device="cpu"), catalog)
+    history = [s.item_id for s in space]
+    probe = [
+        Labeled(example_id=f"p:{i}", impression_id="p", user_id="fan", item_id=i, position=n, label=0,
+                history=history, impression_ts=5, label_ts=5, ts=5)
+        for n, i in enumerate(["new-space", "new-cooking"])
+    ]
+    probs, kept = learner.predict(probe)
+    assert kept == [0, 1] and probs[0] > probs[1]
+    assert bool(model.item_tower.centred)  # the first use centred the text vectors on the catalog
+
+
+def test_centring_moves_the_mean_text_vector_to_zero() -> None:
+    model = build_model(config(item_buckets=0))
+    texts = [it.text for it in ITEMS] + [NEW_SPACE.text, NEW_COOKING.text]
+    with torch.no_grad():
+        before = model.item_tower(texts).mean(0).norm()
+        model.center_text(texts)
+        after = model.item_tower(texts).mean(0).norm()
+    assert bool(model.item_tower.centred)
+    assert after < 1e-4 < before
