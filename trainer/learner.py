@@ -80,6 +80,14 @@ class LearnerConfig(BaseModel):
     lr_item_ids: float = Field(
         default=1e-3, ge=0.0, description="AdamW lr of the item-id and category embeddings (no weight decay)."
     )
+    warmup_examples: int = Field(
+        default=0,
+        ge=0,
+        description="The towers' and encoder's rates (and the item/category embeddings') ramp up linearly "
+        "over the first N examples trained; the heads and the per-id rows learn at full rate from the "
+        "start.  A young stream has the evidence to place ids and calibrate, not yet to move the shared "
+        "text geometry (50,000: synthetic stream +0.013 AUC, MovieLens 20k -0.010).  0 = no warm-up.",
+    )
     updates_per_batch: int = Field(
         default=2,
         ge=1,
@@ -169,7 +177,9 @@ class ContinualLearner:
             no_decay = [p for p in params if p.ndim < 2 or name == "item_ids"]
             for suffix, ps, wd in (("", decay, self.config.weight_decay), ("_no_decay", no_decay, 0.0)):
                 if ps:
-                    groups.append({"name": name + suffix, "params": ps, "lr": lrs[name], "weight_decay": wd})
+                    groups.append(
+                        {"name": name + suffix, "params": ps, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": wd}
+                    )
         if not groups and not self.model.parameter_groups()["ids"]:
             raise LearnerError("the model has no trainable parameters")
         if not groups:
@@ -356,6 +366,11 @@ class ContinualLearner:
         """One optimizer step on ``loss``; returns the gradient norm (a non-finite one skips the step)."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            warm = self.config.warmup_examples
+            factor = min(1.0, (self.examples_trained + 1) / warm) if warm else 1.0
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * (1.0 if g["name"].startswith("heads") else factor)
         loss.backward()
         params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf

@@ -963,7 +963,7 @@ def build_model(config: ModelConfig) -> RecModel:
             if frozen >= n_layers:
                 raise ModelError(
                     f"lora_rank > 0 needs unfrozen layers: freeze_layers={config.freeze_layers} "
-                    f"freezes all {n_layers} encoder layers"
+                    f"freezes all {n_layers} encoder layers; set freeze_layers=-1 to adapt the top one"
                 )
             from peft import LoraConfig, inject_adapter_in_model
 

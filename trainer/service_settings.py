@@ -55,7 +55,10 @@ class TrainerSettings(BaseSettings):
     )
 
     # --- batching -------------------------------------------------------------------------
-    batch_size: int = Field(default=64, ge=1, le=65_536, description="Examples per training step (at most).")
+    batch_size: int = Field(
+        default=1024, ge=1, le=65_536,
+        description="Examples per training step (at most; a smaller one after max_batch_wait_s).",
+    )
     max_batch_wait_s: float = Field(
         default=1.0, gt=0, le=3600,
         description="Train a smaller batch once its oldest example has waited this long.",

@@ -197,10 +197,10 @@ def test_freeze_layers_and_lora_choose_trainable_parameters() -> None:
     with pytest.raises(ModelError):
         build_model(tiny(freeze_layers=1, lora_rank=2))  # nothing left to adapt
 
-    # the default (-1) freezes all but the top layer, whatever the depth
+    # negative: all but the top |N| layers, whatever the depth; the default freezes the whole encoder
     assert [frozen_layer_count(f, 6) for f in (-1, -2, 0, 5, 9)] == [5, 4, 0, 5, 6]
     assert frozen_layer_count(-1, 1) == 0
-    assert build_model(tiny(encoder_layers=2)).item_tower.frozen == 1
+    assert build_model(tiny(encoder_layers=2)).item_tower.frozen == 2
 
 
 def test_build_is_deterministic_and_trainable_state_restores_a_model() -> None:

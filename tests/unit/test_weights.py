@@ -133,7 +133,7 @@ def test_version_without_manifest_does_not_exist(tmp_path: Path, trained: RecMod
 
 
 def test_delta_on_its_base_equals_the_full_snapshot(tmp_path: Path) -> None:
-    model = build_model(_config(lora_rank=2))
+    model = build_model(_config(lora_rank=2, freeze_layers=0))
     _perturb(model, 2)
     store = WeightStore(tmp_path)
     store.publish(model, version=1)
