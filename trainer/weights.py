@@ -400,18 +400,25 @@ class WeightStore:
         state = self._read_weights(fs, vdir, man, where)
         if man.kind == "full":
             return dict(state)
-        assert man.base_version is not None
-        base_dir = posixpath.join(posixpath.dirname(vdir), version_dir(man.base_version))
-        base_where = f"base version {man.base_version} of {where}"
-        base_man = self._read_manifest(fs, posixpath.join(base_dir, MANIFEST_FILE), base_where)
-        if base_man.model_config != man.model_config:
-            raise WeightsError(f"{where}: model config differs from its base version {man.base_version}")
+        base_dir, base_man, base_where = self._base_of(fs, vdir, man, where)
         merged = self._state_chain(fs, base_dir, base_man, base_where, depth + 1)
         unexpected = sorted(set(state) - set(merged))
         if unexpected:
             raise WeightsError(f"{where}: delta has tensors its base lacks: {unexpected[:5]}")
         merged.update(state)
         return merged
+
+    def _base_of(
+        self, fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str
+    ) -> tuple[str, Manifest, str]:
+        """A delta's base version: (its directory, its manifest, how errors name it); same config."""
+        assert man.base_version is not None
+        base_dir = posixpath.join(posixpath.dirname(vdir), version_dir(man.base_version))
+        base_where = f"base version {man.base_version} of {where}"
+        base_man = self._read_manifest(fs, posixpath.join(base_dir, MANIFEST_FILE), base_where)
+        if base_man.model_config != man.model_config:
+            raise WeightsError(f"{where}: model config differs from its base version {man.base_version}")
+        return base_dir, base_man, base_where
 
     def _build(
         self, fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int
@@ -429,12 +436,7 @@ class WeightStore:
             model = build_model(config)
             _load_exact(model, state, where)
             return model
-        assert man.base_version is not None
-        base_dir = posixpath.join(posixpath.dirname(vdir), version_dir(man.base_version))
-        base_where = f"base version {man.base_version} of {where}"
-        base_man = self._read_manifest(fs, posixpath.join(base_dir, MANIFEST_FILE), base_where)
-        if base_man.model_config != man.model_config:
-            raise WeightsError(f"{where}: model config differs from its base version {man.base_version}")
+        base_dir, base_man, base_where = self._base_of(fs, vdir, man, where)
         model = self._build(fs, base_dir, base_man, base_where, depth + 1)
         _apply_delta(model, state, where)
         return model

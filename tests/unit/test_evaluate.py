@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from streams.replay.synthetic import SyntheticConfig, SyntheticStream
 from trainer.evaluate import _local_join, _split, labeled_examples, main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_local_conversion_agrees_with_the_reference_join() -> None:

@@ -16,12 +16,7 @@ NEW_SPACE = Item(item_id="new-space", text="Galaxy rocket astronaut orbit", cate
 NEW_COOKING = Item(item_id="new-cooking", text="Garlic pasta recipe in the oven", categories=[], ts=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**kw) -> ModelConfig:

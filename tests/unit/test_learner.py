@@ -14,14 +14,7 @@ from trainer.learner import ContinualLearner, LearnerConfig, LearnerError, iter_
 from trainer.metrics import auc
 from trainer.model import ModelConfig, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: threads cost more than they give (and the suite shares the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
