@@ -51,13 +51,11 @@ DEMO_JOIN_ENV = {"STREAMREC_JOIN_IDLE_TIMEOUT_S": "3"}
 """A short idle timeout, so the windows still open when the replay ends close soon after."""
 DEMO_TRAINER_ENV = {
     # 100,000 slates of DEMO_SLATE_SIZE give 500,000 labeled examples in ~3 minutes: on 2 CPU cores
-    # shared with the broker, the join and the scorer, the trainer keeps up by taking large steps
-    # (items repeat across a big batch, so each is encoded once for many examples) and updating on
-    # every positive and a tenth of the negatives (weighted 10x, so probabilities stay calibrated).
-    "STREAMREC_TRAINER_BATCH_SIZE": "16384",
-    "STREAMREC_TRAINER_MAX_BATCH_WAIT_S": "5",
+    # shared with the broker, the join and the scorer, the trainer (frozen encoder: each item's text
+    # vector is computed once) keeps up with steps of 4,096 examples, every negative included.
+    "STREAMREC_TRAINER_BATCH_SIZE": "4096",
+    "STREAMREC_TRAINER_MAX_BATCH_WAIT_S": "2",
     "STREAMREC_TRAINER_PUBLISH_EVERY_S": "10",
-    "STREAMREC_TRAINER_LEARNER_OPTIONS": '{"negative_sampling_rate": 0.1}',
     # Every version stays in the run's store, so the report can count the bytes of each kind
     # (versions are deltas by default: a full one every STREAMREC_TRAINER_FULL_EVERY).
     "STREAMREC_TRAINER_KEEP_VERSIONS": "0",
