@@ -150,7 +150,9 @@ class TrainerSettings(BaseSettings):
         default=None, ge=1, le=48, description="Keep only the first N encoder layers (1 = test-sized)."
     )
     freeze_layers: int | None = Field(
-        default=None, ge=0, le=48, description="Freeze the embeddings and the lowest N encoder layers."
+        default=None, ge=0, le=48,
+        description="Freeze the embeddings and the lowest N encoder layers (default: the whole encoder; "
+        "the top layers then learn on cached outputs of the rest).",
     )
     lora_rank: int | None = Field(default=None, ge=0, le=256, description="LoRA rank on attention (0 = off).")
     max_text_len: int | None = Field(
