@@ -1,16 +1,20 @@
 """The multi-task two-tower recommender, built from named parts.
 
 - :class:`ItemTower`: a pretrained BERT-family encoder over the item text
-  (mean or CLS pooling) and a projection to ``embed_dim``.  The lower
-  ``freeze_layers`` layers (and the embeddings) can be frozen; their output
-  per item is then cached in a :class:`PrefixCache`, so a frozen prefix is
-  never recomputed.  LoRA adapters (``peft``) can be put on the layers above.
-- :class:`UserTower`: attention (a learned query) or mean pooling over the
-  vectors of the user's history items, with a learned recency embedding, a
-  "no history" slot, and an optional hashed user embedding (unseen users
-  need no new rows).
-- Heads: :class:`ClickHead` (click probability = scaled cosine of the two
-  towers + an item bias; the same formula scores all pairs for serving),
+  (mean or CLS pooling), centred on the catalog's mean text vector, and a
+  projection to ``embed_dim``.  The lower ``freeze_layers`` layers (and the
+  embeddings; by default the whole encoder) are frozen; their output per
+  item is then cached in a :class:`PrefixCache`, so a frozen prefix is never
+  recomputed.  LoRA adapters (``peft``) can be put on the layers above.
+- :class:`RecModel` adds what a title cannot carry: hashed item-id
+  embeddings and per-item biases, category embeddings, per-user biases
+  (hashing: an unseen id needs no new row).
+- :class:`UserTower`: mean pooling (or attention with a learned query) over
+  the vectors of the user's history items, with a learned recency
+  embedding, a "no history" slot, and a hashed user embedding.
+- Heads: :class:`ClickHead` (click probability = dot product of the two
+  towers' augmented vectors: ``scale * cos(taste, item) + e_user . item +
+  biases``; the same formula scores all pairs for serving),
   :class:`CategoryHead` (multi-label category/genre prediction from the item
   text), :class:`ValueHead` (regression of a click's value).
 
@@ -19,8 +23,9 @@
 
 Everything needed to rebuild a model is in :class:`ModelConfig` (JSON), and
 :func:`build_model` is deterministic: the same config gives the same
-parameters (the heads are seeded), so a snapshot of only the trainable
-parameters is enough to restore a model.
+parameters (the heads are seeded), so a snapshot of the tensors that
+training changed (the trainable parameters and the ``centred`` flag) is
+enough to restore a model.
 """
 
 from __future__ import annotations
