@@ -568,8 +568,8 @@ class UserTower(nn.Module):
         rank, mask = self._ranks(history_mask)
         x = history_vecs + self.recency(rank)
         if self.kind == "attention":
-            return self._finish(*self._attend(self.k_proj(x), self.v_proj(x), mask, user_ids))
-        return self._finish(self._mean(x, mask), self._user_embedding(user_ids, x.device))
+            return self._finish(*self._attend(self.k_proj(x), self.v_proj(x), mask, user_ids), mask)
+        return self._finish(self._mean(x, mask), self._user_embedding(user_ids, x.device), mask)
 
     def forward_indexed(
         self, item_vecs: Tensor, history: Tensor, history_mask: Tensor, user_ids: Sequence[str]
@@ -581,9 +581,9 @@ class UserTower(nn.Module):
             v_rec = F.linear(self.recency.weight, self.v_proj.weight)
             keys = self.k_proj(item_vecs)[history] + k_rec[rank]
             values = self.v_proj(item_vecs)[history] + v_rec[rank]
-            return self._finish(*self._attend(keys, values, mask, user_ids))
+            return self._finish(*self._attend(keys, values, mask, user_ids), mask)
         x = item_vecs[history] + self.recency(rank)
-        return self._finish(self._mean(x, mask), self._user_embedding(user_ids, x.device))
+        return self._finish(self._mean(x, mask), self._user_embedding(user_ids, x.device), mask)
 
     def _mean(self, x: Tensor, mask: Tensor) -> Tensor:
         m = mask.unsqueeze(-1).to(x.dtype)
@@ -609,9 +609,18 @@ class UserTower(nn.Module):
         out = w[..., :1] * v0.to(q.dtype) + torch.einsum("bnj,bjnd->bnd", w[..., 1:], v)
         return self.out_proj(out.reshape(b, d)), ue
 
-    def _finish(self, pooled: Tensor, ue: Tensor | None) -> Tensor:
-        """The user's taste direction (unit length) and, separately, the user's own embedding."""
-        return F.normalize(pooled + self.mlp(pooled), dim=-1), ue
+    def _finish(self, pooled: Tensor, ue: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The user's taste direction and, separately, the user's own embedding.
+
+        The direction is unit length, or zero for a user without history: the
+        vector of such a user is (near) zero, and normalising it would send
+        gradients of ``1/|x|`` (1e11 measured) into the global clipping norm,
+        stopping every other parameter's step in that batch.
+        """
+        has = mask.any(1, keepdim=True)
+        v = pooled + self.mlp(pooled)
+        v = torch.where(has, v, torch.ones_like(v))  # the unused branch gets no gradient
+        return F.normalize(v, dim=-1) * has.to(v.dtype), ue
 
     def embedding(self, user_ids: Sequence[str], device: torch.device) -> Tensor | None:
         """The hashed user embedding rows (None without ``user_buckets``)."""

@@ -102,3 +102,14 @@ def test_centring_moves_the_mean_text_vector_to_zero() -> None:
         after = model.item_tower(texts).mean(0).norm()
     assert bool(model.item_tower.centred)
     assert after < 1e-4 < before
+
+
+def test_a_user_without_history_has_no_taste_and_sends_no_huge_gradient() -> None:
+    """Normalising a (near) zero vector sends 1/|x| gradients into the clipping norm (1e11 seen)."""
+    model = build_model(config())
+    items = model.encode_items([it.text for it in ITEMS[:3]], [it.item_id for it in ITEMS[:3]])
+    users = model.encode_users(items[None].expand(2, 3, -1), torch.tensor([[True] * 3, [False] * 3]), ["a", "b"])
+    assert users[1, :-1].abs().max() == 0  # no history, no learned user row yet: no direction
+    model.click_logits(users, items[:2]).sum().backward()
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(torch.stack(norms)).all() and max(norms) < 1e3
