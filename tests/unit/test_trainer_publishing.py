@@ -13,6 +13,7 @@ import torch
 from serving.scoring import Popularity
 from streams.errors import ConfigError
 from streams.settings import KafkaSettings
+from tests.model_utils import perturb
 from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.metrics import auc
 from trainer.model import ModelConfig, RecModel, build_model
@@ -31,12 +32,6 @@ from trainer.weights import (
 TINY = {"encoder_layers": 1, "max_text_len": 16, "embed_dim": 32, "categories": ["a", "b"]}
 
 
-def _perturb(model: RecModel, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
 def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -117,10 +112,10 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RecModel]:
     root = tmp_path_factory.mktemp("other") / "weights"
     store = WeightStore(root)
     model = build_model(ModelConfig(**TINY, seed=7))
-    _perturb(model, 1)
+    perturb(model, 1)
     store.publish(model, version=1, model_name="other")
     base = cpu_state(model)
-    _perturb(model, 2)
+    perturb(model, 2)
     store.publish(model, version=2, kind="delta", base_version=1, model_name="other",
                   tensors=changed_tensors(model.state_dict(), base))
     return root, model
@@ -206,7 +201,7 @@ def test_deltas_by_default_hold_what_changed_buffers_included(tmp_path: Path) ->
     store = WeightStore(tmp_path)
     store.publish(model, version=1)
     base = cpu_state(model)
-    _perturb(model, 3)
+    perturb(model, 3)
     with torch.no_grad():
         model.running_centre.add_(1.0)
     delta = changed_tensors(model.state_dict(), base)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from streams.records import ModelUpdate
+from tests.model_utils import perturb
 from trainer.model import ModelConfig, RecModel, build_model
 from trainer.weights import MANIFEST_FILE, WEIGHTS_FILE, WeightsError, WeightStore, version_dir
 
@@ -22,13 +23,6 @@ def _config(**kw: object) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _perturb(model: RecModel, seed: int) -> None:
-    """Stand-in for training: move every trainable parameter a little."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
 def _scores(model: RecModel) -> torch.Tensor:
@@ -50,7 +44,7 @@ def _assert_same(a: RecModel, b: RecModel) -> None:
 @pytest.fixture(scope="module")
 def trained() -> RecModel:
     model = build_model(_config())
-    _perturb(model, 1)
+    perturb(model, 1)
     return model
 
 
@@ -134,10 +128,10 @@ def test_version_without_manifest_does_not_exist(tmp_path: Path, trained: RecMod
 
 def test_delta_on_its_base_equals_the_full_snapshot(tmp_path: Path) -> None:
     model = build_model(_config(lora_rank=2, freeze_layers=0))
-    _perturb(model, 2)
+    perturb(model, 2)
     store = WeightStore(tmp_path)
     store.publish(model, version=1)
-    _perturb(model, 3)  # more training: only trainable params (LoRA, towers, heads) move
+    perturb(model, 3)  # more training: only trainable params (LoRA, towers, heads) move
     delta = store.publish(model, version=2, kind="delta", base_version=1)
     full = store.publish(model, version=3)
     assert (delta.kind, delta.base_version) == ("delta", 1)

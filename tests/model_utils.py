@@ -1,0 +1,16 @@
+"""Helpers shared by tests that need a model that has 'trained' (no Kafka)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.model import RecModel
+
+
+def perturb(model: RecModel, seed: int, scale: float = 0.05) -> None:
+    """Stand-in for training: move every trainable parameter a little (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
