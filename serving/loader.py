@@ -26,7 +26,7 @@ ever waits for a swap.
 Swap cost is mostly the item vectors (the whole catalog through the item
 tower).  It is kept down three ways: texts are encoded shortest-first in large
 calls (little padding); when the model freezes its lower encoder layers
-(``freeze_layers``) one :class:`trainer.model.PrefixCache` is kept across
+(``freeze_layers``) one :class:`trainer.prefix_cache.PrefixCache` is kept across
 versions, so a swap re-runs only the trainable layers; and a version whose
 item tower equals the live one (only the user tower or heads changed) reuses
 the live vectors.  The loader thread runs at a lower priority
@@ -500,7 +500,7 @@ class ModelLoader:
         if self._prefix_cache_items <= 0 or model.item_tower.frozen == 0:
             return
         if self._prefix_cache is None:
-            from trainer.model import PrefixCache
+            from trainer.prefix_cache import PrefixCache
 
             self._prefix_cache = PrefixCache(self._prefix_cache_items)
         model.attach_cache(self._prefix_cache)

@@ -41,7 +41,8 @@ from streams.records import Labeled
 from trainer.batching import Batch, build_batch
 from trainer.catalog import Catalog
 from trainer.metrics import PrequentialMetrics, binary_metrics
-from trainer.model import ModelConfig, PrefixCache, RecModel, RecTrain
+from trainer.model import ModelConfig, RecModel, RecTrain
+from trainer.prefix_cache import PrefixCache
 from trainer.replay_buffer import ReservoirBuffer
 
 log = logging.getLogger(__name__)
