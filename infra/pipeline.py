@@ -81,7 +81,7 @@ from streams.topics import (
     RECOMMENDATIONS,
     USER_HISTORY,
 )
-from trainer.service import Refusal
+from trainer.guardrail import Refusal
 from trainer.service_settings import TrainerSettings
 from trainer.weights import WeightsError, WeightStore
 

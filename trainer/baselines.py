@@ -30,7 +30,7 @@ the driver never scores it.
 Hyperparameters are fixed, round values, not tuned on any stream.  Items and
 their categories come from the ``Item`` records at construction; users are
 added as they appear.  Also here: standard errors of an AUC
-(:func:`delong_se`, :func:`bootstrap_auc` over impressions).
+(:func:`trainer.metrics.delong_se`, :func:`bootstrap_auc` over impressions).
 """
 
 from __future__ import annotations
@@ -413,32 +413,6 @@ def make_baseline(name: str, items: Sequence[Item], generator: KnownGenerator | 
 
 
 # --------------------------------------------------------------------------- standard errors
-def midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x``, ties sharing their average rank."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    sx = x[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sx)) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    out = np.empty(len(x))
-    out[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return out
-
-
-def delong_se(labels: np.ndarray, scores: np.ndarray) -> float:
-    """DeLong's standard error of the AUC (examples independent), from midranks; NaN with one class."""
-    y = np.asarray(labels) > 0.5
-    s = np.asarray(scores, dtype=np.float64)
-    m, n = int(y.sum()), int((~y).sum())
-    if m < 2 or n < 2:
-        return math.nan
-    pos, neg = s[y], s[~y]
-    tz = midranks(np.r_[pos, neg])
-    v01 = (tz[:m] - midranks(pos)) / n  # per positive: share of negatives below it
-    v10 = 1.0 - (tz[m:] - midranks(neg)) / m  # per negative: share of positives above it
-    return float(math.sqrt(v01.var(ddof=1) / m + v10.var(ddof=1) / n))
-
-
 def hanley_mcneil_se(a: float, n_pos: int, n_neg: int) -> float:
     """Hanley & McNeil's (1982) standard error of an AUC ``a`` (exact for exponential score laws)."""
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)

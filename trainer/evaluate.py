@@ -59,13 +59,12 @@ from trainer.baselines import (
     Baseline,
     KnownGenerator,
     bootstrap_auc,
-    delong_se,
     make_baseline,
     river_version,
 )
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig
-from trainer.metrics import auc, log_loss
+from trainer.metrics import auc, delong_se, log_loss
 from trainer.model import ModelConfig, build_model
 
 log = logging.getLogger(__name__)

@@ -54,6 +54,74 @@ def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarr
     return float(u / (n_pos * n_neg))
 
 
+def finite(v: Any) -> bool:
+    """Whether ``v`` is a finite number (False for None, NaN, inf)."""
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, ties sharing their average rank."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sx = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sx)) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    out = np.empty(len(x))
+    out[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return out
+
+
+def _delong_parts(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's placement values: per positive, the share of negatives below it; per
+    negative, the share of positives above it (ties count one half)."""
+    m, n = int(y.sum()), int((~y).sum())
+    pos, neg = s[y], s[~y]
+    tz = midranks(np.r_[pos, neg])
+    v10 = (tz[:m] - midranks(pos)) / n
+    v01 = 1.0 - (tz[m:] - midranks(neg)) / m
+    return float(v10.mean()), v10, v01
+
+
+def delong_se(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """DeLong's standard error of the AUC (examples independent); NaN with fewer than two of a class."""
+    y = np.asarray(labels) > 0.5
+    if int(y.sum()) < 2 or int((~y).sum()) < 2:
+        return math.nan
+    _, v10, v01 = _delong_parts(y, np.asarray(scores, dtype=np.float64))
+    return float(math.sqrt(v10.var(ddof=1) / v10.size + v01.var(ddof=1) / v01.size))
+
+
+def paired_auc(labels: Sequence[float] | np.ndarray, a: Sequence[float] | np.ndarray,
+               b: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """(AUC of ``a``, AUC of ``b``, standard error of AUC(a) - AUC(b)) on the same examples.
+
+    DeLong's variance of correlated AUCs (the fast midrank form of Sun & Xu,
+    2014); ties count one half, as in the AUC itself.  NaNs when either class
+    has fewer than two examples.
+    """
+    y = np.asarray(labels, dtype=np.float64) > 0.5
+    m, n = int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        return math.nan, math.nan, math.nan
+    auc_a, v10a, v01a = _delong_parts(y, np.asarray(a, dtype=np.float64))
+    auc_b, v10b, v01b = _delong_parts(y, np.asarray(b, dtype=np.float64))
+    sx, sy = np.cov(np.vstack([v10a, v10b])), np.cov(np.vstack([v01a, v01b]))
+    var = (sx[0, 0] + sx[1, 1] - 2 * sx[0, 1]) / m + (sy[0, 0] + sy[1, 1] - 2 * sy[0, 1]) / n
+    return auc_a, auc_b, float(math.sqrt(max(var, 0.0)))
+
+
+def paired_log_loss_se(labels: Sequence[float] | np.ndarray, cand: Sequence[float] | np.ndarray,
+                       live: Sequence[float] | np.ndarray) -> float:
+    """Standard error of the mean of per-example log-loss differences (candidate - live)."""
+    y = np.asarray(labels, dtype=np.float64)
+    if y.size < 2:
+        return 0.0
+    pc = np.clip(np.asarray(cand, dtype=np.float64), EPS, 1 - EPS)
+    pl = np.clip(np.asarray(live, dtype=np.float64), EPS, 1 - EPS)
+    d = -(y * np.log(pc) + (1 - y) * np.log1p(-pc)) + (y * np.log(pl) + (1 - y) * np.log1p(-pl))
+    return float(d.std(ddof=1) / math.sqrt(y.size))
+
+
 def log_loss(labels: Sequence[float] | np.ndarray, probs: Sequence[float] | np.ndarray) -> float:
     """Mean binary cross-entropy (natural log), probabilities clipped to [1e-7, 1 - 1e-7]."""
     y, p = _arrays(labels, probs)

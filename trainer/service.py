@@ -47,11 +47,9 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -79,7 +77,9 @@ from trainer.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from trainer.metrics import binary_metrics
+from trainer.guardrail import Refusal, beats_fallback, guardrail_passes
+from trainer.metrics import binary_metrics, paired_log_loss_se
+from trainer.metrics import finite as _finite
 from trainer.service_settings import ENV_PREFIX, TrainerSettings
 from trainer.weights import (
     WeightsError,
@@ -146,127 +146,6 @@ def offsets_key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
-def guardrail_passes(
-    candidate: dict[str, float],
-    live: dict[str, float],
-    *,
-    metric: str,
-    margin: float,
-    z: float = 0.0,
-    loss_diff_se: float = 0.0,
-) -> tuple[bool, str]:
-    """Compare candidate and live metrics on the same held-back examples; (passes, explanation).
-
-    ``log_loss`` is lower-is-better: the candidate passes unless it is worse
-    by more than ``margin + z * loss_diff_se``, where ``loss_diff_se`` is the
-    standard error of the mean per-example log-loss difference (a paired
-    test: a candidate is refused only on evidence, not on the noise of a few
-    dozen examples).  ``auc`` is higher-is-better, compared with ``margin``
-    alone; an AUC that is undefined (one class only) falls back to log loss.
-    """
-    if metric == "auc" and not (_finite(candidate.get("auc")) and _finite(live.get("auc"))):
-        metric = "log_loss"
-    c, v = candidate.get(metric), live.get(metric)
-    if not (_finite(c) and _finite(v)):
-        return False, f"{metric} undefined (candidate {c}, live {v})"
-    assert c is not None and v is not None
-    if metric == "log_loss":
-        slack = margin + z * loss_diff_se
-        ok, rel, bound = c <= v + slack, "<=", v + slack
-        why = f"margin {margin} + {z} x se {loss_diff_se:.4f}"
-    else:
-        ok, rel, bound = c >= v - margin, ">=", v - margin
-        why = f"margin {margin}"
-    return ok, f"{metric} candidate {c:.4f} {'' if ok else 'not '}{rel} {bound:.4f} (live {v:.4f}, {why})"
-
-
-class Refusal(StrEnum):
-    """Why the guardrail refused a candidate: the ``reason`` label of
-    ``streamrec_trainer_guardrail_rejections_total`` (a fixed set, never an error message)."""
-
-    BELOW_FALLBACK = "below_fallback"
-    """No live version, and the candidate does not beat the popularity fallback (see :func:`beats_fallback`)."""
-    WORSE_THAN_LIVE = "worse_than_live"
-    """Worse than the live version on the held-back examples (see :func:`guardrail_passes`)."""
-    METRIC_UNDEFINED = "metric_undefined"
-    """The compared metric is undefined on the held-back examples (e.g. AUC with one class only)."""
-    NON_FINITE = "non_finite"
-    """The candidate has NaN/inf parameters."""
-
-
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their mean rank."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    new_group = np.r_[True, xs[1:] != xs[:-1]]
-    starts = np.flatnonzero(new_group)
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = ((starts + ends - 1) / 2.0 + 1.0)[np.cumsum(new_group) - 1]
-    return ranks
-
-
-def paired_auc(labels: Any, a: Any, b: Any) -> tuple[float, float, float]:
-    """(AUC of ``a``, AUC of ``b``, standard error of AUC(a) - AUC(b)) on the same examples.
-
-    DeLong's variance of correlated AUCs (the fast midrank form of Sun & Xu,
-    2014); ties count one half, as in the AUC itself.  NaNs when either class
-    has fewer than two examples.
-    """
-    y = np.asarray(labels, dtype=np.float64) > 0.5
-    sa, sb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    m, n = int(y.sum()), int((~y).sum())
-    if m < 2 or n < 2:
-        return math.nan, math.nan, math.nan
-    aucs, v10s, v01s = [], [], []
-    for s in (sa, sb):
-        pos, neg = s[y], s[~y]
-        tx, ty = _midranks(pos), _midranks(neg)
-        tz = _midranks(np.concatenate([pos, neg]))
-        aucs.append(float((tz[:m].sum() - m * (m + 1) / 2.0) / (m * n)))
-        v10s.append((tz[:m] - tx) / n)  # per positive: share of negatives ranked below it
-        v01s.append(1.0 - (tz[m:] - ty) / m)  # per negative: share of positives ranked above it
-    sx, sy = np.cov(np.vstack(v10s)), np.cov(np.vstack(v01s))
-    var = (sx[0, 0] + sx[1, 1] - 2 * sx[0, 1]) / m + (sy[0, 0] + sy[1, 1] - 2 * sy[0, 1]) / n
-    return aucs[0], aucs[1], float(math.sqrt(max(var, 0.0)))
-
-
-def beats_fallback(labels: Any, candidate: Any, fallback: Any, *, z: float) -> tuple[bool, Refusal | None, str, dict[str, float]]:
-    """Whether a candidate may replace the popularity fallback: (passes, refusal, explanation, metrics).
-
-    The rule: on the same held-back examples, the candidate's AUC must exceed
-    the fallback's by more than ``z`` standard errors of the paired AUC
-    difference (:func:`paired_auc`), i.e. ``auc_c - auc_f > z * se``.  With
-    ``z = 1.64`` that is a one-sided test at about 5%: the burden of proof is
-    on the candidate (against a *live* version it is the other way round, see
-    :func:`guardrail_passes`).  AUC, not log loss, because the fallback ranks
-    items but gives no probabilities; popularity ties (items never clicked)
-    count one half.  Undefined AUCs (one class only) refuse with
-    :attr:`Refusal.METRIC_UNDEFINED`.
-    """
-    auc_c, auc_f, se = paired_auc(labels, candidate, fallback)
-    metrics = {"holdout_auc": auc_c, "holdout_fallback_auc": auc_f, "holdout_fallback_auc_diff_se": se}
-    metrics = {k: v for k, v in metrics.items() if _finite(v)}
-    if not (_finite(auc_c) and _finite(auc_f) and _finite(se)):
-        return False, Refusal.METRIC_UNDEFINED, "AUC undefined on the held-back examples (too few of a class)", metrics
-    bound = auc_f + z * se
-    ok = auc_c > bound
-    why = (f"auc candidate {auc_c:.4f} {'>' if ok else 'not >'} {bound:.4f} "
-           f"(popularity fallback {auc_f:.4f} + {z} x se {se:.4f})")
-    return ok, None if ok else Refusal.BELOW_FALLBACK, why, metrics
-
-
-def paired_log_loss_se(labels: Any, cand: Any, live: Any) -> float:
-    """Standard error of the mean of per-example log-loss differences (candidate - live)."""
-    y = np.asarray(labels, dtype=np.float64)
-    if y.size < 2:
-        return 0.0
-    pc = np.clip(np.asarray(cand, dtype=np.float64), 1e-7, 1 - 1e-7)
-    pl = np.clip(np.asarray(live, dtype=np.float64), 1e-7, 1 - 1e-7)
-    d = -(y * np.log(pc) + (1 - y) * np.log1p(-pc)) + (y * np.log(pl) + (1 - y) * np.log1p(-pl))
-    return float(d.std(ddof=1) / math.sqrt(y.size))
-
-
 _MODEL_SETTINGS = {"encoder": "encoder_path", "encoder_layers": "encoder_layers",
                    "freeze_layers": "freeze_layers", "lora_rank": "lora_rank",
                    "max_text_len": "max_text_len", "categories": "categories", "seed": "seed"}
@@ -283,10 +162,6 @@ def model_config_from(fields: dict[str, Any]) -> Any:
         field = str(err["loc"][0]) if err["loc"] else ""
         setting = _MODEL_SETTINGS.get(field, "model_options")
         raise ConfigError(f"{ENV_PREFIX}{setting}".upper(), f"{field}: {err['msg']}") from None
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -977,14 +852,14 @@ class TrainerService:
         y = [by_key[k].label for k in keys]
         pc, pl = [cand[k] for k in keys], [self._live_probs[k] for k in keys]
         cand_m, live_m = binary_metrics(y, pc), binary_metrics(y, pl)
-        ok, why = guardrail_passes(
+        ok, reason, why = guardrail_passes(
             cand_m, live_m, metric=s.guardrail_metric, margin=s.guardrail_margin,
             z=s.guardrail_z, loss_diff_se=paired_log_loss_se(y, pc, pl),
         )
         extra.update({f"holdout_{k}": float(v) for k, v in cand_m.items() if _finite(v)})
         extra.update({f"live_holdout_{k}": float(v) for k, v in live_m.items() if _finite(v)})
         if not ok:
-            reason = Refusal.METRIC_UNDEFINED if "undefined" in why else Refusal.WORSE_THAN_LIVE
+            assert reason is not None
             self._refuse(reason, f"against live version {self._live_version}: {why}")
         else:
             log.info("guardrail passed against live version %s on %d held-back examples: %s "

@@ -17,11 +17,10 @@ from trainer.baselines import (
     RiverLR,
     UserCategoryCTR,
     bootstrap_auc,
-    delong_se,
     hanley_mcneil_se,
     river_version,
 )
-from trainer.metrics import auc
+from trainer.metrics import auc, delong_se
 
 T0 = 1_700_000_000_000
 

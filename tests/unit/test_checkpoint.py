@@ -18,15 +18,11 @@ from trainer.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
+from trainer.guardrail import Refusal, guardrail_passes
 from trainer.learner import ContinualLearner, LearnerConfig
+from trainer.metrics import paired_log_loss_se
 from trainer.model import ModelConfig, build_model
-from trainer.service import (
-    DedupeWindow,
-    dedupe_key,
-    guardrail_passes,
-    held_back,
-    paired_log_loss_se,
-)
+from trainer.service import DedupeWindow, dedupe_key, held_back
 
 CATEGORIES = ["drama", "scifi", "comedy"]
 
@@ -176,6 +172,10 @@ def test_guardrail_comparison() -> None:
     assert guardrail_passes({"log_loss": 0.53}, live, metric="log_loss", margin=0.0, z=1.64, loss_diff_se=0.02)[0]
     assert not guardrail_passes({"log_loss": 0.53}, live, metric="log_loss", margin=0.0, z=1.64,
                                 loss_diff_se=0.005)[0]
+    # the refusal's reason comes with the verdict (a fixed label, not parsed from the explanation)
+    assert guardrail_passes({"log_loss": 0.52}, live, metric="log_loss", margin=0.01)[1] is Refusal.WORSE_THAN_LIVE
+    assert guardrail_passes({}, live, metric="log_loss", margin=0.01)[1] is Refusal.METRIC_UNDEFINED
+    assert guardrail_passes({"log_loss": 0.4}, live, metric="log_loss", margin=0.01)[1] is None
 
 
 def test_paired_standard_error() -> None:

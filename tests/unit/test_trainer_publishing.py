@@ -15,9 +15,10 @@ from streams.errors import ConfigError
 from streams.settings import KafkaSettings
 from tests.model_utils import perturb
 from trainer.checkpoint import Checkpoint, save_checkpoint
-from trainer.metrics import auc
+from trainer.guardrail import Refusal, beats_fallback
+from trainer.metrics import auc, paired_auc
 from trainer.model import ModelConfig, RecModel, build_model
-from trainer.service import Refusal, TrainerMetrics, TrainerService, beats_fallback, paired_auc
+from trainer.service import TrainerMetrics, TrainerService
 from trainer.service_settings import TrainerSettings
 from trainer.weights import (
     WeightsError,
