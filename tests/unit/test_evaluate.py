@@ -7,7 +7,8 @@ import json
 import pytest
 
 from streams.replay.synthetic import SyntheticConfig, SyntheticStream
-from trainer.evaluate import _local_join, _split, labeled_examples, main
+from trainer.evaluate import main
+from trainer.replays import _local_join, _split, labeled_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,10 +9,10 @@ import torch
 from streams.records import Labeled
 from streams.replay.synthetic import SyntheticConfig, SyntheticStream
 from trainer.catalog import Catalog
-from trainer.evaluate import _split, labeled_examples
 from trainer.learner import ContinualLearner, LearnerConfig, LearnerError, iter_batches
 from trainer.metrics import auc
 from trainer.model import ModelConfig, build_model
+from trainer.replays import _split, labeled_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
