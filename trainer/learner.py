@@ -166,12 +166,12 @@ class ContinualLearner:
             "encoder": self.config.lr_encoder,
             "towers": self.config.lr_towers,
             "heads": self.config.lr_heads,
-            "ids": self.config.lr_ids,
             "item_ids": self.config.lr_item_ids,
         }
+        by_group = self.model.parameter_groups()
         groups = []
-        for name, params in self.model.parameter_groups().items():
-            if name == "ids":
+        for name, params in by_group.items():
+            if name == "ids":  # Adagrad's (see _make_id_optimizer)
                 continue
             # weight decay on id rows would shrink every row at every step, seen or not
             decay = [p for p in params if p.ndim >= 2 and name != "item_ids"]
@@ -181,7 +181,7 @@ class ContinualLearner:
                     groups.append(
                         {"name": name + suffix, "params": ps, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": wd}
                     )
-        if not groups and not self.model.parameter_groups()["ids"]:
+        if not groups and not by_group["ids"]:
             raise LearnerError("the model has no trainable parameters")
         if not groups:
             return None
