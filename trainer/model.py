@@ -323,18 +323,26 @@ class RecModel(nn.Module):
             pooled = self.item_tower.encode_pooled(texts, item_ids, text_hashes)
         finally:
             self.train(was)
-        self.item_tower.center(pooled)
+        self.item_tower.center(pooled, principal=self.config.text_basis == "principal")
 
     # --- parameters -----------------------------------------------------------------
+    def user_row_parameters(self) -> list[nn.Parameter]:
+        """The per-user rows: the user embedding and the user bias."""
+        mods = (self.user_tower.user_embedding, self.user_id_bias)
+        return [m.weight for m in mods if m is not None and m.weight.requires_grad]
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The parameters that learn (heads, towers, unfrozen layers, LoRA adapters): a delta snapshot."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by group: ``encoder`` (unfrozen layers / LoRA), ``towers``, ``heads``,
+        """Trainable parameters by group: ``encoder`` (unfrozen layers / LoRA), ``projection`` (the text
+        projection), ``towers`` (the rest of the towers: the user tower), ``heads``,
         ``ids`` (the per-id biases and user embeddings: added to the logit, learned like counters) and
         ``item_ids`` (the item-id and category embeddings, inside the item vector)."""
-        groups: dict[str, list[nn.Parameter]] = {"encoder": [], "towers": [], "heads": [], "ids": [], "item_ids": []}
+        groups: dict[str, list[nn.Parameter]] = {
+            "encoder": [], "projection": [], "towers": [], "heads": [], "ids": [], "item_ids": []
+        }
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
@@ -344,6 +352,8 @@ class RecModel(nn.Module):
                 groups["item_ids"].append(p)
             elif name.startswith("item_tower.encoder."):
                 groups["encoder"].append(p)
+            elif name.startswith("item_tower.proj."):
+                groups["projection"].append(p)
             elif name.startswith(("item_tower.", "user_tower.")):
                 groups["towers"].append(p)
             else:
@@ -486,6 +496,8 @@ class TrainOutput:
     loss: Tensor
     losses: dict[str, float]
     output: ModelOutput
+    id_loss: Tensor | None = None
+    """The loss over the examples allowed to train the per-id rows (``id_mask``); None = all of them."""
 
 
 class RecTrain(nn.Module):
@@ -501,17 +513,27 @@ class RecTrain(nn.Module):
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
 
-    def forward(self, batch: Batch, teacher_logits: Tensor | None = None) -> TrainOutput:
+    def forward(
+        self, batch: Batch, teacher_logits: Tensor | None = None, id_mask: Tensor | None = None
+    ) -> TrainOutput:
+        """``id_mask`` (``[b]`` bool): also return the loss of only these examples, whose gradient
+        the learner gives the per-id rows (replayed examples train the shared parts only)."""
         out = self.model(batch)
-        return TrainOutput(*self.losses(batch, out, teacher_logits), output=out)
+        total, parts, id_loss = self.losses(batch, out, teacher_logits, id_mask)
+        return TrainOutput(total, parts, output=out, id_loss=id_loss)
 
     def losses(
-        self, batch: Batch, out: ModelOutput, teacher_logits: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
+        self, batch: Batch, out: ModelOutput, teacher_logits: Tensor | None = None, id_mask: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float], Tensor | None]:
         tw = self.model.config.task_weights
         logits = out.click_logits.float()
         w = batch.weights.to(logits.dtype)
-        click = (F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none") * w).sum() / w.sum().clamp_min(1e-12)
+        norm = w.sum().clamp_min(1e-12)
+        bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none") * w
+        click = bce.sum() / norm
+        id_loss = None
+        if id_mask is not None:  # the same normalisation: the rows' steps keep their scale
+            id_loss = tw.click * (bce * id_mask.to(bce.dtype)).sum() / norm
         total = tw.click * click
         parts = {"click": float(click.detach())}
         if out.category_logits is not None and bool(batch.category_mask.any()):
@@ -527,8 +549,11 @@ class RecTrain(nn.Module):
         if teacher_logits is not None and self.distill_weight > 0:
             t = self.distill_temperature
             target = torch.sigmoid(teacher_logits.float().detach() / t)
-            distill = F.binary_cross_entropy_with_logits(logits / t, target) * (t * t)
+            per = F.binary_cross_entropy_with_logits(logits / t, target, reduction="none") * (t * t)
+            distill = per.mean()
             total = total + self.distill_weight * distill
+            if id_loss is not None:
+                id_loss = id_loss + self.distill_weight * (per * id_mask.to(per.dtype)).sum() / per.numel()
             parts["distill"] = float(distill.detach())
         parts["loss"] = float(total.detach())
-        return total, parts
+        return total, parts, id_loss

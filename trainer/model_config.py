@@ -64,6 +64,11 @@ class ModelConfig(BaseModel):
         "projection's bias from the catalog's mean text vector at its first step): frozen sentence "
         "vectors share one dominant direction that would otherwise swamp the cosine.",
     )
+    text_basis: Literal["random", "principal"] = Field(
+        default="principal",
+        description="With center_text: start the projection on the catalog's principal text directions, "
+        "weighted by their singular values (see ItemTower._principal_weight), instead of a random one.",
+    )
     categories: list[str] = Field(
         default_factory=list, description="Category names of the category head; empty = no head."
     )

@@ -237,7 +237,7 @@ class ItemTower(nn.Module):
         return self.proj(pooled.to(self.proj.weight.dtype))
 
     @torch.no_grad()
-    def center(self, pooled: Tensor) -> None:
+    def center(self, pooled: Tensor, principal: bool = False) -> None:
         """Set the projection's bias so that the mean of ``pooled`` (``[n, hidden]``) maps to 0.
 
         ``proj(x - m) = W x - W m``: centring is a bias, so it is saved and
@@ -245,12 +245,49 @@ class ItemTower(nn.Module):
         text vector's length on one direction shared by every text (mean
         pairwise cosine 0.64-0.75 on the project's catalogs); without this the
         towers start with every item alike.
+
+        ``principal``: also start ``W`` on the catalog's principal directions
+        (see :meth:`_principal_weight`), when there are at least
+        ``PRINCIPAL_MIN_ITEMS`` items to estimate them from.
         """
         if pooled.numel() == 0:
             return
-        mean = pooled.to(self.proj.weight.dtype).mean(0)
+        x = pooled.to(self.proj.weight.dtype)
+        mean = x.mean(0)
+        if principal and x.shape[0] >= self.PRINCIPAL_MIN_ITEMS:
+            self.proj.weight.copy_(self._principal_weight(x - mean))
         self.proj.bias.copy_(-(self.proj.weight @ mean))
         self.centred.fill_(True)
+
+    PRINCIPAL_MIN_ITEMS = 128
+    """Fewer catalog items than this: the principal directions are not estimated (random projection kept)."""
+    PRINCIPAL_POWER = 0.5
+    """Row ``j`` of the principal projection is weighted by ``(s_j / s_0) ** PRINCIPAL_POWER``."""
+
+    def _principal_weight(self, centred: Tensor) -> Tensor:
+        """``W``: the top ``embed_dim`` principal directions, row ``j`` weighted by ``s_j ** PRINCIPAL_POWER``.
+
+        The directions along which the catalog's texts differ most (topics,
+        genres) then dominate an item vector, and the encoder's long tail of
+        low-variance directions, which a per-user embedding would otherwise
+        fit as noise, is damped (power 1 would multiply ``x - m`` by the
+        square root of the text covariance).  Measured on the synthetic stream
+        with a per-user Bayesian logistic regression over the item vectors
+        (seed 0): random projection 0.664 AUC, principal directions with power
+        0 0.669, 0.5 0.683, 1 0.687 (true topic mixtures: 0.697); in the whole
+        learner on MovieLens 20k, power 0.5 scored best (0.871 vs 0.868 at 0
+        and 0.864 at 1).  The scale is set so that item vectors keep the mean
+        length the random projection gave them (so the id and category parts
+        keep their relative weight).
+        """
+        w_old = self.proj.weight
+        _, s, vt = torch.linalg.svd(centred.float(), full_matrices=False)
+        k = min(w_old.shape[0], vt.shape[0])
+        w = torch.zeros_like(w_old, dtype=torch.float32)
+        w[:k] = vt[:k] * ((s[:k] / s[0].clamp_min(1e-12)) ** self.PRINCIPAL_POWER)[:, None]
+        old_len = (centred.float() @ w_old.float().T).norm(dim=1).mean()
+        new_len = (centred.float() @ w.T).norm(dim=1).mean().clamp_min(1e-12)
+        return (w * (old_len / new_len)).to(w_old.dtype)
 
 
 def _unpermute(x: Tensor, index: list[int]) -> Tensor:
