@@ -71,14 +71,14 @@ serve: setup  ## run one scoring agent
 	$(PY) -m serving
 
 evaluate: setup  ## strategies vs baselines on the synthetic stream and MovieLens (first 20k ratings): tables + PNGs
-	$(PY) -m trainer.evaluate --dataset synthetic
-	$(PY) -m trainer.evaluate --dataset movielens
+	$(PY) -m harness.evaluate --dataset synthetic
+	$(PY) -m harness.evaluate --dataset movielens
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
 
 demo: setup  ## replay MovieLens-100k through the pipeline on a local broker and report
-	$(PY) -m infra.demo
+	$(PY) -m harness.demo
 
 clean:  ## remove the venv and caches (the broker data in .cache goes too)
 	-$(PY) -m infra.broker down

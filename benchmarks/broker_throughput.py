@@ -29,12 +29,12 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from contract.errors import ConfigError
+from contract.records import Impression
+from contract.settings import KafkaSettings, load
+from contract.topics import IMPRESSIONS
 from infra.admin import AdminError, delete_topics, ensure_topics
 from infra.broker import BrokerError, LocalBroker
-from streams.errors import ConfigError
-from streams.records import Impression
-from streams.settings import KafkaSettings, load
-from streams.topics import IMPRESSIONS
 
 log = logging.getLogger(__name__)
 

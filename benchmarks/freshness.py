@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
 
+from contract.records import Item, Labeled, ModelUpdate
+from contract.settings import PROJECT_ROOT, KafkaSettings, load
+from contract.topics import ALL_TOPICS, ITEMS, LABELED, MODEL_UPDATES
 from infra.admin import delete_topics, ensure_topics
 from infra.broker import LocalBroker
-from streams.records import Item, Labeled, ModelUpdate
-from streams.settings import PROJECT_ROOT, KafkaSettings, load
-from streams.topics import ALL_TOPICS, ITEMS, LABELED, MODEL_UPDATES
 from trainer.service import held_back
 from trainer.service_settings import TrainerSettings
 

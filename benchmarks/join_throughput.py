@@ -44,12 +44,12 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract.errors import ConfigError
+from contract.records import Click, Impression
+from contract.settings import KafkaSettings, load
+from contract.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 from infra.admin import AdminError, delete_topics, ensure_topics
 from infra.broker import BrokerError, LocalBroker, free_ports
-from streams.errors import ConfigError
-from streams.records import Click, Impression
-from streams.settings import KafkaSettings, load
-from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broker_throughput import BenchmarkError, measure, produce_timed  # noqa: E402

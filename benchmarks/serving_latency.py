@@ -56,11 +56,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from infra.admin import delete_topics, ensure_topics
-from infra.broker import LocalBroker, free_ports
-from streams.records import Item, RecRequest, UserHistory
-from streams.settings import KafkaSettings, default_cache_dir, load
-from streams.topics import (
+from contract.records import Item, RecRequest, UserHistory
+from contract.settings import KafkaSettings, default_cache_dir, load
+from contract.topics import (
     ALL_TOPICS,
     DEAD_LETTERS,
     ITEMS,
@@ -69,6 +67,8 @@ from streams.topics import (
     RECOMMENDATIONS,
     USER_HISTORY,
 )
+from infra.admin import delete_topics, ensure_topics
+from infra.broker import LocalBroker, free_ports
 
 log = logging.getLogger("benchmarks.serving_latency")
 ROOT = Path(__file__).resolve().parents[1]

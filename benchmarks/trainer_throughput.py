@@ -71,7 +71,7 @@ def layer_flops_per_token(hidden: int, intermediate: int, seq: float) -> float:
 
 
 def load_stream(args: argparse.Namespace, n_examples: int):  # noqa: ANN201
-    from trainer.replays import load_movielens, load_synthetic
+    from harness.replays import load_movielens, load_synthetic
 
     if args.dataset == "movielens":
         ratings = max(2_000, n_examples // 10 + 1)

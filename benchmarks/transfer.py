@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streams.records import Item, Labeled
+from contract.records import Item, Labeled
+from harness.replays import load_movielens, load_synthetic
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig
 from trainer.metrics import auc
 from trainer.model import ModelConfig, build_model
-from trainer.replays import load_movielens, load_synthetic
 from trainer.weights import WeightStore, config_mismatch, locate_version
 
 log = logging.getLogger("benchmarks.transfer")

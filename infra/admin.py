@@ -1,6 +1,6 @@
 """Create and inspect the topics of DESIGN.md with the Kafka admin API (idempotent).
 
-``ensure_topics(settings)`` creates every topic of :data:`streams.topics.ALL_TOPICS`
+``ensure_topics(settings)`` creates every topic of :data:`contract.topics.ALL_TOPICS`
 that does not exist yet, with the settings' partition count and replication
 factor and each spec's config (``cleanup.policy=compact`` for the catalog,
 the user histories and the model manifest).  Existing topics are left as they
@@ -8,7 +8,7 @@ are; one whose partition count or cleanup policy differs from the spec is
 reported with a warning, since co-partitioned topics with different counts
 break the join.
 
-The command line reads :class:`~streams.settings.KafkaSettings` from the
+The command line reads :class:`~contract.settings.KafkaSettings` from the
 environment (``STREAMREC_BOOTSTRAP_SERVERS``, ``STREAMREC_TOPIC_PREFIX``, ...)::
 
     python -m infra.admin create [--partitions N] [--replication N]
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from streams.errors import ConfigError, StreamrecError
-from streams.settings import KafkaSettings, load
-from streams.topics import ALL_TOPICS, TopicSpec
+from contract.errors import ConfigError, StreamrecError
+from contract.settings import KafkaSettings, load
+from contract.topics import ALL_TOPICS, TopicSpec
 
 log = logging.getLogger(__name__)
 

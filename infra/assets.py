@@ -22,8 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.errors import StreamrecError
-from streams.settings import default_cache_dir
+from contract.errors import StreamrecError
+from contract.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
-from streams.errors import StreamrecError
-from streams.settings import default_cache_dir
+from contract.errors import StreamrecError
+from contract.settings import default_cache_dir
 
 log = logging.getLogger(__name__)
 

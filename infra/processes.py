@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from contract.errors import StreamrecError
 from infra.broker import log_tail, parent_death_signal, terminate
-from streams.errors import StreamrecError
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import signal
 import sys
 from types import FrameType
 
+from contract.errors import StreamrecError
+from contract.settings import KafkaSettings, load, settings_help
 from serving.settings import FALLBACK_VERSION, ServingSettings
-from streams.errors import StreamrecError
-from streams.settings import KafkaSettings, load, settings_help
 
 log = logging.getLogger("serving")
 

@@ -65,14 +65,10 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from serving.loader import CatalogState, ModelHolder, ModelLoader, fallback_snapshot
-from serving.metrics import ServingMetrics
-from serving.scoring import ExplorePolicy, Popularity, Query, Scored, Scorer, appended_items
-from serving.settings import FALLBACK_VERSION, ServingSettings, check_runtime
-from streams.errors import ConfigError, RecordError, StreamrecError
-from streams.records import DeadLetter, Item, ModelUpdate, Recommendation, RecRequest, UserHistory
-from streams.settings import KafkaSettings
-from streams.topics import (
+from contract.errors import ConfigError, RecordError, StreamrecError
+from contract.records import DeadLetter, Item, ModelUpdate, Recommendation, RecRequest, UserHistory
+from contract.settings import KafkaSettings
+from contract.topics import (
     DEAD_LETTERS,
     ITEMS,
     MODEL_UPDATES,
@@ -80,6 +76,11 @@ from streams.topics import (
     RECOMMENDATIONS,
     USER_HISTORY,
 )
+from serving.loader import CatalogState, ModelHolder, ModelLoader, fallback_snapshot
+from serving.metrics import ServingMetrics
+from serving.scoring import ExplorePolicy, Query, Scored, Scorer, appended_items
+from serving.settings import FALLBACK_VERSION, ServingSettings, check_runtime
+from trainer.popularity import Popularity
 from trainer.weights import WeightStore
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ ever waits for a swap.
 
 :class:`ModelLoader` is the only writer.  It runs in a background thread and:
 
-* on a new :class:`~streams.records.ModelUpdate` (newer than the live version,
+* on a new :class:`~contract.records.ModelUpdate` (newer than the live version,
   same model name): fetches the snapshot with
   :meth:`trainer.weights.WeightStore.load` (full, or delta applied to its base
   chain; sha256 and size verified, the model rebuilt from the manifest's
@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from contract.records import Item, ModelUpdate
 from serving.metrics import ServingMetrics
-from streams.records import Item, ModelUpdate
 from trainer.catalog import Catalog, CatalogEntry
 from trainer.weights import WeightsError, WeightStore
 

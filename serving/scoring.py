@@ -43,16 +43,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
-from streams.records import RecRequest, ScoredItem
+from contract.records import RecRequest, ScoredItem
+from trainer.popularity import Popularity
 
 if TYPE_CHECKING:
     from serving.loader import ServingModel
@@ -116,72 +116,6 @@ def appended_items(old: Sequence[str], new: Sequence[str], limit: int) -> list[s
         if o[len(o) - overlap :] == n[:overlap]:
             return n[overlap:]
     return n
-
-
-class Popularity:
-    """Clicks per item with exponential decay in event time (thread-safe)."""
-
-    _REBASE = 256.0  # rescale when weights reach 2**256, far below float64's 2**1024
-
-    def __init__(self, half_life_s: float) -> None:
-        if not half_life_s > 0:
-            raise ValueError("half_life_s must be > 0")
-        self.half_life_ms = half_life_s * 1000.0
-        self._weights: dict[str, float] = {}
-        self._ref_ts: int | None = None
-        self._lock = threading.Lock()
-        self.generation = 0
-        self.clicks = 0
-
-    def add(self, item_ids: Iterable[str], ts: int) -> int:
-        """Count one click on each item at event time ``ts``; return how many."""
-        ids = list(item_ids)
-        if not ids:
-            return 0
-        with self._lock:
-            if self._ref_ts is None:
-                self._ref_ts = ts
-            exponent = (ts - self._ref_ts) / self.half_life_ms
-            if exponent > self._REBASE:
-                factor = 2.0 ** (-exponent)
-                self._weights = {i: w * factor for i, w in self._weights.items() if w * factor > 0.0}
-                self._ref_ts, exponent = ts, 0.0
-            w = 2.0 ** max(exponent, -1074.0)
-            for item in ids:
-                self._weights[item] = self._weights.get(item, 0.0) + w
-            self.generation += 1
-            self.clicks += len(ids)
-        return len(ids)
-
-    def vector(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Popularity of each item scaled to [0, 1] by the most popular one (zeros without clicks)."""
-        with self._lock:
-            get = self._weights.get
-            v = np.fromiter((get(i, 0.0) for i in item_ids), dtype=np.float64, count=len(item_ids))
-        top = v.max(initial=0.0)
-        return v / top if top > 0 else v
-
-    def __len__(self) -> int:
-        return len(self._weights)
-
-    def state(self) -> dict[str, object]:
-        """Everything needed to rebuild this estimate (JSON- and ``torch.load(weights_only)``-safe)."""
-        with self._lock:
-            return {"half_life_s": self.half_life_ms / 1000.0, "ref_ts": self._ref_ts,
-                    "weights": dict(self._weights), "clicks": self.clicks}
-
-    @classmethod
-    def from_state(cls, state: dict[str, object], half_life_s: float) -> Popularity:
-        """An estimate restored from :meth:`state`; one kept under another half-life starts empty."""
-        pop = cls(half_life_s)
-        if float(state.get("half_life_s", -1.0)) != float(half_life_s):  # type: ignore[arg-type]
-            return pop
-        ref = state.get("ref_ts")
-        pop._ref_ts = None if ref is None else int(ref)  # type: ignore[call-overload]
-        pop._weights = {str(k): float(v) for k, v in dict(state.get("weights", {})).items()}  # type: ignore[call-overload]
-        pop.clicks = int(state.get("clicks", 0))  # type: ignore[call-overload]
-        pop.generation = 1 if pop._weights else 0
-        return pop
 
 
 def cold_start_scores(

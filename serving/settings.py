@@ -1,9 +1,9 @@
 """Settings of the scoring agent, read once from the environment (prefix ``STREAMREC_SERVING_``).
 
-Kafka connection settings are the shared :class:`streams.settings.KafkaSettings`
+Kafka connection settings are the shared :class:`contract.settings.KafkaSettings`
 (prefix ``STREAMREC_``); everything specific to serving lives here.  Build it
-with ``streams.settings.load(ServingSettings)``: a setting that cannot work
-raises :class:`~streams.errors.ConfigError` naming the environment variable,
+with ``contract.settings.load(ServingSettings)``: a setting that cannot work
+raises :class:`~contract.errors.ConfigError` naming the environment variable,
 before anything connects.  :func:`check_runtime` checks what needs the
 machine (the device, the weight store root) and fails the same way.
 """
@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.errors import ConfigError
-from streams.settings import default_cache_dir
+from contract.errors import ConfigError
+from contract.settings import default_cache_dir
 
 ENV_PREFIX = "STREAMREC_SERVING_"
 FALLBACK_VERSION = "fallback:popularity"

@@ -15,7 +15,7 @@ Per batch (``stream.take_events``), in this order:
    state's offset and drop its events until the re-read arrives.  So the
    state's offsets, not the group's committed offsets, decide what is read:
    committed offsets may run ahead of the state (skipped events) or lag it;
-2. decode each value with :mod:`streams.records` (values are consumed raw, so
+2. decode each value with :mod:`contract.records` (values are consumed raw, so
    a malformed one reaches us instead of being dropped by Faust); a value
    that does not decode, whose message key is not its user_id, or whose
    event time is far after its Kafka timestamp
@@ -77,14 +77,14 @@ import faust
 from confluent_kafka import KafkaError, Producer
 from faust.types import TP
 
-from streams.errors import RecordError, StreamrecError
+from contract.errors import RecordError, StreamrecError
+from contract.records import Click, DeadLetter, Impression
+from contract.settings import KafkaSettings, default_cache_dir
+from contract.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 from streams.join import Example, HistoryUpdate, JoinCore, Rejected, check_event_time
 from streams.join_settings import JoinSettings
 from streams.metrics import JoinMetrics
 from streams.offsets import GapGuard, Verdict
-from streams.records import Click, DeadLetter, Impression
-from streams.settings import KafkaSettings, default_cache_dir
-from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 
 log = logging.getLogger(__name__)
 _rdkafka_log = logging.getLogger(f"{__name__}.librdkafka")

@@ -68,8 +68,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from streams.errors import ConfigError, RecordError
-from streams.records import SCHEMA_VERSION, Click, Impression, Labeled, UserHistory, example_id
+from contract.errors import ConfigError, RecordError
+from contract.records import SCHEMA_VERSION, Click, Impression, Labeled, UserHistory, example_id
 
 _quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -212,7 +212,7 @@ class Example:
         ).encode()
 
     def to_record(self) -> Labeled:
-        """The validated :class:`~streams.records.Labeled` record."""
+        """The validated :class:`~contract.records.Labeled` record."""
         return Labeled(
             example_id=self.example_id,
             impression_id=self.impression_id,

@@ -1,13 +1,13 @@
 """Settings of the impression–click join worker, read once from ``STREAMREC_JOIN_*``.
 
-Build them with :func:`streams.settings.load` so that a value that cannot work
+Build them with :func:`contract.settings.load` so that a value that cannot work
 fails at start-up naming its environment variable::
 
-    >>> from streams.settings import load
+    >>> from contract.settings import load
     >>> load(JoinSettings, window_ms=0)
     Traceback (most recent call last):
     ...
-    streams.errors.ConfigError: setting STREAMREC_JOIN_WINDOW_MS: Input should be greater than or equal to 1
+    contract.errors.ConfigError: setting STREAMREC_JOIN_WINDOW_MS: Input should be greater than or equal to 1
 
 Event-time settings are milliseconds (they compare with record ``ts``);
 wall-clock settings are seconds.

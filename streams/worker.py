@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from streams.errors import ConfigError, StreamrecError
+from contract.errors import ConfigError, StreamrecError
+from contract.settings import KafkaSettings, load, settings_help
+from contract.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 from streams.join_settings import ENV_PREFIX, JoinSettings
-from streams.settings import KafkaSettings, load, settings_help
-from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from streams.settings import KafkaSettings
-from streams.topics import ALL_TOPICS
+from contract.settings import KafkaSettings
+from contract.topics import ALL_TOPICS
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from streams.records import Record
-from streams.settings import KafkaSettings
-from streams.topics import TopicSpec
+from contract.records import Record
+from contract.settings import KafkaSettings
+from contract.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 _rdkafka_log = logging.getLogger(f"{__name__}.librdkafka")

@@ -9,8 +9,8 @@ import signal
 import sys
 from types import FrameType
 
-from streams.errors import StreamrecError
-from streams.settings import KafkaSettings, load, settings_help
+from contract.errors import StreamrecError
+from contract.settings import KafkaSettings, load, settings_help
 from trainer.service_settings import TrainerSettings
 
 log = logging.getLogger("trainer")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from streams.records import Labeled
+from contract.records import Labeled
 from trainer.catalog import Catalog
 
 

@@ -1,6 +1,6 @@
 """The item catalog the trainer and the scoring agent see: item_id -> text + categories.
 
-It is fed from the compacted ``items`` topic (:class:`streams.records.Item`).
+It is fed from the compacted ``items`` topic (:class:`contract.records.Item`).
 The item tower reads texts from it, the category head its labels.  A text
 change is visible through :meth:`Catalog.text_hash`, which the frozen-prefix
 cache of :mod:`trainer.model` uses to invalidate stale entries.
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from streams.records import Item
+from contract.records import Item
 
 
 def text_hash(text: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from streams.errors import StreamrecError
+from contract.errors import StreamrecError
 from trainer.weights import fsync_dir
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from streams.errors import StreamrecError
-from streams.records import Labeled
+from contract.errors import StreamrecError
+from contract.records import Labeled
 from trainer.batching import Batch, build_batch
 from trainer.catalog import Catalog
 from trainer.metrics import PrequentialMetrics, binary_metrics
@@ -155,7 +155,7 @@ def _example_key(ex: Labeled) -> str:
 
 
 class ContinualLearner:
-    """Test-then-train multi-task learner over :class:`~streams.records.Labeled` batches."""
+    """Test-then-train multi-task learner over :class:`~contract.records.Labeled` batches."""
 
     def __init__(self, model: RecModel, config: LearnerConfig | None = None, catalog: Catalog | None = None) -> None:
         self.config = config or LearnerConfig()

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from streams.errors import StreamrecError
+from contract.errors import StreamrecError
 
 
 class ModelError(StreamrecError):

@@ -63,11 +63,10 @@ from confluent_kafka import (
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from pydantic import ValidationError
 
-from serving.scoring import Popularity
-from streams.errors import ConfigError, RecordError, StreamrecError
-from streams.records import DeadLetter, Item, Labeled
-from streams.settings import KafkaSettings
-from streams.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
+from contract.errors import ConfigError, RecordError, StreamrecError
+from contract.records import DeadLetter, Item, Labeled
+from contract.settings import KafkaSettings
+from contract.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
 from trainer.catalog import Catalog
 from trainer.checkpoint import (
     Checkpoint,
@@ -80,6 +79,7 @@ from trainer.checkpoint import (
 from trainer.guardrail import Refusal, beats_fallback, guardrail_passes
 from trainer.metrics import binary_metrics, paired_log_loss_se
 from trainer.metrics import finite as _finite
+from trainer.popularity import Popularity
 from trainer.service_settings import ENV_PREFIX, TrainerSettings
 from trainer.weights import (
     WeightsError,

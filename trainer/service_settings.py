@@ -1,9 +1,9 @@
 """Settings of the trainer service, read once from the environment (prefix ``STREAMREC_TRAINER_``).
 
-Kafka connection settings are the shared :class:`streams.settings.KafkaSettings`
+Kafka connection settings are the shared :class:`contract.settings.KafkaSettings`
 (prefix ``STREAMREC_``); everything specific to the trainer lives here.  Build
-it with ``streams.settings.load(TrainerSettings)``: a setting that cannot work
-raises :class:`~streams.errors.ConfigError` naming the environment variable.
+it with ``contract.settings.load(TrainerSettings)``: a setting that cannot work
+raises :class:`~contract.errors.ConfigError` naming the environment variable.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.settings import default_cache_dir
+from contract.settings import default_cache_dir
 
 ENV_PREFIX = "STREAMREC_TRAINER_"
 

@@ -51,8 +51,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from streams.errors import RecordError, StreamrecError
-from streams.records import ModelUpdate
+from contract.errors import RecordError, StreamrecError
+from contract.records import ModelUpdate
 
 if TYPE_CHECKING:
     from trainer.model import RecModel

@@ -19,8 +19,8 @@ from typing import TypeAlias
 
 import numpy as np
 
-from streams.records import Record
-from streams.topics import TopicSpec
+from contract.records import Record
+from contract.topics import TopicSpec
 
 ReplayEvent: TypeAlias = tuple[TopicSpec, Record]
 """One record of a replay stream and the topic it belongs to."""

@@ -8,7 +8,7 @@
                                        [--shift-at 0.5|none] [--seed 0] [--speed 10000|max]
 
 The cluster comes from the environment (``STREAMREC_BOOTSTRAP_SERVERS``,
-``STREAMREC_TOPIC_PREFIX``, ...; see :mod:`streams.settings`).  The topics are
+``STREAMREC_TOPIC_PREFIX``, ...; see :mod:`contract.settings`).  The topics are
 created first (idempotent) unless ``--no-create-topics``; ``--dry-run`` only
 converts the dataset and prints what would be produced.
 
@@ -23,9 +23,9 @@ import logging
 import sys
 from typing import Any
 
-from streams.errors import ConfigError, StreamrecError
+from contract.errors import ConfigError, StreamrecError
+from contract.settings import KafkaSettings, load
 from streams.replay.producer import ProduceResult, produce
-from streams.settings import KafkaSettings, load
 
 log = logging.getLogger(__name__)
 

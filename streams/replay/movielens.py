@@ -3,7 +3,7 @@
 MovieLens only records what a user rated, not what they were shown, so the
 replay reconstructs an impression for every rating:
 
-* **Items** — one :class:`~streams.records.Item` per catalog row of
+* **Items** — one :class:`~contract.records.Item` per catalog row of
   ``ml-100k.item``: ``text = "title (year)"`` (the year is left out when it is
   missing or not a plausible year, and not repeated when the title already ends
   with it; the one row whose title is missing gets ``"unknown movie"``),
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.errors import ConfigError, StreamrecError
-from streams.records import Click, Impression, Item
+from contract.errors import ConfigError, StreamrecError
+from contract.records import Click, Impression, Item
+from contract.topics import CLICKS, IMPRESSIONS, ITEMS
 from streams.replay import ReplayEvent, event_order
-from streams.topics import CLICKS, IMPRESSIONS, ITEMS
 
 log = logging.getLogger(__name__)
 

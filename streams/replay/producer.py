@@ -23,9 +23,9 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaException, Producer
 from tqdm import tqdm
 
-from streams.errors import StreamrecError
+from contract.errors import StreamrecError
+from contract.settings import KafkaSettings
 from streams.replay import ReplayEvent
-from streams.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

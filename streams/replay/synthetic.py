@@ -46,10 +46,10 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from streams.errors import ConfigError
-from streams.records import Click, Impression, Item
+from contract.errors import ConfigError
+from contract.records import Click, Impression, Item
+from contract.topics import CLICKS, IMPRESSIONS, ITEMS
 from streams.replay import ReplayEvent, event_order
-from streams.topics import CLICKS, IMPRESSIONS, ITEMS
 
 _KIND_ITEM, _KIND_IMPRESSION, _KIND_CLICK = 0, 1, 2
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.records import Impression
+from contract.settings import PROJECT_ROOT, KafkaSettings
+from contract.topics import ALL_TOPICS, IMPRESSIONS, ITEMS
 from infra.admin import delete_topics, describe_topics, ensure_topics
 from infra.broker import (
     STATUS_STOPPED,
@@ -20,9 +23,6 @@ from infra.broker import (
     free_ports,
     kafka_dir,
 )
-from streams.records import Impression
-from streams.settings import PROJECT_ROOT, KafkaSettings
-from streams.topics import ALL_TOPICS, IMPRESSIONS, ITEMS
 from tests.kafka_utils import consume, produce
 
 pytestmark = pytest.mark.integration

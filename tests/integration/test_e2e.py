@@ -1,6 +1,6 @@
 """The whole pipeline on a small MovieLens slice: three services as processes on the real broker.
 
-Uses the same runner as ``make demo`` (:func:`infra.pipeline.run_pipeline`), with the
+Uses the same runner as ``make demo`` (:func:`harness.pipeline.run_pipeline`), with the
 test-sized encoder. The services are torn down when the run ends, also when it fails.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.pipeline import PipelineConfig, run_pipeline
-from streams.settings import KafkaSettings
+from contract.settings import KafkaSettings
+from harness.pipeline import PipelineConfig, run_pipeline
 
 pytestmark = pytest.mark.integration
 

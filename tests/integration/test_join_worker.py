@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from contract.records import Click, DeadLetter, Impression, Labeled
+from contract.settings import KafkaSettings
+from contract.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED
 from streams.join import ReferenceJoin, reference_join
-from streams.records import Click, DeadLetter, Impression, Labeled
-from streams.settings import KafkaSettings
-from streams.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED
 from tests.kafka_utils import consume, produce_raw
 
 pytestmark = pytest.mark.integration

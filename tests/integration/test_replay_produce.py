@@ -7,12 +7,12 @@ from collections import Counter
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from contract.settings import KafkaSettings
+from contract.topics import CLICKS, IMPRESSIONS, ITEMS, TopicSpec
 from streams.replay import cli
 from streams.replay.movielens import MovieLensReplay, MovieLensReplayConfig
 from streams.replay.producer import produce
 from streams.replay.synthetic import SyntheticConfig, SyntheticStream
-from streams.settings import KafkaSettings
-from streams.topics import CLICKS, IMPRESSIONS, ITEMS, TopicSpec
 from tests.kafka_utils import consume, consume_raw, java_partition
 
 pytestmark = pytest.mark.integration

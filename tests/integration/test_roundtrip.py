@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.records import (
+from contract.records import (
     Click,
     DeadLetter,
     Impression,
@@ -18,8 +18,8 @@ from streams.records import (
     UserHistory,
     example_id,
 )
-from streams.settings import KafkaSettings
-from streams.topics import ALL_TOPICS, CLICKS, IMPRESSIONS, TopicSpec
+from contract.settings import KafkaSettings
+from contract.topics import ALL_TOPICS, CLICKS, IMPRESSIONS, TopicSpec
 from tests.kafka_utils import consume, consume_raw, java_partition, produce
 
 pytestmark = pytest.mark.integration

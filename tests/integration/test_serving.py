@@ -19,11 +19,9 @@ import pytest
 import torch
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from serving.agent import AgentError, ServingAgent
-from serving.settings import FALLBACK_VERSION, ServingSettings
-from streams.records import DeadLetter, Item, Recommendation, RecRequest, UserHistory
-from streams.settings import KafkaSettings
-from streams.topics import (
+from contract.records import DeadLetter, Item, Recommendation, RecRequest, UserHistory
+from contract.settings import KafkaSettings
+from contract.topics import (
     DEAD_LETTERS,
     ITEMS,
     MODEL_UPDATES,
@@ -31,6 +29,8 @@ from streams.topics import (
     RECOMMENDATIONS,
     USER_HISTORY,
 )
+from serving.agent import AgentError, ServingAgent
+from serving.settings import FALLBACK_VERSION, ServingSettings
 from tests.kafka_utils import consume, produce, produce_raw
 from trainer.model import ModelConfig, RecModel, build_model
 from trainer.weights import WeightStore

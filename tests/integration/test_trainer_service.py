@@ -21,9 +21,9 @@ import pytest
 import torch
 from confluent_kafka import Consumer, TopicPartition
 
-from streams.records import DeadLetter, Item, Labeled, ModelUpdate
-from streams.settings import PROJECT_ROOT, KafkaSettings
-from streams.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
+from contract.records import DeadLetter, Item, Labeled, ModelUpdate
+from contract.settings import PROJECT_ROOT, KafkaSettings
+from contract.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
 from tests.kafka_utils import consume, produce, produce_raw
 from trainer.checkpoint import load_checkpoint
 from trainer.service import TrainerService, offsets_key

@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from streams.records import Item, Labeled, example_id
-from trainer import evaluate as ev
-from trainer.baselines import (
+from contract.records import Item, Labeled, example_id
+from harness.baselines import (
     ItemCTR,
     LearnableOracle,
     LogisticMF,
@@ -20,6 +19,7 @@ from trainer.baselines import (
     hanley_mcneil_se,
     river_version,
 )
+from harness import evaluate as ev
 from trainer.metrics import auc, delong_se
 
 T0 = 1_700_000_000_000

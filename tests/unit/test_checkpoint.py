@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streams.records import Item, Labeled
+from contract.records import Item, Labeled
 from trainer.catalog import Catalog
 from trainer.checkpoint import (
     CHECKPOINT_FILE,

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from harness.evaluate import main
+from harness.replays import _local_join, _split, labeled_examples
 from streams.replay.synthetic import SyntheticConfig, SyntheticStream
-from trainer.evaluate import main
-from trainer.replays import _local_join, _split, labeled_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

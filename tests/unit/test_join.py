@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from streams.errors import ConfigError, RecordError
+from contract.errors import ConfigError, RecordError
+from contract.records import Click, Impression, Labeled
 from streams.join import (
     NO_WATERMARK,
     Example,
@@ -17,7 +18,6 @@ from streams.join import (
     check_event_time,
     reference_join,
 )
-from streams.records import Click, Impression, Labeled
 
 
 class FakeClock:
@@ -426,8 +426,8 @@ def test_reference_join_labels() -> None:
 
 
 def test_join_settings_from_environment_name_the_bad_setting(monkeypatch) -> None:
+    from contract.settings import load
     from streams.join_settings import JoinSettings
-    from streams.settings import load
 
     monkeypatch.setenv("STREAMREC_JOIN_WINDOW_MS", "2500")
     monkeypatch.setenv("STREAMREC_JOIN_IDLE_TIMEOUT_S", "0.5")

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contract.records import Click, Impression, Labeled, UserHistory
 from streams.join import Example, HistoryUpdate, JoinConfig, JoinCore, Rejected, reference_join
-from streams.records import Click, Impression, Labeled, UserHistory
 
 WINDOW, LATENESS, GRACE, RETENTION, HISTORY = 1_000, 300, 200, 2_000, 3
 CONFIG = JoinConfig(

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from streams.records import Labeled
+from contract.records import Labeled
+from harness.replays import _split, labeled_examples
 from streams.replay.synthetic import SyntheticConfig, SyntheticStream
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig, LearnerError, iter_batches
 from trainer.metrics import auc
 from trainer.model import ModelConfig, build_model
-from trainer.replays import _split, labeled_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

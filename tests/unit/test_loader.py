@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from contract.records import Item, RecRequest
 from serving.loader import (
     CatalogState,
     ModelHolder,
@@ -21,10 +22,10 @@ from serving.loader import (
     refusal_reason,
 )
 from serving.metrics import ServingMetrics
-from serving.scoring import Popularity, Query, Scorer, top_k
+from serving.scoring import Query, Scorer, top_k
 from serving.settings import FALLBACK_VERSION
-from streams.records import Item, RecRequest
 from trainer.model import ModelConfig, RecModel, build_model
+from trainer.popularity import Popularity
 from trainer.weights import WeightsError, WeightStore
 
 TEXTS = {
@@ -221,9 +222,9 @@ def test_model_path_scores_equal_the_model_brute_force(
 
 
 def test_settings_that_cannot_work_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contract.errors import ConfigError
+    from contract.settings import load
     from serving.settings import ServingSettings, resolve_device
-    from streams.errors import ConfigError
-    from streams.settings import load
 
     monkeypatch.setenv("STREAMREC_SERVING_EXPLORE", "epsilon")
     monkeypatch.setenv("STREAMREC_SERVING_EXPLORE_EPSILON", "0")

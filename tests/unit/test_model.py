@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streams.records import Item, Labeled
+from contract.records import Item, Labeled
 from trainer.batching import build_batch
 from trainer.catalog import Catalog, text_hash
 from trainer.model import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streams.records import Item, Labeled
+from contract.records import Item, Labeled
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig
 from trainer.model import ModelConfig, build_model

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from infra.pipeline import SameRequests, fallback_hits, refusals_in_log, version_sizes
-from serving.scoring import Popularity, appended_items
-from streams.records import UserHistory
+from contract.records import UserHistory
+from harness.pipeline import SameRequests, fallback_hits, refusals_in_log, version_sizes
+from serving.scoring import appended_items
 from trainer.model import ModelConfig, build_model
+from trainer.popularity import Popularity
 from trainer.weights import WeightStore, changed_tensors, cpu_state
 
 CATALOG = ["a", "b", "c", "d", "e"]
@@ -88,7 +89,7 @@ def test_bytes_per_version_kind(tmp_path: Path) -> None:
 
 
 def test_report_prints_the_same_request_comparison_bytes_and_refusals() -> None:
-    from infra.pipeline import PipelineReport
+    from harness.pipeline import PipelineReport
 
     report = PipelineReport(
         events={"items": 5, "impressions": 10, "clicks": 4}, labeled_positives=4, labeled_negatives=6,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from infra.settings_doc import render
-from streams.settings import PROJECT_ROOT
+from contract.settings import PROJECT_ROOT
+from harness.settings_doc import render
 
 
 def test_settings_table_is_current() -> None:
     readme = (PROJECT_ROOT / "README.md").read_text()
-    assert render(readme) == readme, "stale settings table: run python -m infra.settings_doc --write README.md"
+    assert render(readme) == readme, "stale settings table: run python -m harness.settings_doc --write README.md"
 
 
 def test_readme_shows_the_two_commands() -> None:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from streams.errors import RecordError
-from streams.records import (
+from contract.errors import RecordError
+from contract.records import (
     RECORD_TYPES,
     SCHEMA_VERSION,
     Click,
@@ -22,7 +22,7 @@ from streams.records import (
     UserHistory,
     example_id,
 )
-from streams.topics import ALL_TOPICS
+from contract.topics import ALL_TOPICS
 
 VALID: dict[type, dict] = {
     Item: {"item_id": "i1", "text": "Toy Story (1995)", "categories": ["Animation"], "ts": 0},

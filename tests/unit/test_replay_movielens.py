@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.errors import ConfigError, StreamrecError
-from streams.records import Click, Item
+from contract.errors import ConfigError, StreamrecError
+from contract.records import Click, Item
+from contract.settings import KafkaSettings
+from contract.topics import CLICKS, IMPRESSIONS, ITEMS
 from streams.replay import cli
 from streams.replay.movielens import (
     MovieLensError,
@@ -23,8 +25,6 @@ from streams.replay.movielens import (
     load,
 )
 from streams.replay.producer import ProduceError, produce
-from streams.settings import KafkaSettings
-from streams.topics import CLICKS, IMPRESSIONS, ITEMS
 
 K = 10
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contract.records import RecRequest
 from serving.agent import OffsetLedger
 from serving.loader import ServingModel
 from serving.scoring import (
@@ -25,7 +26,6 @@ from serving.scoring import (
     top_k,
 )
 from serving.settings import FALLBACK_VERSION
-from streams.records import RecRequest
 
 
 def brute_top_k(scores: list[float], ids: list[str], k: int) -> list[int]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from streams.errors import ConfigError
-from streams.settings import KafkaSettings, load
+from contract.errors import ConfigError
+from contract.settings import KafkaSettings, load
 
 
 @pytest.fixture(autouse=True)

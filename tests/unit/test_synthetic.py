@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.errors import ConfigError
+from contract.errors import ConfigError
+from contract.topics import CLICKS, IMPRESSIONS, ITEMS
 from streams.replay import cli
 from streams.replay.synthetic import THEMES, SyntheticConfig, SyntheticStream, auc, best_auc
-from streams.topics import CLICKS, IMPRESSIONS, ITEMS
 
 SMALL = SyntheticConfig(users=50, items=60, new_items=20, events=2_000, seed=3)
 

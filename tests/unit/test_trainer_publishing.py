@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from serving.scoring import Popularity
-from streams.errors import ConfigError
-from streams.settings import KafkaSettings
+from contract.errors import ConfigError
+from contract.settings import KafkaSettings
 from tests.model_utils import perturb
 from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.guardrail import Refusal, beats_fallback
 from trainer.metrics import auc, paired_auc
 from trainer.model import ModelConfig, RecModel, build_model
+from trainer.popularity import Popularity
 from trainer.service import TrainerMetrics, TrainerService
 from trainer.service_settings import TrainerSettings
 from trainer.weights import (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streams.records import ModelUpdate
+from contract.records import ModelUpdate
 from tests.model_utils import perturb
 from trainer.model import ModelConfig, RecModel, build_model
 from trainer.weights import MANIFEST_FILE, WEIGHTS_FILE, WeightsError, WeightStore, version_dir

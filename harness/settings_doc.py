@@ -1,6 +1,6 @@
 """The README's settings table, generated from the settings classes themselves.
 
-``python -m infra.settings_doc`` prints the table; ``--write README.md``
+``python -m harness.settings_doc`` prints the table; ``--write README.md``
 replaces the part between the ``<!-- settings:start -->`` and
 ``<!-- settings:end -->`` markers.  A unit test fails when the README is stale,
 so the documented defaults are always the real ones.
@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 SETTINGS_CLASSES: tuple[tuple[str, str, str], ...] = (
-    ("streams.settings", "KafkaSettings", "Kafka connection and topics (every service)"),
+    ("contract.settings", "KafkaSettings", "Kafka connection and topics (every service)"),
     ("streams.join_settings", "JoinSettings", "Streams worker: the impression–click join"),
     ("trainer.service_settings", "TrainerSettings", "Trainer service"),
     ("serving.settings", "ServingSettings", "Scoring agent"),
@@ -69,7 +69,7 @@ def render(readme: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.settings_doc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.settings_doc", description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="update this README in place")
     args = parser.parse_args(argv)
     if args.write:

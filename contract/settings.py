@@ -1,7 +1,7 @@
 """Typed settings, read once from the environment (prefix ``STREAMREC_``).
 
 Every service builds one :class:`KafkaSettings` with :func:`load` at start-up;
-a setting that cannot work raises :class:`~streams.errors.ConfigError` naming
+a setting that cannot work raises :class:`~contract.errors.ConfigError` naming
 the environment variable and the reason, before anything connects.  Secrets
 are ``SecretStr``: they print as ``**********`` in logs and reprs, and are
 only revealed when handed to a Kafka client.
@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.errors import ConfigError
+from contract.errors import ConfigError
 
 ENV_PREFIX = "STREAMREC_"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

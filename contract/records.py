@@ -12,7 +12,7 @@ the field and the reason::
     >>> Click.from_json(b'{"schema_version": 1, "user_id": "u1"}')
     Traceback (most recent call last):
     ...
-    streams.errors.RecordError: Click.impression_id: Field required
+    contract.errors.RecordError: Click.impression_id: Field required
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from streams.errors import RecordError
+from contract.errors import RecordError
 
 SCHEMA_VERSION = 1
 """The newest schema version this code writes and understands."""

@@ -54,13 +54,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from infra.admin import ensure_topics
-from infra.processes import Service, ServiceGroup
-from serving.scoring import Popularity, appended_items, top_k
-from serving.settings import ServingSettings
-from streams.join import reference_join
-from streams.join_settings import JoinSettings
-from streams.records import (
+from contract.records import (
     Click,
     Impression,
     Item,
@@ -70,9 +64,8 @@ from streams.records import (
     RecRequest,
     UserHistory,
 )
-from streams.replay import ReplayEvent
-from streams.settings import KafkaSettings, load
-from streams.topics import (
+from contract.settings import KafkaSettings, load
+from contract.topics import (
     CLICKS,
     DEAD_LETTERS,
     LABELED,
@@ -81,7 +74,15 @@ from streams.topics import (
     RECOMMENDATIONS,
     USER_HISTORY,
 )
+from infra.admin import ensure_topics
+from infra.processes import Service, ServiceGroup
+from serving.scoring import appended_items, top_k
+from serving.settings import ServingSettings
+from streams.join import reference_join
+from streams.join_settings import JoinSettings
+from streams.replay import ReplayEvent
 from trainer.guardrail import Refusal
+from trainer.popularity import Popularity
 from trainer.service_settings import TrainerSettings
 from trainer.weights import WeightsError, WeightStore
 

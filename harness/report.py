@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.records import Labeled
-from trainer.baselines import bootstrap_auc, river_version
+from contract.records import Labeled
+from harness.baselines import bootstrap_auc, river_version
+from harness.replays import Replay
 from trainer.metrics import auc, delong_se, log_loss
-from trainer.replays import Replay
 
 
 @dataclass

@@ -14,7 +14,7 @@ learns from it):
   model is trained on everything so far, then serves the next period frozen.
 
 Beside them, on the same batches and split, the baselines of
-:mod:`trainer.baselines` (``--baselines``): item click rate so far, user x
+:mod:`harness.baselines` (``--baselines``): item click rate so far, user x
 category click rate (decayed), online logistic matrix factorisation (k=16),
 River's logistic regression on one-hot user/item/genre, and on the synthetic
 stream a learnable oracle that knows the generator but the users' interests.
@@ -29,9 +29,9 @@ too, and the recovery after the interest shift: batches until a row's AUC over
 the last 5 batches reaches 0.9 x the oracle's on the same examples.  A PNG
 plot of AUC over event time goes to ``--out``.
 
-    python -m trainer.evaluate --dataset synthetic
-    python -m trainer.evaluate --dataset movielens              # first 20k ratings
-    python -m trainer.evaluate --dataset movielens --limit 0    # all 100k
+    python -m harness.evaluate --dataset synthetic
+    python -m harness.evaluate --dataset movielens              # first 20k ratings
+    python -m harness.evaluate --dataset movielens --limit 0    # all 100k
 """
 
 from __future__ import annotations
@@ -51,20 +51,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from streams.records import Item, Labeled
-from streams.settings import default_cache_dir
-from trainer.baselines import (
+from contract.records import Item, Labeled
+from contract.settings import default_cache_dir
+from harness.baselines import (
     BASELINES,
     Baseline,
     make_baseline,
     river_version,
 )
+from harness.replays import Replay, load_movielens, load_synthetic
+from harness.report import StrategyResult, _metric, format_table, plot, summarize
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig
 from trainer.metrics import auc
 from trainer.model import ModelConfig, build_model
-from trainer.replays import Replay, load_movielens, load_synthetic
-from trainer.report import StrategyResult, _metric, format_table, plot, summarize
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def run_baseline(
     *,
     seed: int = 0,
 ) -> StrategyResult:
-    """Run one baseline (:mod:`trainer.baselines`) prequentially over the learner's batches.
+    """Run one baseline (:mod:`harness.baselines`) prequentially over the learner's batches.
 
     The same batches, in the same order, as :func:`run_strategy`; examples of
     items not yet in the catalog are dropped (as the learner does), each batch
@@ -349,7 +349,7 @@ def baseline_names(spec: str, replay: Replay) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.evaluate",
+        prog="python -m harness.evaluate",
         description="Compare continual-learning strategies on a replay (prequential AUC/log loss, forgetting).",
     )
     p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")

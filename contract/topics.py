@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from streams.records import (
+from contract.records import (
     Click,
     DeadLetter,
     Impression,
@@ -16,7 +16,7 @@ from streams.records import (
     RecRequest,
     UserHistory,
 )
-from streams.settings import KafkaSettings
+from contract.settings import KafkaSettings
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Every baseline is a plain class with two methods::
     predict(examples) -> np.ndarray   # click probabilities, one per example; learns nothing
     learn(examples) -> None           # learn from labeled examples
 
-and :func:`trainer.evaluate.run_baseline` drives them prequentially: each
+and :func:`harness.evaluate.run_baseline` drives them prequentially: each
 batch is predicted before the baseline learns from it.  A ``late=True``
 positive corrects an earlier negative of the same example: the baselines learn
 from it (the count-based ones add the click without a second impression) but
@@ -42,7 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
-from streams.records import Item, Labeled
+from contract.records import Item, Labeled
 
 NO_CATEGORY = "(none)"
 

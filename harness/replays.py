@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from streams.records import Click, Impression, Item, Labeled, example_id
-from trainer.baselines import KnownGenerator
+from contract.records import Click, Impression, Item, Labeled, example_id
+from harness.baselines import KnownGenerator
 
 
 @dataclass

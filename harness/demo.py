@@ -11,7 +11,7 @@ What it does, in order:
 3. Starts the streams worker, the trainer and the scoring agent as separate
    processes, replays MovieLens-100k (items, impressions, clicks in event-time
    order) at ``--speed`` times event time, and sends recommendation requests
-   for active users while it runs (see :mod:`infra.pipeline`).
+   for active users while it runs (see :mod:`harness.pipeline`).
 4. Waits for the join to label everything and the trainer to publish a
    version covering it, stops every service (SIGTERM; also on Ctrl-C), and
    prints the report: events in, labels vs the batch reference, versions (and
@@ -36,10 +36,10 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
+from contract.errors import StreamrecError
+from contract.settings import KafkaSettings, default_cache_dir, load
+from contract.topics import ALL_TOPICS
 from infra.broker import DEFAULT_PORT, BrokerError, LocalBroker, kafka_dir, running_pid
-from streams.errors import StreamrecError
-from streams.settings import KafkaSettings, default_cache_dir, load
-from streams.topics import ALL_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def topic_counts(settings: KafkaSettings, timeout: float = 10.0) -> dict[str, in
 
 
 def run(args: argparse.Namespace) -> int:
-    from infra.pipeline import PipelineConfig, run_pipeline
+    from harness.pipeline import PipelineConfig, run_pipeline
 
     started = time.monotonic()
     with broker_for_demo() as broker:
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m infra.demo",
+        prog="python -m harness.demo",
         description="Replay MovieLens-100k through a real Kafka broker and report what happened.",
     )
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N ratings (default: all)")
