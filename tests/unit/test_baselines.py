@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from contract.records import Item, Labeled, example_id
+from harness import evaluate as ev
 from harness.baselines import (
     ItemCTR,
     LearnableOracle,
@@ -19,7 +20,6 @@ from harness.baselines import (
     hanley_mcneil_se,
     river_version,
 )
-from harness import evaluate as ev
 from trainer.metrics import auc, delong_se
 
 T0 = 1_700_000_000_000
