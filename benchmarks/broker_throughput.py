@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from contract.errors import ConfigError
 from contract.records import Impression
@@ -35,6 +35,7 @@ from contract.settings import KafkaSettings, load
 from contract.topics import IMPRESSIONS
 from infra.admin import AdminError, delete_topics, ensure_topics
 from infra.broker import BrokerError, LocalBroker
+from infra.kafka import KafkaProducer
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +71,16 @@ def encode(records: Sequence[Impression]) -> tuple[list[Message], float]:
 
 def produce_timed(settings: KafkaSettings, topic: str, messages: Sequence[Message], *, timeout: float = 300.0) -> float:
     """Seconds to produce ``messages`` and have every one acknowledged (one flush at the end)."""
-    producer = Producer(settings.producer_config(logger=logging.getLogger(f"{__name__}.librdkafka")))
-    errors: list[KafkaError] = []
-
-    def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            errors.append(err)
-
+    producer = KafkaProducer.create(settings, "bench-producer", logger=logging.getLogger(f"{__name__}.librdkafka"))
     start = time.perf_counter()
     for i, (key, value) in enumerate(messages):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
-            except BufferError:  # local queue full: let deliveries drain
-                producer.poll(0.05)
+        producer.send(topic, value, key)  # a rejected record is kept for the barrier below
         if i % 1000 == 0:
             producer.poll(0)
-    remaining = producer.flush(timeout)
+    result = producer.barrier(timeout)
     elapsed = time.perf_counter() - start
-    if remaining or errors:
-        raise BenchmarkError(f"{remaining} undelivered, {len(errors)} failed; first error: {errors[:1]}")
+    if not result.ok:
+        raise BenchmarkError(f"producing to {topic}: {result.describe()}")
     return elapsed
 
 

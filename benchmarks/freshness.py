@@ -29,8 +29,6 @@ import logging
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,13 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from contract.records import Item, Labeled, ModelUpdate
-from contract.settings import PROJECT_ROOT, KafkaSettings, load
+from contract.settings import KafkaSettings, load
 from contract.topics import ALL_TOPICS, ITEMS, LABELED, MODEL_UPDATES
 from infra.admin import delete_topics, ensure_topics
 from infra.broker import LocalBroker
+from infra.kafka import KafkaProducer
+from infra.processes import Service, service_env
 from trainer.service import held_back
 from trainer.service_settings import TrainerSettings
 
@@ -99,19 +99,8 @@ class ExampleMaker:
 
 
 def _trainer_env(kafka: KafkaSettings, workdir: Path, overrides: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "STREAMREC_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "STREAMREC_TOPIC_PREFIX": kafka.topic_prefix,
-        "STREAMREC_TRAINER_WEIGHTS_ROOT": str(workdir / "weights"),
-        "STREAMREC_TRAINER_CHECKPOINT_DIR": str(workdir / "ckpt"),
-        "STREAMREC_TRAINER_METRICS_PORT": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    })  # fmt: skip
-    for key, value in overrides.items():
-        env[f"STREAMREC_TRAINER_{key.upper()}"] = value
-    return env
+    settings = {"weights_root": workdir / "weights", "checkpoint_dir": workdir / "ckpt", "metrics_port": 0}
+    return service_env(kafka, "trainer", **{**settings, **overrides})
 
 
 def _effective_settings(env: dict[str, str]) -> TrainerSettings:
@@ -130,10 +119,11 @@ def run(kafka: KafkaSettings, *, rate: float, duration: float, warmup: float, ov
     ensure_topics(kafka, ALL_TOPICS)
     items = movielens_items()
     maker = ExampleMaker(items)
-    producer = Producer(kafka.producer_config(**{"linger.ms": 5}))
+    producer = KafkaProducer.create(kafka, "bench-freshness", **{"linger.ms": 5})
     for it in items:
-        producer.produce(ITEMS.real_name(kafka), key=it.kafka_key(), value=it.to_json())
-    producer.flush(60)
+        producer.send(ITEMS.real_name(kafka), it.to_json(), it.kafka_key())
+    if not (catalog := producer.barrier(60)).ok:
+        raise RuntimeError(f"could not produce the catalog: {catalog.describe()}")
 
     updates = Consumer(kafka.confluent_config(**{"group.id": f"fresh-{uuid.uuid4().hex[:8]}",
                                                 "enable.auto.commit": False}))  # fmt: skip
@@ -144,10 +134,11 @@ def run(kafka: KafkaSettings, *, rate: float, duration: float, warmup: float, ov
     workdir = Path(tempfile.mkdtemp(prefix="streamrec-freshness-"))
     env = _trainer_env(kafka, workdir, overrides)
     settings = _effective_settings(env)
+    trainer = Service.of("trainer", env)
+    trainer.start(workdir)
     trainer_log = workdir / "trainer.log"
-    out = open(trainer_log, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "trainer"], cwd=PROJECT_ROOT, env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+    proc = trainer.proc
+    assert proc is not None
     print(f"trainer pid {proc.pid}, log {trainer_log}")
 
     produced: dict[tuple[int, int], tuple[float, str, bool]] = {}  # (partition, offset) -> (t, id, warm-up)
@@ -170,12 +161,14 @@ def run(kafka: KafkaSettings, *, rate: float, duration: float, warmup: float, ov
                 info = (time.time(), ex.example_id, elapsed < warmup)
                 with lock:
                     pending[ex.example_id] = info
-                producer.produce(labeled, key=ex.kafka_key(), value=ex.to_json(),
-                                 on_delivery=lambda err, msg, k=ex.example_id: _deliver(err, msg, k))
+                failure = producer.send(labeled, ex.to_json(), ex.kafka_key(),
+                                        on_delivery=lambda err, msg, k=ex.example_id: _deliver(err, msg, k))
+                if failure is not None:
+                    errors.append(str(failure))
                 n += 1
             producer.poll(0)
             stop.wait(max(0.0, (n / rate) - (time.monotonic() - start)))
-        producer.flush(60)
+        producer.barrier(60)
 
     def _deliver(err: KafkaError | None, msg: Any, key: str) -> None:
         if err is not None:
@@ -217,12 +210,7 @@ def run(kafka: KafkaSettings, *, rate: float, duration: float, warmup: float, ov
     finally:
         stop.set()
         producer_thread.join(timeout=60)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        out.close()
+        trainer.stop(120)
         updates.close()
         for sub in ("weights", "ckpt"):  # hundreds of MB; the log stays for reading
             shutil.rmtree(workdir / sub, ignore_errors=True)

@@ -49,7 +49,8 @@ from contract.records import Click, Impression
 from contract.settings import KafkaSettings, load
 from contract.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED, USER_HISTORY
 from infra.admin import AdminError, delete_topics, ensure_topics
-from infra.broker import BrokerError, LocalBroker, free_ports
+from infra.broker import BrokerError, LocalBroker
+from infra.processes import SERVICE_MODULES, free_ports, kafka_env, service_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broker_throughput import BenchmarkError, measure, produce_timed  # noqa: E402
@@ -232,7 +233,7 @@ def faust_floor(settings: KafkaSettings, n: int, partitions: int, batch: int) ->
 
 
 def run_faust_floor(settings: KafkaSettings, n: int, partitions: int, batch: int) -> dict[str, Any]:
-    env = dict(os.environ, STREAMREC_BOOTSTRAP_SERVERS=settings.bootstrap_servers)
+    env = {**os.environ, **kafka_env(settings)}
     cmd = [sys.executable, __file__, "--floor-child", settings.topic_prefix, str(n), str(partitions), str(batch)]
     out = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     # the Faust worker redirects stdout into its log: find the JSON line wherever it went
@@ -253,19 +254,12 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
         produce_s = produce_timed(bench, IMPRESSIONS.real_name(bench), imps)
         produce_s += produce_timed(bench, CLICKS.real_name(bench), clicks)
         with tempfile.TemporaryDirectory(prefix="join-bench-") as tmp:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_JOIN_")}
-            env.update({
-                "STREAMREC_BOOTSTRAP_SERVERS": bench.bootstrap_servers,
-                "STREAMREC_TOPIC_PREFIX": bench.topic_prefix,
-                "STREAMREC_JOIN_PARTITIONS": str(args.partitions or bench.partitions),
-                "STREAMREC_JOIN_WINDOW_MS": str(WINDOW_MS),
-                "STREAMREC_JOIN_ALLOWED_LATENESS_MS": "1000",
-                "STREAMREC_JOIN_DATA_DIR": tmp,
-                "STREAMREC_JOIN_BATCH_MAX": str(args.batch),
-            })  # fmt: skip
             (metrics_port,) = free_ports(1)
-            env["STREAMREC_JOIN_METRICS_PORT"] = str(metrics_port)
-            cmd = [sys.executable, "-m", "streams.worker", "--loglevel", args.worker_loglevel]
+            env = service_env(
+                bench, "join", inherit=False, partitions=args.partitions or bench.partitions, window_ms=WINDOW_MS,
+                allowed_lateness_ms=1000, data_dir=tmp, batch_max=args.batch, metrics_port=metrics_port,
+            )  # fmt: skip
+            cmd = [sys.executable, "-m", SERVICE_MODULES["join"], "--log-level", args.worker_log_level]
             if args.profile:
                 if not Path(sys.executable).with_name("py-spy").exists():
                     raise BenchmarkError("--profile needs py-spy in the venv: pip install py-spy")
@@ -333,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--profile", metavar="FILE", help="run the worker under py-spy, write folded stacks (py-spy raw)")
     parser.add_argument("--worker-log", metavar="FILE", help="copy the worker's log there at the end")
-    parser.add_argument("--worker-loglevel", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--worker-log-level", default="warning", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--local", action="store_true", help="start a local jar broker")
     parser.add_argument("--floor-child", nargs=4, metavar=("PREFIX", "N", "PARTITIONS", "BATCH"),
                         help=argparse.SUPPRESS)  # fmt: skip

@@ -40,7 +40,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from contract.records import Item, RecRequest, UserHistory
 from contract.settings import KafkaSettings, default_cache_dir, load
@@ -68,7 +67,9 @@ from contract.topics import (
     USER_HISTORY,
 )
 from infra.admin import delete_topics, ensure_topics
-from infra.broker import LocalBroker, free_ports
+from infra.broker import LocalBroker
+from infra.kafka import KafkaProducer
+from infra.processes import Service, free_ports, service_env
 
 log = logging.getLogger("benchmarks.serving_latency")
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,17 +94,12 @@ def movielens(ts: int) -> tuple[list[Item], list[UserHistory]]:
 
 
 def produce_records(kafka: KafkaSettings, spec: Any, records: list[Any]) -> None:
-    producer = Producer(kafka.producer_config())
+    producer = KafkaProducer.create(kafka, "bench-serving-setup")
     topic = spec.real_name(kafka)
     for r in records:
-        while True:
-            try:
-                producer.produce(topic, key=r.kafka_key(), value=r.to_json())
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(60):
-        raise BenchmarkError(f"could not deliver to {topic}")
+        producer.send(topic, r.to_json(), r.kafka_key())
+    if not (result := producer.barrier(60)).ok:
+        raise BenchmarkError(f"could not deliver to {topic}: {result.describe()}")
 
 
 def topic_size(kafka: KafkaSettings, spec: Any) -> int:
@@ -130,7 +126,7 @@ class Client:
         self.items = items
         self.users = users
         self.rng = random.Random(seed)
-        self.producer = Producer(kafka.producer_config(**{"linger.ms": 1}))
+        self.producer = KafkaProducer.create(kafka, "bench-serving-client", **{"linger.ms": 1})
         self.topic = REC_REQUESTS.real_name(kafka)
         self.sent: dict[str, float] = {}
         self.got: dict[str, tuple[float, str]] = {}
@@ -174,13 +170,9 @@ class Client:
         self.send(*self.make(rid, candidates=candidates))
 
     def send(self, rid: str, key: bytes, value: bytes) -> None:
-        while True:
-            try:
-                self.sent[rid] = time.perf_counter()
-                self.producer.produce(self.topic, key=key, value=value)
-                break
-            except BufferError:
-                self.producer.poll(0.01)
+        self.sent[rid] = time.perf_counter()
+        if (failure := self.producer.send(self.topic, value, key)) is not None:
+            raise BenchmarkError(f"request {rid} was rejected: {failure}")
         self.producer.poll(0)
 
     def wait(self, ids: list[str], timeout: float) -> bool:
@@ -191,7 +183,7 @@ class Client:
             ) and all(r in self.got for r in ids)
 
     def close(self) -> None:
-        self.producer.flush(30)
+        self.producer.close(30)
         self._stop.set()
         self._thread.join(10)
 
@@ -205,7 +197,7 @@ def paced(client: Client, prefix: str, *, rate: float, seconds: float, candidate
         while (now := time.perf_counter()) < due:
             time.sleep(min(due - now, 0.001))
         client.send(*req)
-    client.producer.flush(10)
+    client.producer.barrier(10)
     return [rid for rid, _, _ in requests]
 
 
@@ -237,30 +229,19 @@ def scrape(port: int) -> dict[str, float]:
 
 @contextmanager
 def agent_process(
-    kafka: KafkaSettings, weights: Path, metrics_port: int, log_file: Path, extra_env: dict[str, str]
+    kafka: KafkaSettings, weights: Path, metrics_port: int, work: Path, extra_env: dict[str, str]
 ) -> Iterator[subprocess.Popen[bytes]]:
-    env = dict(os.environ)
-    env.update({
-        "STREAMREC_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "STREAMREC_TOPIC_PREFIX": kafka.topic_prefix,
-        "STREAMREC_SERVING_WEIGHTS_ROOT": str(weights),
-        "STREAMREC_SERVING_GROUP_ID": f"bench-serving-{uuid.uuid4().hex[:8]}",
-        "STREAMREC_SERVING_METRICS_PORT": str(metrics_port),
-        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-    })  # fmt: skip
+    """The scoring agent as its own process, its log in ``work/agent.log``."""
+    env = service_env(kafka, "serving", weights_root=weights, group_id=f"bench-serving-{uuid.uuid4().hex[:8]}",
+                      metrics_port=metrics_port)  # fmt: skip
     env.update(extra_env)
-    with open(log_file, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serving", "--log-level", "INFO"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    agent = Service.of("serving", env, "--log-level", "INFO", name="agent")
+    agent.start(work)
+    assert agent.proc is not None
+    try:
+        yield agent.proc
+    finally:
+        agent.stop(60)
 
 
 def agent_side(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -296,6 +277,7 @@ def wait_swaps(port: int, count: int, timeout: float, proc: subprocess.Popen[byt
 
 # --------------------------------------------------------------------------- the run
 def run(kafka: KafkaSettings, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    # lazy: torch and the model code load in seconds; --help and argument errors answer at once
     from trainer.model import ModelConfig, build_model
     from trainer.weights import WeightStore
 
@@ -318,105 +300,131 @@ def run(kafka: KafkaSettings, args: argparse.Namespace, work: Path) -> dict[str,
     started = time.monotonic()
     extra_env = dict(kv.split("=", 1) for kv in args.agent_env)
     result["agent_env"] = extra_env
-    with agent_process(kafka, work / "weights", port, work / "agent.log", extra_env) as proc:
+    with agent_process(kafka, work / "weights", port, work, extra_env) as proc:
         m = wait_swaps(port, 1, 600, proc)
         result["start_to_ready_s"] = round(time.monotonic() - started, 1)
         result["initial_load_s"] = round(m["streamrec_serving_swap_seconds_sum"], 2)
-        warm = [f"warm-{i}" for i in range(200)]
-        for r in warm:
-            client.request(r, candidates=100)
-        client.producer.flush(10)
-        if not client.wait(warm, 120):
-            raise BenchmarkError("the agent did not answer the warm-up requests")
+        warm_up(client)
         print(f"agent ready in {result['start_to_ready_s']} s (initial version loaded in {result['initial_load_s']} s)")
-
         for name, cands, n in (("saturation_100", 100, args.saturation), ("saturation_catalog", 0, args.saturation // 2)):
-            before = scrape(port)
-            requests = [client.make(f"{name}-{i}", candidates=cands) for i in range(n)]
-            ids = [rid for rid, _, _ in requests]
-            t0 = time.perf_counter()
-            for req in requests:
-                client.send(*req)
-            client.producer.flush(30)
-            if not client.wait(ids, 300):
-                raise BenchmarkError(f"{name}: {sum(r not in client.got for r in ids)} requests unanswered")
-            last = max(client.got[r][0] for r in ids)
-            after = scrape(port)
-            batches = after["streamrec_serving_batch_size_count"] - before["streamrec_serving_batch_size_count"]
-            result[name] = {
-                "requests": n, "rps": round(n / (last - t0)),
-                "produce_s": round(client.sent[ids[-1]] - t0, 2),
-                "mean_batch": round((after["streamrec_serving_batch_size_sum"] - before["streamrec_serving_batch_size_sum"]) / max(batches, 1), 1),
-            }
-            print(f"{name}: {result[name]['rps']:,} requests/s ({n:,} requests, mean batch {result[name]['mean_batch']})")
-
+            result[name] = saturation(client, port, name, candidates=cands, n=n)
         for name, cands in (("latency_100", 100), ("latency_catalog", 0)):
-            before = scrape(port)
-            ids = paced(client, name, rate=args.rate, seconds=args.seconds, candidates=cands)
-            client.wait(ids, 30)
-            after = scrape(port)
-            result[name] = {"rate": args.rate, **latency_stats(client, ids), **agent_side(before, after)}
-            print(f"{name} @ {args.rate}/s: p50 {result[name].get('p50_ms')} ms, p99 {result[name].get('p99_ms')} ms, lost {result[name]['lost']}")
-
+            result[name] = latency(client, port, name, rate=args.rate, seconds=args.seconds, candidates=cands)
         if args.skip_swap:
             client.close()
             return result
-        # Swap: a full version 2, then a delta version 3 on it, while requests stream in at the rate.
-        import torch
-
         v2 = build_model(config)
         v2.load_state_dict(model.state_dict())
-        announced: dict[int, float] = {}
-        swap_sum: dict[int, float] = {}
-        failure: list[BaseException] = []
+        swap = Swap(kafka, store, v2, port, proc)
+        result["swap"] = swap.measure(client, rate=args.rate, seconds=args.swap_seconds,
+                                      initial_load_s=result["initial_load_s"])  # fmt: skip
+    client.close()
+    for line in (work / "agent.log").read_text(errors="replace").splitlines():
+        if "swapped in" in line or "refused" in line:
+            print("agent:", line.split(": ", 1)[-1])
+    return result
 
-        def nudge() -> None:
-            with torch.no_grad():
-                for p in v2.parameters():
-                    if p.requires_grad:
-                        p.add_(torch.randn_like(p) * 1e-3)
 
-        def swaps() -> None:  # publishing runs beside the paced requests, like a trainer would
-            try:
-                time.sleep(1.0)
-                for version, kind, base in ((2, "full", None), (3, "delta", 2)):
-                    nudge()
-                    update = store.publish(v2, version=version, kind=kind, base_version=base)
-                    produce_records(kafka, MODEL_UPDATES, [update])
-                    announced[version] = time.perf_counter()
-                    swap_sum[version] = wait_swaps(port, version, 300, proc)["streamrec_serving_swap_seconds_sum"]
-            except BaseException as exc:
-                failure.append(exc)
+def warm_up(client: Client, n: int = 200) -> None:
+    warm = [f"warm-{i}" for i in range(n)]
+    for r in warm:
+        client.request(r, candidates=100)
+    client.producer.barrier(10)
+    if not client.wait(warm, 120):
+        raise BenchmarkError("the agent did not answer the warm-up requests")
 
-        swapper = threading.Thread(target=swaps, daemon=True)
+
+def saturation(client: Client, port: int, name: str, *, candidates: int, n: int) -> dict[str, Any]:
+    """``n`` requests produced as fast as the client can; requests/s = answered / (last answer - first send)."""
+    before = scrape(port)
+    requests = [client.make(f"{name}-{i}", candidates=candidates) for i in range(n)]
+    ids = [rid for rid, _, _ in requests]
+    t0 = time.perf_counter()
+    for req in requests:
+        client.send(*req)
+    client.producer.barrier(30)
+    if not client.wait(ids, 300):
+        raise BenchmarkError(f"{name}: {sum(r not in client.got for r in ids)} requests unanswered")
+    last = max(client.got[r][0] for r in ids)
+    after = scrape(port)
+    batches = after["streamrec_serving_batch_size_count"] - before["streamrec_serving_batch_size_count"]
+    batch_sum = after["streamrec_serving_batch_size_sum"] - before["streamrec_serving_batch_size_sum"]
+    out = {
+        "requests": n, "rps": round(n / (last - t0)),
+        "produce_s": round(client.sent[ids[-1]] - t0, 2),
+        "mean_batch": round(batch_sum / max(batches, 1), 1),
+    }
+    print(f"{name}: {out['rps']:,} requests/s ({n:,} requests, mean batch {out['mean_batch']})")
+    return out
+
+
+def latency(client: Client, port: int, name: str, *, rate: float, seconds: float, candidates: int) -> dict[str, Any]:
+    """Requests at a fixed rate: client-side latency percentiles and the agent's own view."""
+    before = scrape(port)
+    ids = paced(client, name, rate=rate, seconds=seconds, candidates=candidates)
+    client.wait(ids, 30)
+    after = scrape(port)
+    out = {"rate": rate, **latency_stats(client, ids), **agent_side(before, after)}
+    print(f"{name} @ {rate}/s: p50 {out.get('p50_ms')} ms, p99 {out.get('p99_ms')} ms, lost {out['lost']}")
+    return out
+
+
+class Swap:
+    """A full version 2, then a delta version 3 on it, published while requests stream in at the rate."""
+
+    def __init__(self, kafka: KafkaSettings, store: Any, v2: Any, port: int, proc: subprocess.Popen[bytes]) -> None:
+        self.kafka, self.store, self.v2, self.port, self.proc = kafka, store, v2, port, proc
+        self.announced: dict[int, float] = {}
+        self.swap_sum: dict[int, float] = {}
+        self.failure: list[BaseException] = []
+
+    def _nudge(self) -> None:
+        import torch  # lazy, as the model code in run(): seconds of start-up that --help does not need
+
+        with torch.no_grad():
+            for p in self.v2.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 1e-3)
+
+    def _publish(self) -> None:  # runs beside the paced requests, like a trainer would
+        try:
+            time.sleep(1.0)
+            for version, kind, base in ((2, "full", None), (3, "delta", 2)):
+                self._nudge()
+                update = self.store.publish(self.v2, version=version, kind=kind, base_version=base)
+                produce_records(self.kafka, MODEL_UPDATES, [update])
+                self.announced[version] = time.perf_counter()
+                swaps = wait_swaps(self.port, version, 300, self.proc)
+                self.swap_sum[version] = swaps["streamrec_serving_swap_seconds_sum"]
+        except BaseException as exc:
+            self.failure.append(exc)
+
+    def measure(self, client: Client, *, rate: float, seconds: float, initial_load_s: float) -> dict[str, Any]:
+        swapper = threading.Thread(target=self._publish, daemon=True)
         swapper.start()
-        ids = paced(client, "swap", rate=args.rate, seconds=args.swap_seconds, candidates=100)
+        ids = paced(client, "swap", rate=rate, seconds=seconds, candidates=100)
         swapper.join(300)
-        if failure or 3 not in swap_sum:
-            raise BenchmarkError(f"the swaps did not complete during the swap phase: {failure}")
+        if self.failure or 3 not in self.swap_sum:
+            raise BenchmarkError(f"the swaps did not complete during the swap phase: {self.failure}")
         client.wait(ids, 60)
         first_by = {
             v: min((client.got[r][0] for r in ids if r in client.got and client.got[r][1] == str(v)), default=None)
             for v in (2, 3)
         }
         stats = latency_stats(client, ids)
-        dead = topic_size(kafka, DEAD_LETTERS)
-        result["swap"] = {
-            "rate": args.rate, **stats, "dead_letters": dead,
-            "full_swap_s": round(swap_sum[2] - result["initial_load_s"], 2),
-            "delta_swap_s": round(swap_sum[3] - swap_sum[2], 2),
+        dead = topic_size(self.kafka, DEAD_LETTERS)
+        out = {
+            "rate": rate, **stats, "dead_letters": dead,
+            "full_swap_s": round(self.swap_sum[2] - initial_load_s, 2),
+            "delta_swap_s": round(self.swap_sum[3] - self.swap_sum[2], 2),
             "announce_to_first_answer_s": {
-                str(v): round(first_by[v] - announced[v], 2) if first_by[v] else None for v in (2, 3)
+                str(v): round(first_by[v] - self.announced[v], 2) if first_by[v] else None for v in (2, 3)
             },
             "versions_seen": sorted({client.got[r][1] for r in ids if r in client.got}),
         }
-        print(f"swap: full {result['swap']['full_swap_s']} s, delta {result['swap']['delta_swap_s']} s; "
+        print(f"swap: full {out['full_swap_s']} s, delta {out['delta_swap_s']} s; "
               f"{stats['lost']} lost, {dead} dead letters; p99 during the swap phase {stats.get('p99_ms')} ms")
-    client.close()
-    for line in (work / "agent.log").read_text(errors="replace").splitlines():
-        if "swapped in" in line or "refused" in line:
-            print("agent:", line.split(": ", 1)[-1])
-    return result
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

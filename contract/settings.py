@@ -40,7 +40,15 @@ class KafkaSettings(BaseSettings):
         default="127.0.0.1:9092", description="Comma-separated host:port list of the brokers."
     )
     topic_prefix: str = Field(default="", description="Prepended to every topic name of DESIGN.md.")
-    partitions: int = Field(default=4, ge=1, le=1024, description="Partitions of each created topic.")
+    partitions: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description=(
+            "Partitions of each created topic; the join worker requires its inputs and its state "
+            "changelog to have this many (co-partitioning)."
+        ),
+    )
     replication_factor: int = Field(default=1, ge=1, le=16, description="Replicas of each created topic.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."

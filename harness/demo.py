@@ -29,17 +29,24 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from contract.errors import StreamrecError
 from contract.settings import KafkaSettings, default_cache_dir, load
 from contract.topics import ALL_TOPICS
-from infra.broker import DEFAULT_PORT, BrokerError, LocalBroker, kafka_dir, running_pid
+from harness.live import reader
+from infra.broker import (
+    DEFAULT_PORT,
+    LIBRDKAFKA_LOGGER,
+    BrokerError,
+    LocalBroker,
+    kafka_dir,
+    running_pid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +54,18 @@ DEMO_SPEED = 100_000.0
 """MovieLens-100k spans about 215 days of event time: at 100,000x the replay takes about 3 minutes."""
 DEMO_SLATE_SIZE = 5
 """Items per impression in the demo (the replay's default is 10): halves the labeled stream."""
-DEMO_JOIN_ENV = {"STREAMREC_JOIN_IDLE_TIMEOUT_S": "3"}
+DEMO_JOIN_SETTINGS = {"idle_timeout_s": 3}
 """A short idle timeout, so the windows still open when the replay ends close soon after."""
-DEMO_TRAINER_ENV = {
+DEMO_TRAINER_SETTINGS = {
     # 100,000 slates of DEMO_SLATE_SIZE give 500,000 labeled examples in ~3 minutes: on 2 CPU cores
     # shared with the broker, the join and the scorer, the trainer (frozen encoder: each item's text
     # vector is computed once) keeps up with steps of 4,096 examples, every negative included.
-    "STREAMREC_TRAINER_BATCH_SIZE": "4096",
-    "STREAMREC_TRAINER_MAX_BATCH_WAIT_S": "2",
-    "STREAMREC_TRAINER_PUBLISH_EVERY_S": "10",
+    "batch_size": 4096,
+    "max_batch_wait_s": 2,
+    "publish_every_s": 10,
     # Every version stays in the run's store, so the report can count the bytes of each kind
     # (versions are deltas by default: a full one every STREAMREC_TRAINER_FULL_EVERY).
-    "STREAMREC_TRAINER_KEEP_VERSIONS": "0",
+    "keep_versions": 0,
 }
 
 
@@ -93,7 +100,7 @@ def broker_for_demo() -> Iterator[BrokerHandle]:
 
 def topic_counts(settings: KafkaSettings, timeout: float = 10.0) -> dict[str, int]:
     """Records per DESIGN.md topic, from the broker's partition offsets (high − low watermark)."""
-    consumer = Consumer(settings.confluent_config(**{"group.id": f"demo-count-{uuid.uuid4().hex}"}))
+    consumer = reader(settings)
     try:
         counts: dict[str, int] = {}
         metadata = consumer.list_topics(timeout=timeout)
@@ -111,6 +118,7 @@ def topic_counts(settings: KafkaSettings, timeout: float = 10.0) -> dict[str, in
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the pipeline imports torch and the services (seconds); --help and bad arguments answer at once
     from harness.pipeline import PipelineConfig, run_pipeline
 
     started = time.monotonic()
@@ -128,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
             speed=args.speed,
             requests_per_s=args.requests_per_s,
             drain_timeout_s=args.drain_timeout,
-            join_env=DEMO_JOIN_ENV,
-            trainer_env=DEMO_TRAINER_ENV,
+            join=DEMO_JOIN_SETTINGS,
+            trainer=DEMO_TRAINER_SETTINGS,
         )
         report = run_pipeline(settings, cfg)
         counts = topic_counts(settings)
@@ -162,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=200.0,
                         help="after the replay, longest wait for labels and a version covering them (s)")
     parser.add_argument("--out", type=Path, default=None, help="where logs, weights and the plot go")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="of this process (the services log into their files under --out)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("infra.broker.librdkafka").setLevel(logging.CRITICAL)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.CRITICAL)
     try:
         return run(args)
     except (StreamrecError, BrokerError) as exc:

@@ -136,7 +136,7 @@ def run_strategy(
     early_first = math.nan
     period = 0
     frozen = False
-    trained = 0
+    trained = updates = 0
     batches = _batches(stream, settings.batch_size)
     where = {id(e): k for k, e in enumerate(stream)}
     i_out: list[np.ndarray] = []
@@ -153,8 +153,10 @@ def run_strategy(
             elif name == "retrain":
                 if period == 1:  # the first model learned continually during the first period
                     trained += learner.examples_trained
+                    updates += learner.example_updates
                 learner = _retrain(model_config, learner_config, replay, stream, bounds[period - 1], settings, catalog)
                 trained += learner.examples_trained
+                updates += learner.example_updates
                 frozen = True
         feed.until(max(e.impression_ts for e in batch))
         if frozen:
@@ -181,7 +183,7 @@ def run_strategy(
         early_first = learner.evaluate(held).get("auc", math.nan)
     early_end = learner.evaluate(held).get("auc", math.nan)
     if name != "retrain":
-        trained = learner.examples_trained
+        trained, updates = learner.examples_trained, learner.example_updates
     return StrategyResult(
         name=name,
         ts=np.concatenate(ts_out) if ts_out else np.zeros(0, np.int64),
@@ -191,6 +193,7 @@ def run_strategy(
         early_auc_end=early_end,
         seconds=time.perf_counter() - t0,
         trained_examples=trained,
+        example_updates=updates,
         index=_cat(i_out, np.int64),
         batch=_cat(b_out, np.int64),
     )

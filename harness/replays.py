@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from contract.records import Click, Impression, Item, Labeled, example_id
+from contract.records import Click, Impression, Item, Labeled
 from harness.baselines import KnownGenerator
+from streams.join import reference_join
 
 
 @dataclass
@@ -28,65 +29,15 @@ class Replay:
 def labeled_examples(
     impressions: Sequence[Impression], clicks: Sequence[Click], *, window_ms: int, history_length: int
 ) -> list[Labeled]:
-    """Labeled examples of a whole stream: the streams engineer's batch reference join when present.
-
-    Fallback (same rules, simplified): each shown item is a positive if the
-    user clicked it within ``window_ms`` of the impression (a later click is a
-    negative then a late positive), else a negative; the history is the user's
-    clicked items before the impression time.
-    """
-    try:
-        from streams.join import reference_join
-    except ImportError:  # the join module is part of the project; this keeps evaluate standalone
-        reference_join = None
-    if reference_join is not None:
-        ref = reference_join(impressions, clicks, window_ms=window_ms, history_length=history_length)
-        # the join's light example objects -> the Labeled records the trainer consumes
-        examples = [e if isinstance(e, Labeled) else e.to_record() for e in ref.examples]
-    else:
-        examples = _local_join(impressions, clicks, window_ms=window_ms, history_length=history_length)
+    """Labeled examples of a whole stream: the streams batch reference join
+    (:func:`streams.join.reference_join`), as the records the trainer consumes,
+    in event-time order (impression time, then stream order, slate position,
+    the negative before a late positive)."""
+    ref = reference_join(impressions, clicks, window_ms=window_ms, history_length=history_length)
+    examples = [e.to_record() for e in ref.examples]
     order = {imp.impression_id: n for n, imp in enumerate(impressions)}
     examples.sort(key=lambda e: (e.impression_ts, order.get(e.impression_id, 0), e.position, e.late))
     return examples
-
-
-def _local_join(
-    impressions: Sequence[Impression], clicks: Sequence[Click], *, window_ms: int, history_length: int
-) -> list[Labeled]:
-    first: dict[str, Impression] = {}
-    for imp in impressions:
-        first.setdefault(imp.impression_id, imp)
-    clicked: dict[tuple[str, str], Click] = {}
-    for c in clicks:
-        imp = first.get(c.impression_id)
-        if imp is None or c.user_id != imp.user_id or c.item_id not in imp.items:
-            continue
-        key = (c.impression_id, c.item_id)
-        if key not in clicked or c.ts < clicked[key].ts:
-            clicked[key] = c
-    by_user: dict[str, list[tuple[int, str, str]]] = {}
-    for (iid, item), c in clicked.items():
-        by_user.setdefault(c.user_id, []).append((c.ts, item, iid))
-    for v in by_user.values():
-        v.sort()
-    out: list[Labeled] = []
-    for imp in first.values():
-        hist = [i for ts, i, iid in by_user.get(imp.user_id, []) if ts < imp.ts and iid != imp.impression_id]
-        hist = hist[-history_length:]
-        end = imp.ts + window_ms
-        for pos, item in enumerate(imp.items):
-            c = clicked.get((imp.impression_id, item))
-            common = dict(
-                example_id=example_id(imp.impression_id, item), impression_id=imp.impression_id,
-                user_id=imp.user_id, item_id=item, position=pos, history=hist, impression_ts=imp.ts,
-            )
-            if c is not None and c.ts <= end:
-                out.append(Labeled(label=1, value=c.value, label_ts=c.ts, ts=c.ts, **common))
-                continue
-            out.append(Labeled(label=0, label_ts=end, ts=end, **common))
-            if c is not None:
-                out.append(Labeled(label=1, value=c.value, label_ts=c.ts, ts=c.ts, late=True, **common))
-    return out
 
 
 def _split(events) -> tuple[list[Item], list[Impression], list[Click]]:  # noqa: ANN001

@@ -27,6 +27,8 @@ class StrategyResult:
     early_auc_end: float
     seconds: float
     trained_examples: int
+    example_updates: int = 0
+    """Compute: examples (fresh and replayed) x the optimizer steps on them (0 for counters)."""
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """Position in the stream of each scored example."""
     batch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -145,6 +147,7 @@ def summarize(
             "forgetting": r.early_auc_after_first - r.early_auc_end,
             "seconds": r.seconds,
             "trained_examples": r.trained_examples,
+            "example_updates": r.example_updates,
         }
         if "recovery" in out and ref is not None and r is not ref:
             row["recovery_batches"], row["recovery_batches_lift"], out["recovery"]["post_shift_batches"] = _recovery(
@@ -197,7 +200,7 @@ def format_table(summary: dict) -> str:
     lines = [f"dataset: {summary['dataset']}", "", "prequential AUC per period"]
     base = summary.get("diff_to")
     diff_head = f"{'- ' + base:>17}" if base else ""
-    lines.append(f"{'row':<{w}}" + cols + f"{'overall':>9}{'SE':>8}{diff_head}{'trained':>10}{'seconds':>9}")
+    lines.append(f"{'row':<{w}}" + cols + f"{'overall':>9}{'SE':>8}{diff_head}{'trained':>10}{'updates':>10}{'seconds':>9}")
 
     def diff(s: dict) -> str:
         if not base:
@@ -210,7 +213,7 @@ def format_table(summary: dict) -> str:
     def auc_row(name: str, s: dict) -> str:
         return (
             f"{name:<{w}}" + "".join(fmt(a) for a in s["auc_per_period"]) + " " + fmt(s["auc"]) + fmt(s.get("auc_se"))
-            + diff(s) + f"{s['trained_examples']:>10d}{s['seconds']:>9.1f}"
+            + diff(s) + f"{s['trained_examples']:>10d}{s.get('example_updates', 0) or '-':>10}{s['seconds']:>9.1f}"
         )
 
     def section(title: str, rows: dict, fn: Callable[[str, dict], str], notes: bool = True) -> None:
@@ -236,6 +239,14 @@ def format_table(summary: dict) -> str:
         footer.append(f"'- {base}': overall AUC minus {base}'s, +- the paired bootstrap SE of the difference (same resamples)")
     if "river_version" in summary:
         footer.append(f"river-lr ran River {summary['river_version']}")
+    strategies = summary["strategies"]
+    cont, full = strategies.get("default", {}), strategies.get("retrain", {})
+    if cont.get("example_updates") and full.get("example_updates"):
+        footer.append(
+            f"compute ('updates': examples, replayed ones included, x optimizer steps on them): default "
+            f"{cont['example_updates']:,}, retrain {full['example_updates']:,} "
+            f"(default = {cont['example_updates'] / full['example_updates']:.2f} x retrain)"
+        )
     lines += footer
 
     def ll_row(name: str, s: dict) -> str:

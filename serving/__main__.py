@@ -11,7 +11,7 @@ from types import FrameType
 
 from contract.errors import StreamrecError
 from contract.settings import KafkaSettings, load, settings_help
-from serving.settings import FALLBACK_VERSION, ServingSettings
+from serving.settings import FALLBACK_VERSION, ServingSettings, check_renamed
 
 log = logging.getLogger("serving")
 
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.001)
     try:
         kafka = load(KafkaSettings)
+        check_renamed()
         settings = load(ServingSettings)
+        # Imported here: the agent pulls in torch and transformers (seconds), which --help does not need.
         from serving.agent import ServingAgent
 
         agent = ServingAgent(kafka, settings)

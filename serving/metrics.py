@@ -16,7 +16,9 @@ Exported (prefix ``streamrec_serving_``):
 * ``swaps_total``, ``swap_seconds`` — completed swaps and their load+build+encode time.
 * ``refused_versions_total{reason}`` — versions not swapped in (checksum,
   truncated, config, error, ...); the old version kept serving.
-* ``dead_letters_total{reason}`` — inputs sent to dead-letters.
+* ``dead_letters_total{reason}`` — inputs sent to dead-letters: ``invalid_request``,
+  ``invalid_state_record``, ``scoring_failed``, ``answer_too_large`` (the
+  recommendation was too large to deliver, e.g. a huge ``k``), ``answer_rejected``.
 * ``unknown_candidates_total`` — candidate ids not in the catalog (skipped).
 * ``produce_errors_total`` — outputs the broker did not accept (logged).
 * ``catalog_items``, ``items_encoded_total`` — catalog size and item vectors computed.

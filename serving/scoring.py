@@ -46,16 +46,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from contract.records import RecRequest, ScoredItem
+from serving.snapshot import ServingModel
 from trainer.popularity import Popularity
-
-if TYPE_CHECKING:
-    from serving.loader import ServingModel
 
 Path = Literal["model", "cold", "fallback"]
 _FULL_SCORING_CELLS = 4_000_000
@@ -244,7 +242,7 @@ class _Plan:
 
 
 class Scorer:
-    """Scores micro-batches against an immutable :class:`~serving.loader.ServingModel`.
+    """Scores micro-batches against an immutable :class:`~serving.snapshot.ServingModel`.
 
     Holds only caches (the popularity and cold-start vectors of the current
     snapshot, refreshed at most every ``refresh_s`` while clicks arrive, and at
@@ -256,7 +254,7 @@ class Scorer:
         popularity: Popularity,
         *,
         fallback_version: str,
-        history_len: int = 50,
+        history_length: int = 50,
         trending: int = 20,
         blend: float = 0.5,
         policy: ExplorePolicy | None = None,
@@ -265,7 +263,7 @@ class Scorer:
     ) -> None:
         self.popularity = popularity
         self.fallback_version = fallback_version
-        self.history_len = history_len
+        self.history_length = history_length
         self.trending = trending
         self.blend = blend
         self.policy = policy or ExplorePolicy()
@@ -332,7 +330,7 @@ class Scorer:
         """Model scores per plan (id(plan) -> scores over its candidates or the catalog)."""
         model, vecs = sm.model, sm.item_vecs
         assert model is not None and vecs is not None
-        h = model.config.max_history or self.history_len
+        h = model.config.max_history or self.history_length
         b = len(plans)
         idx = np.zeros((b, max(h, 1)), dtype=np.int64)
         mask = np.zeros((b, max(h, 1)), dtype=bool)
@@ -398,7 +396,10 @@ class Scorer:
 
 
 def _finite(x: float) -> float:
-    """JSON has no NaN/inf: NaN -> the lowest float, inf clipped."""
+    """JSON has no NaN/inf: NaN -> the lowest float, inf clipped.
+
+    A clamp, not a test: ``trainer.metrics.finite`` (is it a finite number?) does not replace it.
+    """
     if math.isfinite(x):
         return x
     return -1.7976931348623157e308 if math.isnan(x) or x < 0 else 1.7976931348623157e308

@@ -10,13 +10,18 @@ machine (the device, the weight store root) and fails the same way.
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.errors import ConfigError
 from contract.settings import default_cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 ENV_PREFIX = "STREAMREC_SERVING_"
 FALLBACK_VERSION = "fallback:popularity"
@@ -62,7 +67,7 @@ class ServingSettings(BaseSettings):
         default=20_000, ge=1,
         description="Requests fetched but not yet scored before fetching pauses (backpressure).",
     )
-    history_len: int = Field(
+    history_length: int = Field(
         default=50, ge=1, le=10_000,
         description="Most recent history items kept per user (the user tower reads at most "
         "the model's max_history of them).",
@@ -150,33 +155,36 @@ class ServingSettings(BaseSettings):
             raise ValueError("explore_epsilon: must be > 0 when explore=epsilon (or set explore=off)")
         return self
 
+RENAMED_ENV: dict[str, str] = {f"{ENV_PREFIX}HISTORY_LEN": f"{ENV_PREFIX}HISTORY_LENGTH"}
+"""Old environment names -> their new ones: a set old name stops the agent at start-up (not ignored)."""
 
-def resolve_device(name: str) -> str:
-    """The torch device to use, or ConfigError naming STREAMREC_SERVING_DEVICE."""
-    import torch
 
-    setting = f"{ENV_PREFIX}DEVICE"
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def check_renamed(environ: Mapping[str, str] | None = None) -> None:
+    """ConfigError naming an old environment variable that is still set (see :data:`RENAMED_ENV`)."""
+    env = os.environ if environ is None else environ
+    for old, new in RENAMED_ENV.items():
+        if old in env:
+            raise ConfigError(old, f"was renamed: set {new} instead")
+
+
+def serving_device(name: str) -> torch.device:
+    """The torch device of ``name`` (:func:`trainer.device.resolve_device`), or ConfigError naming
+    STREAMREC_SERVING_DEVICE."""
+    # Imported here, not at the top: torch takes seconds to import, and `python -m serving --help`
+    # and the README's settings table import this module without needing it.
+    from trainer.device import DeviceError, resolve_device
+
     try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(setting, f"{name!r} is not a torch device ({exc})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(setting, f"{name!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(setting, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ConfigError(setting, f"{name!r}: only cpu and cuda devices are supported")
-    return str(dev)
+        return resolve_device(name)
+    except DeviceError as exc:
+        raise ConfigError(f"{ENV_PREFIX}DEVICE", str(exc)) from None
 
 
-def check_runtime(settings: ServingSettings) -> str:
+def check_runtime(settings: ServingSettings) -> torch.device:
     """Checks that need the machine; returns the resolved device, or raises ConfigError."""
-    from trainer.weights import WeightsError, WeightStore
+    from trainer.weights import WeightsError, WeightStore  # torch again: see serving_device
 
-    device = resolve_device(settings.device)
+    device = serving_device(settings.device)
     try:
         WeightStore(settings.weights_root)
     except WeightsError as exc:

@@ -10,23 +10,37 @@ fails at start-up naming its environment variable::
     contract.errors.ConfigError: setting STREAMREC_JOIN_WINDOW_MS: Input should be greater than or equal to 1
 
 Event-time settings are milliseconds (they compare with record ``ts``);
-wall-clock settings are seconds.
+wall-clock settings are seconds.  The partition count is not a join setting:
+the worker requires its inputs and its state changelog to have
+``STREAMREC_PARTITIONS`` partitions, the count the topics are created with
+(:class:`contract.settings.KafkaSettings`).  :func:`load_worker_settings`
+reads both and accepts the names of :data:`DEPRECATED_ENV` with a warning.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.errors import ConfigError
+from contract.settings import KafkaSettings, load
 from streams.join import JoinConfig
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "STREAMREC_JOIN_"
+DEPRECATED_ENV: dict[str, str] = {
+    "STREAMREC_JOIN_PARTITIONS": "STREAMREC_PARTITIONS",
+}
+"""Old environment names the worker still accepts (with a warning) -> the name to use now."""
 
 
 class JoinSettings(BaseSettings):
-    """Join semantics (window, lateness, ...) and how the worker runs (partitions, ports)."""
+    """Join semantics (window, lateness, ...) and how the worker runs (group, ports, batches)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
@@ -84,9 +98,6 @@ class JoinSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9._-]+$",
         description="Consumer group and changelog-topic prefix (the Kafka topic prefix is prepended).",
     )
-    partitions: int = Field(
-        default=4, ge=1, le=1024, description="Partitions of impressions, clicks and the state changelog."
-    )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
     web_port: int = Field(default=0, ge=0, le=65535, description="Faust web server port; 0 = off.")
     batch_max: int = Field(default=2_000, ge=1, le=100_000, description="Events per processing batch.")
@@ -125,3 +136,23 @@ class JoinSettings(BaseSettings):
     def tick_interval_s(self) -> float:
         """How often the worker checks for idle streams (a quarter of the idle timeout, at most 1 s)."""
         return min(1.0, self.idle_timeout_s / 4)
+
+
+def load_worker_settings() -> tuple[KafkaSettings, JoinSettings]:
+    """The worker's settings from the environment; a deprecated name (:data:`DEPRECATED_ENV`)
+    is used for its new one, with a warning, unless the new one says otherwise.
+
+    Raises:
+        ConfigError: naming the variable (a deprecated one that contradicts its new name too).
+    """
+    overrides: dict[str, str] = {}
+    for old, new in DEPRECATED_ENV.items():
+        value = os.environ.get(old)
+        if value is None:
+            continue
+        current = os.environ.get(new)
+        if current is not None and current != value:
+            raise ConfigError(old, f"is deprecated (use {new}) and says {value!r} while {new} says {current!r}")
+        log.warning("%s is deprecated: use %s (read as %s=%s)", old, new, new, value)
+        overrides[new.removeprefix("STREAMREC_").lower()] = value
+    return load(KafkaSettings, **overrides), load(JoinSettings)

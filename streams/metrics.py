@@ -11,7 +11,8 @@ Names (all prefixed ``streamrec_join_``):
 ``labeled_total{label}``           counter    examples emitted, ``positive`` / ``negative``
 ``late_positives_total``           counter    positives emitted after their negative
 ``orphan_clicks_total``            counter    early clicks whose impression never came
-``dead_letters_total{reason}``     counter    records sent to dead-letters: ``malformed``, ``orphan``, ``invalid``
+``dead_letters_total{reason}``     counter    records sent to dead-letters: ``malformed``, ``orphan``, ``invalid``,
+                                             ``too_large`` (an output or state record too large to deliver)
 ``duplicates_total{kind}``         counter    repeated impressions / clicks that changed nothing
 ``user_history_updates_total``     counter    user-history records emitted
 ``replayed_skipped_total``         counter    redelivered inputs the restored state already held
@@ -107,7 +108,7 @@ class JoinMetrics:
         )
         for label in ("positive", "negative"):
             self.labeled.labels(label=label)
-        for reason in ("malformed", "orphan", "invalid"):
+        for reason in ("malformed", "orphan", "invalid", "too_large"):
             self.dead_letters.labels(reason=reason)
 
     def forget_partition(self, partition: int) -> None:

@@ -25,6 +25,8 @@ import pytest
 
 from contract.settings import KafkaSettings
 from contract.topics import ALL_TOPICS
+from infra.admin import AdminError, delete_topics, ensure_topics
+from infra.broker import LocalBroker
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ _broker_report: list[str] = []
 def _docker_answers() -> bool:
     """True when a Docker daemon answers a ping (the ``docker`` CLI alone proves nothing)."""
     try:
-        import docker
+        import docker  # lazy, like testcontainers below: only a session without $STREAMREC_TEST_BOOTSTRAP needs it
 
         docker.from_env(timeout=2).ping()
     except Exception as exc:  # no socket, no permission, no daemon: all mean "no Docker"
@@ -66,8 +68,6 @@ def kafka_bootstrap() -> Iterator[str]:
             )
             yield bootstrap
         return
-    from infra.broker import LocalBroker
-
     with LocalBroker(partitions=TEST_PARTITIONS) as broker:
         _broker_report.append(
             f"kafka: local jar broker at {broker.bootstrap}, ready in {broker.startup_seconds:.1f} s "
@@ -79,8 +79,6 @@ def kafka_bootstrap() -> Iterator[str]:
 @pytest.fixture
 def kafka_settings(kafka_bootstrap: str) -> Iterator[KafkaSettings]:
     """Settings with a fresh topic prefix (``t-<uuid8>-``) and every DESIGN.md topic created."""
-    from infra.admin import ensure_topics
-
     settings = KafkaSettings(
         bootstrap_servers=kafka_bootstrap,
         topic_prefix=f"t-{uuid.uuid4().hex[:8]}-",
@@ -93,8 +91,6 @@ def kafka_settings(kafka_bootstrap: str) -> Iterator[KafkaSettings]:
 
 def _delete_topics(settings: KafkaSettings) -> None:
     """Best effort: a shared broker ($STREAMREC_TEST_BOOTSTRAP) should not fill up with test topics."""
-    from infra.admin import AdminError, delete_topics
-
     try:
         delete_topics(settings, ALL_TOPICS, timeout=15)
     except AdminError as exc:

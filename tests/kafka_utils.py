@@ -21,13 +21,13 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from contract.records import Record
 from contract.settings import KafkaSettings
 from contract.topics import TopicSpec
+from infra.kafka import KafkaProducer
 
 log = logging.getLogger(__name__)
 _rdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
@@ -65,28 +65,15 @@ def produce_raw(
     timeout: float = 30.0,
 ) -> int:
     """Send ``(key, value)`` byte pairs as they are (a None value is a tombstone); return how many."""
-    producer = Producer(settings.producer_config(logger=_rdkafka_log))
-    errors: list[str] = []
-
-    def on_delivery(err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            errors.append(f"{msg.topic()} key={msg.key()!r}: {err}")
-
+    producer = KafkaProducer.create(settings, "test-producer", logger=_rdkafka_log)
     sent = 0
     for key, value in messages:
-        while True:
-            try:
-                producer.produce(topic_name, key=key, value=value, on_delivery=on_delivery)
-                break
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                producer.poll(0.1)
+        producer.send(topic_name, value, key)  # a rejected record is kept for the barrier below
         sent += 1
         producer.poll(0)
-    remaining = producer.flush(timeout)
-    if remaining:
-        errors.append(f"{remaining} message(s) still undelivered after {timeout:.0f} s")
-    if errors:
-        raise KafkaTestError(f"producing to {topic_name} failed: " + "; ".join(errors[:5]))
+    result = producer.barrier(timeout)
+    if not result.ok:
+        raise KafkaTestError(f"producing to {topic_name} failed: {result.describe()}")
     return sent
 
 

@@ -14,6 +14,7 @@ from contract.settings import KafkaSettings, load, settings_help
 from trainer.service_settings import TrainerSettings
 
 log = logging.getLogger("trainer")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,13 +36,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    parser.add_argument("--log-level", default=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"),
-                        help="DEBUG, INFO, WARNING... (default INFO or $STREAMREC_LOG_LEVEL)")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        default=os.environ.get("STREAMREC_LOG_LEVEL", "INFO").upper(),
+                        help="DEBUG, INFO, WARNING, ERROR (default INFO or $STREAMREC_LOG_LEVEL)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # lazy (start-up cost): torch and the model are imported only once --help and argv are handled
     from trainer.service import TrainerService
 
     try:

@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from contract.errors import StreamrecError
-from trainer.weights import fsync_dir
+from trainer.files import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +77,12 @@ def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
 def save_checkpoint(directory: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``<directory>/checkpoint.pt``; return the path."""
     path = checkpoint_path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, mode=0o600) as f:
             torch.save(ckpt.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except Exception as exc:  # disk full, an unpicklable value...: the old checkpoint stays
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         raise CheckpointError(f"cannot write checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
     log.debug("checkpoint written to %s in %.2fs", path, time.perf_counter() - started)
     return path
 

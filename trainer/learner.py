@@ -27,7 +27,6 @@ import copy
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -40,6 +39,8 @@ from contract.errors import StreamrecError
 from contract.records import Labeled
 from trainer.batching import Batch, build_batch
 from trainer.catalog import Catalog
+from trainer.dedupe import DedupeWindow
+from trainer.device import DeviceError, resolve_device
 from trainer.metrics import PrequentialMetrics, binary_metrics
 from trainer.model import ModelConfig, RecModel, RecTrain
 from trainer.optim import RowAdagrad
@@ -120,8 +121,8 @@ class LearnerConfig(BaseModel):
     replay_ratio: float = Field(default=0.5, ge=0.0, description="Replayed examples per fresh one in an update.")
     replay_ids: bool = Field(
         default=False,
-        description="Replayed examples also train the per-id rows (user embeddings, id biases, user x "
-        "category weights).  Off: replay guards the shared parameters against forgetting, while a "
+        description="Replayed examples also train the per-user rows (user embeddings, user biases; the "
+        "item-id rows always learn from them).  Off: replay guards the shared parameters against forgetting, while a "
         "user's rows learn from each label once and follow the user's recent labels (replaying old "
         "labels into them held the synthetic stream's users to their interests before the shift).",
     )
@@ -141,26 +142,16 @@ class LearnerConfig(BaseModel):
     seed: int = 0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LearnerError("device 'cuda' asked for, but CUDA is not available")
-    return torch.device(name)
-
-
-def _example_key(ex: Labeled) -> str:
-    # a late positive corrects an earlier (fake) negative with the same example_id: not a duplicate
-    return f"{ex.example_id}#late" if ex.late else ex.example_id
-
-
 class ContinualLearner:
     """Test-then-train multi-task learner over :class:`~contract.records.Labeled` batches."""
 
     def __init__(self, model: RecModel, config: LearnerConfig | None = None, catalog: Catalog | None = None) -> None:
         self.config = config or LearnerConfig()
         self.catalog = catalog if catalog is not None else Catalog()
-        self.device = resolve_device(self.config.device)
+        try:
+            self.device = resolve_device(self.config.device)
+        except DeviceError as exc:
+            raise LearnerError(str(exc)) from exc
         self.model = model.to(self.device)
         self.amp = self.device.type == "cuda" and self.config.bf16
         if self.config.prefix_cache_size and model.item_tower.frozen > 0:
@@ -175,11 +166,15 @@ class ContinualLearner:
         self.metrics = PrequentialMetrics(self.config.window, threshold=self.config.threshold)
         self.replay: ReservoirBuffer[Labeled] = ReservoirBuffer(self.config.replay_size, seed=self.config.seed)
         self._rng = torch.Generator().manual_seed(self.config.seed)
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen = DedupeWindow(self.config.dedup_window)
+        """Redelivered examples are dropped here only when the learner is fed directly; the trainer
+        service dedupes in its feed (checkpointed with the offsets) and sets dedup_window=0."""
         self.teacher: RecModel | None = None
         self._teacher_state: dict[str, Tensor] | None = None
         self._teacher_items = PrefixCache(max(self.config.teacher_cache_size, 1))
         self.examples_trained = 0
+        self.example_updates = 0
+        """Compute: examples (fresh and replayed) times the optimizer steps taken on them."""
         self.examples_skipped = 0
         self.steps = 0
         self.last_scored: tuple[list[Labeled], np.ndarray] = ([], np.zeros(0))
@@ -289,16 +284,7 @@ class ContinualLearner:
     def _dedup(self, examples: Sequence[Labeled]) -> list[Labeled]:
         if not self.config.dedup_window:
             return list(examples)
-        out = []
-        for ex in examples:
-            key = _example_key(ex)
-            if key in self._seen:
-                continue
-            self._seen[key] = None
-            out.append(ex)
-        while len(self._seen) > self.config.dedup_window:
-            self._seen.popitem(last=False)
-        return out
+        return [ex for ex in examples if self._seen.first_time(ex)]
 
     def step(self, examples: Sequence[Labeled]) -> dict[str, float]:
         """Score the batch (metrics), then learn from it; return the step's losses and metrics.
@@ -379,6 +365,7 @@ class ContinualLearner:
         for ex in fresh:
             self.replay.add(ex)
         self.examples_trained += len(fresh)
+        self.example_updates += len(update) * self.config.updates_per_batch
         self.steps += 1
         stats.update(out.losses)
         stats.update({f"batch_{k}": v for k, v in binary_metrics(labels[mask], probs[mask], self.config.threshold).items() if k in ("auc", "log_loss", "ctr")})
@@ -498,7 +485,7 @@ class ContinualLearner:
             "metrics": self.metrics.state_dict(),
             "teacher": self._teacher_state,
             "rng": rng,
-            "seen": list(self._seen),
+            "seen": self._seen.state(),
             "examples_trained": self.examples_trained,
             "examples_skipped": self.examples_skipped,
             "steps": self.steps,
@@ -525,7 +512,7 @@ class ContinualLearner:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self._seen = OrderedDict((k, None) for k in state["seen"])
+        self._seen = DedupeWindow(self.config.dedup_window, state["seen"])
         self.examples_trained = int(state["examples_trained"])
         self.examples_skipped = int(state["examples_skipped"])
         self.steps = int(state["steps"])

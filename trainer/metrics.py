@@ -55,8 +55,14 @@ def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarr
 
 
 def finite(v: Any) -> bool:
-    """Whether ``v`` is a finite number (False for None, NaN, inf)."""
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    """Whether ``v`` is a finite number: a Python, numpy or 0-d torch number (False for None,
+    strings, NaN, inf).  The one such test of the trainer (guardrail, manifests, logs)."""
+    if v is None or isinstance(v, (str, bytes)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a torch tensor of several values
+        return False
 
 
 def midranks(x: np.ndarray) -> np.ndarray:

@@ -28,7 +28,26 @@ def _default_checkpoint_dir() -> Path:
 
 
 class TrainerSettings(BaseSettings):
-    """Everything the trainer service can be told; see ``python -m trainer --help``."""
+    """Everything the trainer service can be told; see ``python -m trainer --help``.
+
+    Model and learner fields: the model's config (:class:`trainer.model_config.ModelConfig`)
+    is ``STREAMREC_TRAINER_MODEL_OPTIONS`` (a JSON object of any of its fields) with these
+    individual variables on top: ``ENCODER_PATH`` (field ``encoder``), ``ENCODER_LAYERS``,
+    ``FREEZE_LAYERS``, ``LORA_RANK``, ``MAX_TEXT_LEN``, ``CATEGORIES``, ``EMBED_DIM`` and
+    ``HISTORY_LENGTH`` (field ``max_history``), and ``SEED``.  The learner's
+    (:class:`trainer.learner.LearnerConfig`) is ``STREAMREC_TRAINER_LEARNER_OPTIONS`` with
+    ``LR_IDS``, ``LR_TOWERS``, ``UPDATES_PER_BATCH``, ``REPLAY_SIZE``, ``DISTILL_WEIGHT``,
+    ``DEVICE`` and ``SEED`` on top.  An individual variable, when set, overrides the same
+    field of the JSON object; a value either rejects names the variable it came from.
+    Redelivered examples are dropped by the service's feed (``DEDUPE_WINDOW``), so the
+    learner option ``dedup_window`` is refused.
+
+    Schedules: a version is attempted every ``PUBLISH_EVERY_STEPS`` steps or
+    ``PUBLISH_EVERY_S`` seconds; a checkpoint is written at every publish, every
+    ``CHECKPOINT_EVERY_STEPS`` steps, and, when no step moved the offsets (duplicates,
+    dead letters, held-back examples only) and nothing is queued, after
+    ``CHECKPOINT_EVERY_S`` seconds.
+    """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
@@ -140,6 +159,11 @@ class TrainerSettings(BaseSettings):
     checkpoint_every_steps: int = Field(
         default=100, ge=1, description="Checkpoint after this many steps (and at every publish)."
     )
+    checkpoint_every_s: float = Field(
+        default=5.0, gt=0,
+        description="Checkpoint an idle trainer (nothing queued) whose offsets moved without a step "
+        "(duplicates, dead letters, held-back examples only) this many seconds after the last checkpoint.",
+    )
 
     # --- model ----------------------------------------------------------------------------
     encoder_path: str | None = Field(
@@ -163,9 +187,14 @@ class TrainerSettings(BaseSettings):
         description="Category names of the category head, as a JSON list (default: the catalog's "
         "categories when a model starts fresh, the checkpoint's when it resumes).",
     )
+    embed_dim: int | None = Field(default=None, description="Width of the item and user vectors (ModelConfig.embed_dim).")
+    history_length: int | None = Field(
+        default=None, description="History items the user tower reads (ModelConfig.max_history)."
+    )
     model_options: dict[str, Any] = Field(
         default_factory=dict,
-        description='Any other ModelConfig field, as a JSON object, e.g. {"embed_dim": 64}.',
+        description='Any other ModelConfig field, as a JSON object, e.g. {"user_tower": "attention"}; '
+        "the individual model variables override its fields.",
     )
 
     # --- learner --------------------------------------------------------------------------
@@ -173,9 +202,23 @@ class TrainerSettings(BaseSettings):
         default="auto", description="auto (CUDA with bf16 autocast when present, else CPU), cpu or cuda."
     )
     seed: int = Field(default=0, ge=0, description="Seed of the model init, learner RNG and hold-back choice.")
+    lr_ids: float | None = Field(default=None, description="Adagrad lr of the per-id rows (LearnerConfig.lr_ids).")
+    lr_towers: float | None = Field(
+        default=None, description="AdamW lr of the projection and the user tower (LearnerConfig.lr_towers)."
+    )
+    updates_per_batch: int | None = Field(
+        default=None, description="Optimizer steps on each batch (LearnerConfig.updates_per_batch)."
+    )
+    replay_size: int | None = Field(
+        default=None, description="Replay reservoir capacity; 0 = no replay (LearnerConfig.replay_size)."
+    )
+    distill_weight: float | None = Field(
+        default=None, description="Weight of distillation towards the live version; 0 = off (LearnerConfig.distill_weight)."
+    )
     learner_options: dict[str, Any] = Field(
         default_factory=dict,
-        description='LearnerConfig fields, as a JSON object, e.g. {"lr_heads": 0.003, "replay_size": 5000}.',
+        description='Any other LearnerConfig field, as a JSON object, e.g. {"lr_heads": 0.003}; '
+        "the individual learner variables override its fields.",
     )
 
     # --- operations -----------------------------------------------------------------------
@@ -223,13 +266,49 @@ class TrainerSettings(BaseSettings):
         return self
 
     def model_overrides(self) -> dict[str, Any]:
-        """The model settings given explicitly (the rest keep ModelConfig's defaults)."""
+        """The model fields given explicitly (the rest keep ModelConfig's defaults)."""
         out = dict(self.model_options)
-        names = {"encoder_path": "encoder", "encoder_layers": "encoder_layers",
-                 "freeze_layers": "freeze_layers", "lora_rank": "lora_rank",
-                 "max_text_len": "max_text_len", "categories": "categories"}
-        for setting, field in names.items():
+        for setting, field in MODEL_SETTINGS.items():
             if getattr(self, setting) is not None:
                 out[field] = getattr(self, setting)
         out.setdefault("seed", self.seed)
         return out
+
+    def learner_overrides(self) -> dict[str, Any]:
+        """The learner fields given explicitly (the rest keep LearnerConfig's defaults)."""
+        out = dict(self.learner_options)
+        for setting, field in LEARNER_SETTINGS.items():
+            if getattr(self, setting) is not None:
+                out[field] = getattr(self, setting)
+        out.setdefault("device", self.device)
+        out.setdefault("seed", self.seed)
+        return out
+
+    def model_setting(self, field: str) -> str:
+        """The environment variable a ModelConfig field came from (for an error about it)."""
+        return _setting_of(self, field, MODEL_SETTINGS, self.model_options, "model_options")
+
+    def learner_setting(self, field: str) -> str:
+        """The environment variable a LearnerConfig field came from (for an error about it)."""
+        return _setting_of(self, field, LEARNER_SETTINGS, self.learner_options, "learner_options")
+
+
+MODEL_SETTINGS = {"encoder_path": "encoder", "encoder_layers": "encoder_layers",
+                  "freeze_layers": "freeze_layers", "lora_rank": "lora_rank",
+                  "max_text_len": "max_text_len", "categories": "categories",
+                  "embed_dim": "embed_dim", "history_length": "max_history"}
+"""Trainer setting -> the ModelConfig field it sets (over MODEL_OPTIONS); ``seed`` too, when the blob lacks it."""
+LEARNER_SETTINGS = {"lr_ids": "lr_ids", "lr_towers": "lr_towers", "updates_per_batch": "updates_per_batch",
+                    "replay_size": "replay_size", "distill_weight": "distill_weight"}
+"""Trainer setting -> the LearnerConfig field it sets (over LEARNER_OPTIONS); ``device`` and ``seed`` too."""
+
+
+def _setting_of(
+    settings: TrainerSettings, field: str, table: dict[str, str], blob: dict[str, Any], blob_name: str
+) -> str:
+    for setting, f in table.items():
+        if f == field and getattr(settings, setting) is not None:
+            return f"{ENV_PREFIX}{setting}".upper()
+    if field in ("seed", "device") and field not in blob:
+        return f"{ENV_PREFIX}{field}".upper()
+    return f"{ENV_PREFIX}{blob_name}".upper()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,14 +16,8 @@ from contract.records import Impression
 from contract.settings import PROJECT_ROOT, KafkaSettings
 from contract.topics import ALL_TOPICS, IMPRESSIONS, ITEMS
 from infra.admin import delete_topics, describe_topics, ensure_topics
-from infra.broker import (
-    STATUS_STOPPED,
-    BrokerStartError,
-    LocalBroker,
-    PortInUseError,
-    free_ports,
-    kafka_dir,
-)
+from infra.broker import STATUS_STOPPED, BrokerStartError, LocalBroker, PortInUseError, kafka_dir
+from infra.processes import free_ports
 from tests.kafka_utils import consume, produce
 
 pytestmark = pytest.mark.integration
@@ -154,6 +149,4 @@ def _cluster_id(data_dir: Path) -> str:
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)

@@ -29,13 +29,16 @@ def test_pipeline_end_to_end(kafka_settings: KafkaSettings, tmp_path: Path) -> N
         speed=None,
         requests_per_s=10.0,
         drain_timeout_s=150.0,
-        join_env={"STREAMREC_JOIN_IDLE_TIMEOUT_S": "2"},
-        trainer_env={
-            "STREAMREC_TRAINER_ENCODER_LAYERS": "1",
-            "STREAMREC_TRAINER_FREEZE_LAYERS": "1",
-            "STREAMREC_TRAINER_MAX_TEXT_LEN": "16",
-            "STREAMREC_TRAINER_PUBLISH_EVERY_S": "2",
-            "STREAMREC_TRAINER_GUARDRAIL_MIN_EXAMPLES": "8",
+        join={"idle_timeout_s": 2},
+        trainer={
+            "encoder_layers": 1,
+            "freeze_layers": 1,
+            # ~750 examples: small steps, so that a version can learn enough to beat the popularity
+            # fallback (the guardrail); one 1,024-example step cannot
+            "batch_size": 64,
+            "max_text_len": 16,
+            "publish_every_s": 2,
+            "guardrail_min_examples": 8,
         },
     )
     report = run_pipeline(kafka_settings, cfg, progress=False)
@@ -65,7 +68,7 @@ def test_services_are_torn_down_when_the_run_fails(kafka_settings: KafkaSettings
     # its reason and stop the other services instead of waiting for labels forever.
     cfg = PipelineConfig(
         out_dir=tmp_path, limit=20, slate_size=3, drain_timeout_s=60.0,
-        trainer_env={"STREAMREC_TRAINER_BATCH_SIZE": "0"},
+        trainer={"batch_size": 0},
     )
     with pytest.raises(Exception, match="trainer exited"):
         run_pipeline(kafka_settings, cfg, progress=False)

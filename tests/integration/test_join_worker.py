@@ -7,6 +7,7 @@ windows still open at the end of the input close soon after it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -24,7 +25,10 @@ import pytest
 from contract.records import Click, DeadLetter, Impression, Labeled
 from contract.settings import KafkaSettings
 from contract.topics import CLICKS, DEAD_LETTERS, IMPRESSIONS, LABELED
+from infra.kafka import MAX_RAW_BYTES
+from streams.delivery import Delivery
 from streams.join import ReferenceJoin, reference_join
+from streams.metrics import JoinMetrics
 from tests.kafka_utils import consume, produce_raw
 
 pytestmark = pytest.mark.integration
@@ -60,7 +64,7 @@ class Worker:
         full.update(env)
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.worker", "--loglevel", "info"],
+            [sys.executable, "-m", "streams.worker", "--log-level", "info"],
             cwd=PROJECT_ROOT,
             env=full,
             stdout=self._out,
@@ -370,9 +374,34 @@ def test_malformed_burst_goes_to_dead_letters_and_labeling_goes_on(
     assert worker.stop() == 0, worker.tail()
 
 
+@pytest.mark.parametrize("variable", ["STREAMREC_PARTITIONS", "STREAMREC_JOIN_PARTITIONS"])
 def test_partition_mismatch_stops_the_worker_naming_the_setting(
-    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker]
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], variable: str
 ) -> None:
-    worker = start_worker(STREAMREC_JOIN_PARTITIONS="8")
+    """One setting for the topics and the worker; the old join-only name is a deprecated alias."""
+    worker = start_worker(**{variable: "8"})
     assert worker.proc.wait(60) == 2
-    assert "STREAMREC_JOIN_PARTITIONS" in worker.text() and "4 partitions" in worker.text()
+    assert "STREAMREC_PARTITIONS: is 8" in worker.text() and "4 partitions" in worker.text()
+    if variable != "STREAMREC_PARTITIONS":
+        assert f"{variable} is deprecated: use STREAMREC_PARTITIONS" in worker.text()
+
+
+def test_an_output_too_large_to_deliver_is_dead_lettered_on_a_real_broker(kafka_settings: KafkaSettings) -> None:
+    """The client refuses a record over message.max.bytes at once: the worker's delivery sends
+    its (truncated) dead letter instead, counts it, and goes on."""
+    metrics = JoinMetrics()
+    labeled = LABELED.real_name(kafka_settings)
+    delivery = Delivery(kafka_settings, DEAD_LETTERS.real_name(kafka_settings), metrics)
+    huge = b"h" * 2_000_000
+    normal = Labeled(example_id="i:a", impression_id="i", user_id="u", item_id="a", position=0, label=0,
+                     impression_ts=1, label_ts=2, ts=2)  # fmt: skip
+    try:
+        delivery.send_all([(labeled, b"u", huge, -1), (labeled, b"u", normal.to_json(), -1)])
+        assert asyncio.run(delivery.barrier("outputs")) == 1
+    finally:
+        delivery.close()
+    [dead] = consume(kafka_settings, DEAD_LETTERS, count=1, timeout=30)
+    assert isinstance(dead, DeadLetter) and dead.source_topic == labeled and dead.key == "u"
+    assert len(dead.raw()) == MAX_RAW_BYTES and "too large" in dead.error and "2000000 bytes" in dead.error
+    assert consume(kafka_settings, LABELED, count=1, timeout=30) == [normal]
+    assert metrics.registry.get_sample_value("streamrec_join_dead_letters_total", {"reason": "too_large"}) == 1

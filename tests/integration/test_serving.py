@@ -74,12 +74,14 @@ def seed_catalog(kafka: KafkaSettings, histories: dict[str, list[str]] | None = 
 
 
 @contextmanager
-def running_agent(kafka: KafkaSettings, store: WeightStore, **overrides: object) -> Iterator[ServingAgent]:
+def running_agent(
+    kafka: KafkaSettings, store: WeightStore, producer_config: dict[str, object] | None = None, **overrides: object
+) -> Iterator[ServingAgent]:
     values: dict[str, object] = {
         "weights_root": store.url, "group_id": f"serving-{uuid.uuid4().hex[:8]}", "popularity_refresh_s": 0.0,
     }
     settings = ServingSettings(**(values | overrides))
-    agent = ServingAgent(kafka, settings).start(timeout=90)
+    agent = ServingAgent(kafka, settings, producer_config=producer_config).start(timeout=90)
     try:
         yield agent
     finally:
@@ -284,6 +286,39 @@ def test_malformed_requests_go_to_dead_letters_and_serving_continues(
         assert "JSON object" in by_raw[b"[1, 2, 3]"]
         assert agent.metrics.value("dead_letters_total", {"reason": "invalid_request"}) == len(bad)
     # Every request was answered or dead-lettered, and the group committed past all of them.
+    check = Consumer(kafka_settings.confluent_config(**{"group.id": group}))
+    try:
+        parts = check.list_topics(topic, timeout=30).topics[topic].partitions
+        committed = check.committed([TopicPartition(topic, p) for p in parts], timeout=30)
+        ends = {p: check.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+        assert {tp.partition: max(tp.offset, 0) for tp in committed} == ends
+    finally:
+        check.close()
+
+
+def test_an_answer_too_large_to_deliver_is_dead_lettered_and_serving_continues(
+    kafka_settings: KafkaSettings, store: WeightStore, recs: Recommendations
+) -> None:
+    """A huge k over a large catalog: the recommendation exceeds the producer's message.max.bytes."""
+    seed_catalog(kafka_settings, {"u1": ["s1"]})
+    many = [Item(item_id=f"film-{n:03d}-{'x' * 80}", text=f"film number {n}", ts=1_000) for n in range(40)]
+    produce(kafka_settings, ITEMS, many)
+    topic = REC_REQUESTS.real_name(kafka_settings)
+    group = f"serving-{uuid.uuid4().hex[:8]}"
+    with running_agent(kafka_settings, store, {"message.max.bytes": 2_000}, group_id=group) as agent:
+        produce(kafka_settings, REC_REQUESTS, [request("huge", k=100), request("small", k=2)])
+        (small,) = recs.wait_for(["small"])
+        assert small.model_version == FALLBACK_VERSION and len(small.items) == 2
+        (letter,) = consume(kafka_settings, DEAD_LETTERS, count=1, timeout=30)
+        assert isinstance(letter, DeadLetter) and letter.source_topic == topic
+        assert RecRequest.from_json(letter.raw()).request_id == "huge"
+        assert "recommendation not deliverable" in letter.error and "too large" in letter.error
+        assert agent.metrics.value("dead_letters_total", {"reason": "answer_too_large"}) == 1
+        assert agent.metrics.value("requests_total", {"path": "fallback"}) == 1
+        produce(kafka_settings, REC_REQUESTS, [request("later", k=1)])
+        (later,) = recs.wait_for(["later"])  # the agent kept serving
+        assert "huge" not in recs.by_id
+    # the dead-lettered request was committed past like the answered ones
     check = Consumer(kafka_settings.confluent_config(**{"group.id": group}))
     try:
         parts = check.list_topics(topic, timeout=30).topics[topic].partitions

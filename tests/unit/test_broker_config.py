@@ -8,21 +8,24 @@ import socket
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from infra import admin, broker
+from contract.settings import KafkaSettings
+from infra import admin
 from infra.broker import (
     STATUS_STOPPED,
     LocalBroker,
     ToolNotFoundError,
+    cli,
     fetch_jars,
-    free_ports,
+    jars,
     jars_present,
     libs_dir,
-    log_tail,
+    local,
     new_cluster_id,
-    port_in_use,
     running_pid,
 )
+from infra.processes import Service, env_value, free_ports, log_tail, port_in_use, service_env
 from tests.kafka_utils import java_partition, murmur2
 
 
@@ -74,7 +77,7 @@ def test_jars_are_complete_only_with_their_manifest(tmp_path: Path) -> None:
     assert not jars_present(tmp_path)
     (libs / "kafka_2.13-3.9.1.jar").write_bytes(b"PK")
     assert not jars_present(tmp_path), "jars without a manifest are an interrupted fetch"
-    (libs / ".complete").write_text(broker._manifest_header() + "\nkafka_2.13-3.9.1.jar\nmissing.jar\n")
+    (libs / ".complete").write_text(jars._manifest_header() + "\nkafka_2.13-3.9.1.jar\nmissing.jar\n")
     assert not jars_present(tmp_path)
     (libs / "missing.jar").write_bytes(b"PK")
     assert jars_present(tmp_path)
@@ -105,11 +108,11 @@ def test_log_tail_keeps_the_last_lines(tmp_path: Path) -> None:
 
 
 def test_broker_cli_status_and_down_without_brokers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert broker.main(["--cache-dir", str(tmp_path), "status"]) == STATUS_STOPPED
+    assert cli.main(["--cache-dir", str(tmp_path), "status"]) == STATUS_STOPPED
     assert "stopped" in capsys.readouterr().out
-    assert broker.main(["--cache-dir", str(tmp_path), "status", "--port", "19092"]) == STATUS_STOPPED
+    assert cli.main(["--cache-dir", str(tmp_path), "status", "--port", "19092"]) == STATUS_STOPPED
     assert "stopped: 127.0.0.1:19092" in capsys.readouterr().out
-    assert broker.main(["--cache-dir", str(tmp_path), "down"]) == 0
+    assert cli.main(["--cache-dir", str(tmp_path), "down"]) == 0
     assert "no local broker running" in capsys.readouterr().out
 
 
@@ -138,7 +141,7 @@ def test_stale_temporary_homes_are_pruned(tmp_path: Path) -> None:
     for d in (old, young):
         (d / "data").mkdir(parents=True)
     os.utime(old, (1_000_000, 1_000_000))
-    broker._prune_stale_homes(tmp_path)
+    local._prune_stale_homes(tmp_path)
     assert not old.exists()
     assert young.is_dir(), "a home created moments ago may belong to a broker that is starting"
 
@@ -150,3 +153,37 @@ def test_admin_cli_names_an_unreachable_cluster(
     monkeypatch.setenv("STREAMREC_BOOTSTRAP_SERVERS", address)
     assert admin.main(["create", "--timeout", "1"]) == 1
     assert f"cannot reach Kafka at {address}" in capsys.readouterr().err
+
+
+def test_service_env_names_every_setting(tmp_path: Path) -> None:
+    kafka = KafkaSettings(bootstrap_servers="10.0.0.1:9093", topic_prefix="", partitions=6)
+    env = service_env(
+        kafka, "trainer", base={"PATH": "/bin", "STREAMREC_TRAINER_SEED": "7"},
+        batch_size=64, checkpoint_dir=tmp_path, categories=["a", "b"], model_options={"dropout": 0.0},
+        lora_rank=None,
+    )  # fmt: skip
+    assert env["PATH"] == "/bin" and env["STREAMREC_TRAINER_SEED"] == "7"
+    assert env["STREAMREC_BOOTSTRAP_SERVERS"] == "10.0.0.1:9093"
+    assert env["STREAMREC_TOPIC_PREFIX"] == "", "an empty prefix must override the parent's"
+    assert env["STREAMREC_PARTITIONS"] == "6" and env["STREAMREC_SECURITY_PROTOCOL"] == "PLAINTEXT"
+    assert "STREAMREC_SASL_USERNAME" not in env, "unset settings are left out"
+    assert env["STREAMREC_TRAINER_BATCH_SIZE"] == "64"
+    assert env["STREAMREC_TRAINER_CHECKPOINT_DIR"] == str(tmp_path)
+    assert env["STREAMREC_TRAINER_CATEGORIES"] == '["a", "b"]'
+    assert env["STREAMREC_TRAINER_MODEL_OPTIONS"] == '{"dropout": 0.0}'
+    assert env_value(False) == "false" and env_value(SecretStr("k")) == "k"
+    assert "STREAMREC_TRAINER_LORA_RANK" not in env
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_service_env_without_inherited_service_settings() -> None:
+    kafka = KafkaSettings(sasl_password="s3cret", security_protocol="SASL_SSL", sasl_mechanism="PLAIN",
+                          sasl_username="me")  # fmt: skip
+    base = {"STREAMREC_JOIN_WINDOW_MS": "1", "STREAMREC_TRAINER_SEED": "7"}
+    env = service_env(kafka, "join", base=base, inherit=False, data_dir="/tmp/j")
+    assert "STREAMREC_JOIN_WINDOW_MS" not in env and env["STREAMREC_TRAINER_SEED"] == "7"
+    assert env["STREAMREC_JOIN_DATA_DIR"] == "/tmp/j"
+    assert env["STREAMREC_SASL_PASSWORD"] == "s3cret", "the child needs the secret itself"
+    with pytest.raises(ValueError, match="unknown service"):
+        service_env(kafka, "scorer")
+    assert Service.of("join", env, "--log-level", "info").module == "streams.worker"

@@ -18,11 +18,13 @@ from trainer.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
+from trainer.dedupe import DedupeWindow, dedupe_key
+from trainer.feed import Feed
 from trainer.guardrail import Refusal, guardrail_passes
+from trainer.holdout import held_back
 from trainer.learner import ContinualLearner, LearnerConfig
 from trainer.metrics import paired_log_loss_se
 from trainer.model import ModelConfig, build_model
-from trainer.service import DedupeWindow, dedupe_key, held_back
 
 CATEGORIES = ["drama", "scifi", "comedy"]
 
@@ -185,3 +187,66 @@ def test_paired_standard_error() -> None:
     noisy = [0.6, 0.3, 0.05, 0.7, 0.2, 0.3, 0.15, 0.7]
     se = paired_log_loss_se(labels, noisy, same)
     assert 0.0 < se < 0.2
+
+
+# --------------------------------------------------------------------------- the feed
+def _feed(catalog: Catalog, expired: list, **kw: object) -> Feed:
+    fields: dict[str, object] = {"batch_size": 8, "max_batch_wait_s": 1.0, "missing_item_wait_s": 5.0,
+                                 "dedupe_window": 100}
+    fields.update(kw)
+    return Feed(catalog, on_expired=lambda p, o, ex, why: expired.append((p, o, ex.example_id, why)), **fields)
+
+
+def test_feed_drops_redeliveries_and_moves_offsets_only_once_trained() -> None:
+    catalog, expired = _catalog(), []
+    feed = _feed(catalog, expired, batch_size=10)
+    examples = _examples(6, 1)
+    for off, ex in enumerate(examples):
+        feed.add(0, off, ex, now=0.0)
+    feed.add(0, 6, None, now=0.0)  # malformed, already dead-lettered: only advances the offset
+    feed.add(1, 0, examples[0], now=0.0)  # a redelivery on another partition
+    assert not feed.due(0.5) and feed.due(1.0)  # the oldest has waited max_batch_wait_s
+    taken = feed.take(1.0)
+    assert [e.example_id for e in taken.examples] == [e.example_id for e in examples]
+    assert taken.duplicates == 1 and taken.consumed == 8
+    assert feed.offsets == {}  # nothing trained yet
+    feed.advance(taken.advanced)
+    assert feed.offsets == {0: 7, 1: 1}
+    late = examples[0].model_copy(update={"label": 1, "late": True})
+    feed.add(1, 1, late, now=2.0)  # a late positive corrects its negative: not a duplicate
+    assert feed.take(3.0).examples == [late]
+    again = Feed(catalog, batch_size=8, max_batch_wait_s=1.0, missing_item_wait_s=5.0, dedupe_window=100,
+                 on_expired=lambda *a: None)
+    again.resume({0: 7}, feed.dedupe.state())  # a restart: the window comes back with the checkpoint
+    again.add(0, 7, examples[1], now=0.0)
+    assert again.take(2.0).duplicates == 1 and not expired
+
+
+def test_feed_waits_for_a_missing_item_then_dead_letters_it_while_others_go_on() -> None:
+    catalog, expired = _catalog(), []
+    feed = _feed(catalog, expired, batch_size=2)
+    ghost = _examples(1, 2)[0].model_copy(update={"item_id": "later", "example_id": "x:later"})
+    behind, other = _examples(2, 3)
+    feed.add(0, 10, ghost, now=0.0)
+    feed.add(0, 11, behind, now=0.0)
+    feed.add(1, 0, other, now=0.0)
+    taken = feed.take(1.0)  # partition 0 waits at the ghost; partition 1 goes on
+    assert taken.examples == [other] and taken.advanced == {1: 1}
+    catalog.upsert(Item(item_id="later", text="it came", categories=[], ts=2))
+    assert [e.example_id for e in feed.take(2.0).examples] == ["x:later", behind.example_id]
+    catalog.remove("later")
+    feed.add(0, 12, ghost.model_copy(update={"example_id": "y:later"}), now=3.0)
+    assert feed.take(3.0).examples == [] and not expired  # the wait starts
+    taken = feed.take(8.0)  # missing_item_wait_s later: dead-lettered, the partition moves on
+    assert expired == [(0, 12, "y:later", "item later not in the catalog after 5s")]
+    assert taken.advanced == {0: 13} and feed.queued() == 0
+
+
+def test_feed_backpressure_pauses_full_partitions_and_resumes_below_half() -> None:
+    feed = _feed(_catalog(), [])
+    for off, ex in enumerate(_examples(4, 4)):
+        feed.add(3, off, ex, now=0.0)
+    assert feed.backpressure(4) == ([3], []) and feed.backpressure(4) == ([], [])
+    feed.take(0.0)
+    assert feed.backpressure(4) == ([], [3])
+    assert feed.poll_timeout(0.0) == 0.2 and feed.queued() == 0

@@ -7,17 +7,18 @@ import json
 import pytest
 
 from harness.evaluate import main
-from harness.replays import _local_join, _split, labeled_examples
+from harness.replays import _split, labeled_examples
+from streams.join import reference_join
 from streams.replay.synthetic import SyntheticConfig, SyntheticStream
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_local_conversion_agrees_with_the_reference_join() -> None:
+def test_the_offline_examples_are_the_reference_joins_in_event_time_order() -> None:
     world = SyntheticStream(SyntheticConfig(users=10, items=20, new_items=5, events=200, seed=3))
     items, imps, clicks = _split(world.stream())
     ref = labeled_examples(imps, clicks, window_ms=4_000, history_length=5)
-    local = _local_join(imps, clicks, window_ms=4_000, history_length=5)
+    local = [e.to_record() for e in reference_join(imps, clicks, window_ms=4_000, history_length=5).examples]
     assert {(e.example_id, e.label, e.late) for e in ref} == {(e.example_id, e.label, e.late) for e in local}
     by_id = {(e.example_id, e.late): e.history for e in local}
     assert all(by_id[(e.example_id, e.late)] == e.history for e in ref)

@@ -326,7 +326,7 @@ def test_history_is_capped() -> None:
     last = [o for o in out if isinstance(o, Example) and o.example_id == "i19:m19"]
     assert last[0].history == ["m16", "m17", "m18"]
     assert core.history("u1") == ["m17", "m18", "m19"]
-    assert len(core._histories["u1"]) <= core.config.history_cap
+    assert core._histories.size("u1") <= core.config.history_cap
 
 
 # --- bounded memory and state ----------------------------------------------------------------------

@@ -10,23 +10,22 @@ import pytest
 import torch
 
 from contract.records import Item, RecRequest
-from serving.loader import (
-    CatalogState,
+from serving.loader import ModelLoader, refusal_reason
+from serving.metrics import ServingMetrics
+from serving.scoring import Query, Scorer, top_k
+from serving.settings import FALLBACK_VERSION
+from serving.snapshot import (
     ModelHolder,
-    ModelLoader,
     apply_item_changes,
     encode_entries,
     fallback_snapshot,
     items_entries,
     model_snapshot,
-    refusal_reason,
 )
-from serving.metrics import ServingMetrics
-from serving.scoring import Query, Scorer, top_k
-from serving.settings import FALLBACK_VERSION
+from serving.state import CatalogState
 from trainer.model import ModelConfig, RecModel, build_model
 from trainer.popularity import Popularity
-from trainer.weights import WeightsError, WeightStore
+from trainer.weights import WeightsError, WeightsReason, WeightStore
 
 TEXTS = {
     "m1": "space rockets and astronauts",
@@ -179,8 +178,10 @@ def test_start_up_takes_the_newest_valid_version_from_the_store(model: RecModel,
 
 
 def test_refusal_reasons() -> None:
-    assert refusal_reason(WeightsError("version 2: sha256 mismatch: ...")) == "checksum"
-    assert refusal_reason(WeightsError("version 2: weights do not fit the model")) == "mismatch"
+    assert refusal_reason(WeightsError("version 2: sha256 mismatch: ...", WeightsReason.CHECKSUM)) == "checksum"
+    assert refusal_reason(WeightsError("version 2: weights do not fit the model", WeightsReason.MISMATCH)) == "mismatch"
+    # the label is the code, not the wording: rewording an error does not change a metric
+    assert refusal_reason(WeightsError("anything at all", WeightsReason.CHECKSUM)) == "checksum"
     assert refusal_reason(RuntimeError("boom")) == "error"
 
 
@@ -224,7 +225,7 @@ def test_model_path_scores_equal_the_model_brute_force(
 def test_settings_that_cannot_work_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from contract.errors import ConfigError
     from contract.settings import load
-    from serving.settings import ServingSettings, resolve_device
+    from serving.settings import ServingSettings, serving_device
 
     monkeypatch.setenv("STREAMREC_SERVING_EXPLORE", "epsilon")
     monkeypatch.setenv("STREAMREC_SERVING_EXPLORE_EPSILON", "0")
@@ -235,11 +236,11 @@ def test_settings_that_cannot_work_name_the_variable(monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigError, match="STREAMREC_SERVING_MAX_BATCH"):
         load(ServingSettings)
     with pytest.raises(ConfigError, match="STREAMREC_SERVING_DEVICE"):
-        resolve_device("tpu")
+        serving_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="STREAMREC_SERVING_DEVICE.*CUDA is not available"):
-            resolve_device("cuda")
-    assert resolve_device("auto") in ("cpu", "cuda")
+            serving_device("cuda")
+    assert serving_device("auto").type in ("cpu", "cuda")
 
 
 def test_head_only_versions_reuse_item_vectors_and_nan_versions_are_refused(model: RecModel, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from trainer.metrics import (
     binary_metrics,
     calibration,
     expected_calibration_error,
+    finite,
     log_loss,
     precision_recall_f1,
 )
@@ -106,3 +107,10 @@ def test_prequential_state_round_trip(tmp_path) -> None:
     pm.update(more_y, more_p)
     other.update(more_y, more_p)
     assert other.snapshot() == pm.snapshot()
+
+
+def test_finite_is_true_for_finite_numbers_of_any_kind_only() -> None:
+    for v in (0, 1.5, True, np.float32(0.25), np.int64(3), torch.tensor(0.5)):
+        assert finite(v), v
+    for v in (None, "1.0", b"1", math.nan, math.inf, -math.inf, np.float32("nan"), torch.tensor([1.0, 2.0]), [1]):
+        assert not finite(v), v

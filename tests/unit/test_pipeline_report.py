@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from contract.records import UserHistory
-from harness.pipeline import SameRequests, fallback_hits, refusals_in_log, version_sizes
+from harness.pipeline_figures import fallback_hits, refusals_in_log, version_sizes
+from harness.pipeline_report import PipelineReport, SameRequests
 from serving.scoring import appended_items
 from trainer.model import ModelConfig, build_model
 from trainer.popularity import Popularity
@@ -35,7 +36,7 @@ def test_fallback_ranks_from_the_history_seen_before_each_request() -> None:
         (50, 2, {"a"}),  # before any click: all zero, ties to the smaller id -> a, b -> hit
         (400, 1, {"c"}),  # after u3's history: c still first
     ]
-    got = fallback_hits(requests, history, CATALOG, half_life_s=3600, history_len=50)
+    got = fallback_hits(requests, history, CATALOG, half_life_s=3600, history_length=50)
     assert got == [True, False, True, True]
 
 
@@ -49,7 +50,7 @@ def test_fallback_popularity_is_the_serving_agents() -> None:
     top = list(pop.vector(CATALOG)).index(max(pop.vector(CATALOG)))
     # one request after everything: the fallback's top-1 is the argmax of serving's popularity
     hits = fallback_hits([(10**6, 1, {CATALOG[top]})], [(i, r) for i, r in enumerate(recs)], CATALOG,
-                         half_life_s=60, history_len=50)
+                         half_life_s=60, history_length=50)
     assert hits == [True]
 
 
@@ -89,8 +90,6 @@ def test_bytes_per_version_kind(tmp_path: Path) -> None:
 
 
 def test_report_prints_the_same_request_comparison_bytes_and_refusals() -> None:
-    from harness.pipeline import PipelineReport
-
     report = PipelineReport(
         events={"items": 5, "impressions": 10, "clicks": 4}, labeled_positives=4, labeled_negatives=6,
         labeled_late=0, labeled_duplicates=0, labels_match_reference=True, reference_positives=4,

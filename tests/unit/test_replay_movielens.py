@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError
 
 from contract.errors import ConfigError, StreamrecError
 from contract.records import Click, Item
@@ -347,7 +348,7 @@ class FakeProducer:
             self.queue[len(self.queue) - keep :],
         )
         for msg, cb in ready:
-            cb("broker said no" if msg.topic() == self.fail_topic else None, msg)
+            cb(KafkaError(KafkaError._MSG_TIMED_OUT, "broker said no") if msg.topic() == self.fail_topic else None, msg)
         return len(ready)
 
     def poll(self, timeout: float) -> int:

@@ -1,4 +1,5 @@
-"""The pure parts of serving: top-k, popularity fallback, cold start, exploration, offsets."""
+"""The pure parts of serving: top-k, popularity fallback, cold start, exploration, offsets, state
+records, the request queue, and answers (the outbox and the score loop over a stand-in producer)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ from types import MappingProxyType
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contract.records import RecRequest
-from serving.agent import OffsetLedger
-from serving.loader import ServingModel
+from contract.errors import ConfigError, RecordError
+from contract.records import (
+    DeadLetter,
+    Item,
+    ModelUpdate,
+    Recommendation,
+    RecRequest,
+    ScoredItem,
+    UserHistory,
+)
+from infra.kafka import KafkaProducer
+from serving.answers import Outbox, ScoreLoop
+from serving.metrics import ServingMetrics
 from serving.scoring import (
     ExplorePolicy,
     Popularity,
@@ -25,7 +37,17 @@ from serving.scoring import (
     softmax_probs,
     top_k,
 )
-from serving.settings import FALLBACK_VERSION
+from serving.settings import FALLBACK_VERSION, check_renamed
+from serving.snapshot import ModelHolder, ServingModel
+from serving.state import (
+    CatalogState,
+    OffsetLedger,
+    Pending,
+    RequestQueue,
+    ServingTopics,
+    StateRecords,
+    UserState,
+)
 
 
 def brute_top_k(scores: list[float], ids: list[str], k: int) -> list[int]:
@@ -226,3 +248,168 @@ def test_offset_ledger_commits_only_a_finished_prefix() -> None:
     ledger.forget({2})
     ledger.done(2, 0)  # revoked meanwhile: ignored
     assert ledger.committable() == {}
+
+
+# --------------------------------------------------------------------------- state records and the queue
+class _Msg:
+    """A consumed message, as much of it as serving reads."""
+
+    def __init__(self, topic: str, key: bytes | None, value: bytes | None, partition: int = 0, offset: int = 0):
+        self._t, self._k, self._v, self._p, self._o = topic, key, value, partition, offset
+
+    def topic(self) -> str:
+        return self._t
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+
+TOPICS = ServingTopics(items="items", history="history", updates="updates", requests="requests",
+                       recommendations="recs", dead="dead")  # fmt: skip
+
+
+def test_state_records_apply_items_histories_tombstones_and_hand_back_model_updates() -> None:
+    catalog, pop = CatalogState(), Popularity(3600)
+    users = UserState(3, pop)
+    records = StateRecords(TOPICS, catalog, users)
+    for item in ("a", "b"):
+        assert records.apply(_Msg("items", item.encode(), Item(item_id=item, text=f"text {item}", ts=1).to_json())) is None
+    assert len(catalog) == 2 and set(catalog.take_changes()) == {"a", "b"}
+    records.apply(_Msg("history", b"u1", UserHistory(user_id="u1", items=["a", "b", "a", "b"], ts=5).to_json()))
+    assert users.history("u1") == ("b", "a", "b") and pop.clicks == 3  # the last history_length count
+    records.apply(_Msg("items", b"a", None))
+    records.apply(_Msg("history", b"u1", None))
+    assert len(catalog) == 1 and catalog.take_changes() == {"a": None} and users.history("u1") == ()
+    update = ModelUpdate(model="streamrec", version=3, kind="full", uri="file:///w/v3/manifest.json",
+                         sha256="0" * 64, created_ts=9, trained_examples=0, ts=9)  # fmt: skip
+    assert records.apply(_Msg("updates", b"streamrec", update.to_json())) == update
+    assert records.apply(_Msg("updates", b"streamrec", None)) is None
+    with pytest.raises(RecordError):
+        records.apply(_Msg("items", b"x", b"not json"))
+
+
+def test_request_queue_hands_out_micro_batches_and_drains_after_close() -> None:
+    queue = RequestQueue()
+    assert queue.take(10, wait_s=0.0) == []
+    queue.put([Pending(_req(f"r{i}", 1), 0.0, 0, i) for i in range(5)])
+    assert [p.offset for p in queue.take(3)] == [0, 1, 2] and len(queue) == 2
+    queue.close()
+    assert queue.closed and [p.offset for p in queue.take(3)] == [3, 4]
+
+
+# --------------------------------------------------------------------------- answers
+class _FakeProducer:
+    """A confluent-kafka Producer stand-in: refuses values over ``max_bytes`` at once, like the client;
+    delivers on poll/flush, with a broker error for values over ``broker_max_bytes``."""
+
+    def __init__(self, max_bytes: int = 10_000, broker_max_bytes: int | None = None, fail_with: int | None = None):
+        self.max_bytes, self.broker_max_bytes, self.fail_with = max_bytes, broker_max_bytes, fail_with
+        self.queued: list[tuple[str, bytes, object]] = []
+        self.delivered: list[tuple[str, bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, on_delivery: object = None) -> None:
+        if len(value) > self.max_bytes:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Message size too large"))
+        self.queued.append((topic, value, on_delivery))
+
+    def poll(self, timeout: float = 0.0) -> int:
+        served = 0
+        while self.queued:
+            topic, value, cb = self.queued.pop(0)
+            err = None
+            if self.broker_max_bytes is not None and len(value) > self.broker_max_bytes:
+                err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+            elif self.fail_with is not None and topic == TOPICS.recommendations:
+                err = KafkaError(self.fail_with, "delivery failed")
+            if err is None:
+                self.delivered.append((topic, value))
+            cb(err, None)  # type: ignore[operator]
+            served += 1
+        return served
+
+    def flush(self, timeout: float = 0.0) -> int:
+        self.poll()
+        return len(self.queued)
+
+
+def _outbox(fake: _FakeProducer) -> tuple[Outbox, OffsetLedger, ServingMetrics]:
+    ledger, metrics = OffsetLedger(), ServingMetrics()
+    return Outbox(KafkaProducer(fake), topics=TOPICS, ledger=ledger, metrics=metrics), ledger, metrics
+
+
+def _rec(p: Pending, n_items: int) -> Recommendation:
+    items = [ScoredItem(item_id=f"item-{i:05d}", score=1.0) for i in range(n_items)]
+    return Recommendation(request_id=p.request.request_id, user_id=p.request.user_id, items=items,
+                          model_version="1", ts=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["client", "broker"])
+def test_an_answer_too_large_to_deliver_is_dead_lettered_and_its_offset_done_after_the_letter(where: str) -> None:
+    fake = _FakeProducer(max_bytes=2_000) if where == "client" else _FakeProducer(10**9, broker_max_bytes=2_000)
+    outbox, ledger, metrics = _outbox(fake)
+    huge, small = Pending(_req("huge", 500), 0.0, 0, 7), Pending(_req("small", 2), 0.0, 0, 8)
+    ledger.track(0, 7)
+    ledger.track(0, 8)
+    assert outbox.answer(huge, _rec(huge, 500)) is (where == "broker")  # refused at once by the client
+    assert outbox.answer(small, _rec(small, 2))
+    outbox.poll()
+    outbox.close(1.0)
+    assert ledger.committable() == {0: 9} and ledger.in_flight() == 0
+    assert [t for t, _ in fake.delivered] == (["dead", "recs"] if where == "client" else ["recs", "dead"])
+    (letter,) = [DeadLetter.from_json(v) for t, v in fake.delivered if t == "dead"]
+    assert (letter.source_topic, letter.partition, letter.offset) == ("requests", 0, 7)
+    assert RecRequest.from_json(letter.raw()).request_id == "huge"
+    assert "recommendation not deliverable" in letter.error and "too large" in letter.error
+    assert metrics.value("dead_letters_total", {"reason": "answer_too_large"}) == 1
+    assert metrics.value("produce_errors_total") == 0
+
+
+def test_other_delivery_errors_are_counted_and_finish_the_request() -> None:
+    fake = _FakeProducer(fail_with=KafkaError._MSG_TIMED_OUT)
+    outbox, ledger, metrics = _outbox(fake)
+    p = Pending(_req("r", 2), 0.0, 1, 3)
+    ledger.track(1, 3)
+    assert outbox.answer(p, _rec(p, 2))
+    outbox.close(1.0)
+    assert ledger.committable() == {1: 4} and fake.delivered == []
+    assert metrics.value("produce_errors_total") == 1
+    assert metrics.value("dead_letters_total", {"reason": "answer_too_large"}) == 0
+
+
+def test_the_score_loop_answers_every_queued_request_and_counts_only_what_it_could_send() -> None:
+    ids = [f"film-{i:04d}-{'x' * 40}" for i in range(60)]
+    pop = Popularity(3600)
+    users = UserState(10, pop)
+    holder = ModelHolder(_fallback_sm(ids))
+    fake = _FakeProducer(max_bytes=3_000)
+    outbox, ledger, metrics = _outbox(fake)
+    queue = RequestQueue()
+    loop = ScoreLoop(queue=queue, holder=holder, users=users, scorer=Scorer(pop, fallback_version=FALLBACK_VERSION),
+                     outbox=outbox, metrics=metrics, max_batch=2)  # fmt: skip
+    pending = [Pending(_req("a", 3), 0.0, 0, 0), Pending(_req("huge", 60), 0.0, 0, 1), Pending(_req("b", 1), 0.0, 0, 2)]
+    for p in pending:
+        ledger.track(p.partition, p.offset)
+    queue.put(pending)
+    queue.close()
+    loop.run()  # returns: closed and drained
+    outbox.close(1.0)
+    answered = [Recommendation.from_json(v).request_id for t, v in fake.delivered if t == "recs"]
+    assert answered == ["a", "b"] and ledger.committable() == {0: 3}
+    assert metrics.value("requests_total", {"path": "fallback"}) == 2
+    assert metrics.value("dead_letters_total", {"reason": "answer_too_large"}) == 1
+    assert metrics.value("batch_size_count") == 2  # max_batch 2: two micro-batches
+
+
+def test_a_renamed_serving_setting_stops_the_agent_instead_of_being_ignored() -> None:
+    check_renamed({"STREAMREC_SERVING_HISTORY_LENGTH": "5"})
+    with pytest.raises(ConfigError, match="STREAMREC_SERVING_HISTORY_LENGTH"):
+        check_renamed({"STREAMREC_SERVING_HISTORY_LEN": "5"})

@@ -11,14 +11,19 @@ import pytest
 import torch
 
 from contract.errors import ConfigError
-from contract.settings import KafkaSettings
+from contract.settings import KafkaSettings, load
+from infra.kafka import KafkaProducer
 from tests.model_utils import perturb
 from trainer.checkpoint import Checkpoint, save_checkpoint
+from trainer.checkpointer import Checkpointer
+from trainer.configure import check_settings, learner_config_from, model_config_from
 from trainer.guardrail import Refusal, beats_fallback
 from trainer.metrics import auc, paired_auc
 from trainer.model import ModelConfig, RecModel, build_model
 from trainer.popularity import Popularity
-from trainer.service import TrainerMetrics, TrainerService
+from trainer.publisher import Publisher
+from trainer.service import TrainerService
+from trainer.service_metrics import TrainerMetrics
 from trainer.service_settings import TrainerSettings
 from trainer.weights import (
     WeightsError,
@@ -147,7 +152,7 @@ def test_a_fresh_trainer_starts_from_another_deployments_version(
     root, published = source
     service = TrainerService(_settings(tmp_path, init_from=str(root / "v000002")), KafkaSettings(),
                              metrics=TrainerMetrics())
-    with caplog.at_level("INFO", logger="trainer.service"):
+    with caplog.at_level("INFO", logger="trainer.configure"):
         service._build_learner(None)
     _assert_same(service.model, published)  # the delta chain 1 -> 2, resolved
     assert service.model.config.categories == ["a", "b"]  # the source's vocabulary
@@ -179,7 +184,7 @@ def test_a_checkpoint_wins_over_init_from(
     ))
     # no config check against the source: the checkpoint's model is what resumes
     service = TrainerService(settings, KafkaSettings(), metrics=TrainerMetrics())
-    with caplog.at_level("INFO", logger="trainer.service"):
+    with caplog.at_level("INFO", logger="trainer.configure"):
         service._build_learner(_ckpt(settings))
     assert "wins over STREAMREC_TRAINER_INIT_FROM" in caplog.text
     assert service.model.config.embed_dim == 64
@@ -214,3 +219,125 @@ def test_deltas_by_default_hold_what_changed_buffers_included(tmp_path: Path) ->
     rebuilt.register_buffer("running_centre", torch.zeros(4))
     store.load_into(rebuilt, 2)
     _assert_same(rebuilt, model)
+
+
+# --------------------------------------------------------------------------- settings -> configs
+def test_individual_model_and_learner_variables_override_the_json_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMREC_TRAINER_MODEL_OPTIONS", '{"embed_dim": 32, "max_history": 5}')
+    monkeypatch.setenv("STREAMREC_TRAINER_EMBED_DIM", "48")
+    monkeypatch.setenv("STREAMREC_TRAINER_HISTORY_LENGTH", "7")
+    monkeypatch.setenv("STREAMREC_TRAINER_LEARNER_OPTIONS", '{"lr_ids": 0.5, "lr_heads": 0.003}')
+    monkeypatch.setenv("STREAMREC_TRAINER_LR_IDS", "0.1")
+    monkeypatch.setenv("STREAMREC_TRAINER_UPDATES_PER_BATCH", "3")
+    monkeypatch.setenv("STREAMREC_TRAINER_REPLAY_SIZE", "0")
+    monkeypatch.setenv("STREAMREC_TRAINER_DISTILL_WEIGHT", "0.25")
+    monkeypatch.setenv("STREAMREC_TRAINER_LR_TOWERS", "0.001")
+    monkeypatch.setenv("STREAMREC_TRAINER_FREEZE_LAYERS", "1")
+    s = load(TrainerSettings, weights_root=str(tmp_path), device="cpu")
+    model = model_config_from(s, s.model_overrides())
+    assert (model.embed_dim, model.max_history, model.freeze_layers) == (48, 7, 1)
+    learner = learner_config_from(s)
+    assert (learner.lr_ids, learner.lr_heads, learner.updates_per_batch) == (0.1, 0.003, 3)
+    assert (learner.replay_size, learner.distill_weight, learner.lr_towers) == (0, 0.25, 0.001)
+    assert learner.dedup_window == 0  # the feed dedupes, not the learner
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"STREAMREC_TRAINER_EMBED_DIM": "2"}, "STREAMREC_TRAINER_EMBED_DIM"),
+        ({"STREAMREC_TRAINER_MODEL_OPTIONS": '{"embed_dim": 2}'}, "STREAMREC_TRAINER_MODEL_OPTIONS"),
+        ({"STREAMREC_TRAINER_HISTORY_LENGTH": "-1"}, "STREAMREC_TRAINER_HISTORY_LENGTH"),
+        ({"STREAMREC_TRAINER_LR_IDS": "-1"}, "STREAMREC_TRAINER_LR_IDS"),
+        ({"STREAMREC_TRAINER_UPDATES_PER_BATCH": "0"}, "STREAMREC_TRAINER_UPDATES_PER_BATCH"),
+        ({"STREAMREC_TRAINER_REPLAY_SIZE": "lots"}, "STREAMREC_TRAINER_REPLAY_SIZE"),
+        ({"STREAMREC_TRAINER_LEARNER_OPTIONS": '{"lr_ids": -1}'}, "STREAMREC_TRAINER_LEARNER_OPTIONS"),
+        ({"STREAMREC_TRAINER_LEARNER_OPTIONS": '{"dedup_window": 10}'}, "STREAMREC_TRAINER_LEARNER_OPTIONS"),
+        ({"STREAMREC_TRAINER_LEARNER_OPTIONS": '{"nope": 1}'}, "STREAMREC_TRAINER_LEARNER_OPTIONS"),
+    ],
+)
+def test_an_invalid_model_or_learner_value_names_its_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], setting: str
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as info:
+        s = load(TrainerSettings, weights_root=str(tmp_path), device="cpu")
+        check_settings(s)
+    assert info.value.setting == setting
+
+
+def test_the_idle_checkpoint_has_its_own_interval(tmp_path: Path) -> None:
+    s = _settings(tmp_path, publish_every_s=1000.0, checkpoint_every_s=2.0, checkpoint_every_steps=3)
+    cp = Checkpointer(s)
+    t0 = cp.last
+    assert cp.due(t0 + 1.0, {0: 5}, idle=True) is None
+    assert cp.due(t0 + 2.0, {0: 5}, idle=False) is None  # something queued: the next step will cover it
+    assert cp.due(t0 + 2.0, {0: 5}, idle=True) == "idle"  # not publish_every_s
+    assert cp.due(t0 + 2.0, {}, idle=True) is None  # the offsets did not move
+    cp.stepped()  # a step whose version the guardrail refused: no publish wrote a checkpoint
+    assert cp.due(t0 + 2.0, {0: 9}, idle=True) == "idle"  # so idle time still saves its progress
+    for _ in range(2):
+        cp.stepped()
+    assert cp.due(t0, {}, idle=False) == "3 steps"
+
+
+# --------------------------------------------------------------------------- announcing
+class _FlakyProducer:
+    """A confluent-kafka producer stand-in whose flush leaves records undelivered while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.sent: list[tuple[str, bytes]] = []
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **_kw: object) -> None:
+        self.sent.append((topic, key or b""))
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0.0) -> int:
+        return 1 if self.down else 0
+
+
+def test_a_failed_announcement_is_counted_and_sent_again_at_the_next_attempt(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, publish_kind="full", keep_versions=0)
+    store = WeightStore(settings.weights_root)
+    metrics = TrainerMetrics()
+    flaky = _FlakyProducer()
+    publisher = Publisher(settings, store, KafkaProducer(flaky), "model-updates", metrics)
+    publisher.restore(None)
+    model = build_model(ModelConfig(**TINY))
+    update = publisher.publish(model, metrics={}, trained_examples=1, source_offsets={})
+    assert update is not None and update.version == 1 and store.versions() == [1]  # in the store anyway
+    sample = metrics.registry.get_sample_value
+    assert sample("streamrec_trainer_announce_failures_total") == 1
+    assert sample("streamrec_trainer_unannounced_version") == 1
+    assert publisher.pending == update and metrics.counts["announce_failures"] == 1
+    publisher.retry_pending()  # still down: counted again, still pending
+    assert sample("streamrec_trainer_announce_failures_total") == 2 and publisher.pending == update
+    flaky.down = False
+    publisher.retry_pending()
+    assert publisher.pending is None and sample("streamrec_trainer_unannounced_version") == 0
+    assert [t for t, _ in flaky.sent] == ["model-updates"] * 3
+
+
+def test_a_store_failure_is_counted_by_a_stable_reason(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, publish_kind="full")
+    store = WeightStore(settings.weights_root)
+    metrics = TrainerMetrics()
+    publisher = Publisher(settings, store, KafkaProducer(_FlakyProducer()), "model-updates", metrics)
+    model = build_model(ModelConfig(**TINY))
+    store.publish(model, version=1)
+    store.publish(model, version=2)
+    publisher.next_version = 1  # another writer took 1 and 2: the next free number is used
+    update = publisher.publish(model, metrics={}, trained_examples=0, source_offsets={})
+    assert update is not None and update.version == 3
+    (Path(store.path) / "v000004").write_text("a file where the version directory goes")
+    assert publisher.publish(model, metrics={}, trained_examples=0, source_offsets={}) is None
+    sample = metrics.registry.get_sample_value
+    failures = {r: sample("streamrec_trainer_publish_failures_total", {"reason": r})
+                for r in ("exists", "io", "invalid")}
+    assert sum(failures.values()) == 1, failures

@@ -11,7 +11,14 @@ import torch
 from contract.records import ModelUpdate
 from tests.model_utils import perturb
 from trainer.model import ModelConfig, RecModel, build_model
-from trainer.weights import MANIFEST_FILE, WEIGHTS_FILE, WeightsError, WeightStore, version_dir
+from trainer.weights import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    WeightsError,
+    WeightsReason,
+    WeightStore,
+    version_dir,
+)
 
 TEXTS = ["a quiet drama about a lighthouse", "space opera with robots", "a cooking show", "jazz documentary"]
 
@@ -175,3 +182,36 @@ def test_fsspec_memory_store_and_prune(trained: RecModel) -> None:
         _assert_same(WeightStore("memory://streamrec-test-weights").load(4), trained)
     finally:
         store.fs.rm(store.path, recursive=True)
+
+
+def test_every_refusal_carries_a_stable_reason_code(tmp_path: Path, trained: RecModel) -> None:
+    """A metric label or a retry decision reads ``exc.reason``, never the wording of the message."""
+    store = WeightStore(tmp_path)
+    update = store.publish(trained, version=1)
+    path = tmp_path / version_dir(1) / WEIGHTS_FILE
+    good = path.read_bytes()
+
+    def reason(call) -> WeightsReason:
+        with pytest.raises(WeightsError) as info:
+            call()
+        return info.value.reason
+
+    flipped = bytearray(good)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    assert reason(lambda: store.load(1)) is WeightsReason.CHECKSUM
+    path.write_bytes(good[:1000])
+    assert reason(lambda: store.load(1)) is WeightsReason.TRUNCATED
+    path.write_bytes(good + b"extra")
+    assert reason(lambda: store.load(1)) is WeightsReason.SIZE
+    path.unlink()
+    assert reason(lambda: store.load(1)) is WeightsReason.MISSING
+    path.write_bytes(good)
+    assert reason(lambda: store.load(update.model_copy(update={"sha256": "0" * 64}))) is WeightsReason.CHECKSUM
+    assert reason(lambda: store.publish(trained, version=1)) is WeightsReason.EXISTS
+    assert reason(lambda: store.manifest(7)) is WeightsReason.MISSING
+    other = build_model(_config(embed_dim=16))
+    assert reason(lambda: store.load_into(other, 1)) is WeightsReason.MISMATCH
+    assert reason(lambda: store.publish(other, version=2, kind="delta", base_version=1)) is WeightsReason.CONFIG
+    assert reason(lambda: store.prune(0)) is WeightsReason.INVALID
+    assert WeightsError("anything").reason is WeightsReason.INVALID  # the default
