@@ -59,14 +59,21 @@ class ServingModel:
 
 def fallback_snapshot(version: str, entries: Sequence[tuple[str, CatalogEntry]]) -> ServingModel:
     """A model-less snapshot that lists the catalog (for the popularity fallback)."""
+    return _snapshot(version, None, None, entries, None)
+
+
+def _snapshot(
+    version: str, number: int | None, model: RecModel | None,
+    entries: Sequence[tuple[str, CatalogEntry]], vecs: torch.Tensor | None,
+) -> ServingModel:
     ids = tuple(i for i, _ in entries)
     return ServingModel(
         version=version,
-        number=None,
-        model=None,
+        number=number,
+        model=model,
         item_ids=ids,
         index={i: r for r, i in enumerate(ids)},
-        item_vecs=None,
+        item_vecs=vecs,
         text_hashes=tuple(e.text_hash for _, e in entries),
     )
 
@@ -104,16 +111,8 @@ def encode_entries(
 def model_snapshot(
     number: int, model: RecModel, entries: Sequence[tuple[str, CatalogEntry]], vecs: torch.Tensor
 ) -> ServingModel:
-    ids = tuple(i for i, _ in entries)
-    return ServingModel(
-        version=str(number),
-        number=number,
-        model=model,
-        item_ids=ids,
-        index={i: r for r, i in enumerate(ids)},
-        item_vecs=vecs,
-        text_hashes=tuple(e.text_hash for _, e in entries),
-    )
+    """The snapshot of version ``number``: its model and the catalog's item vectors ``vecs``."""
+    return _snapshot(str(number), number, model, entries, vecs)
 
 
 def apply_item_changes(

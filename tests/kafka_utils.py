@@ -183,3 +183,31 @@ def murmur2(data: bytes) -> int:
 def java_partition(key: bytes, partitions: int) -> int:
     """The partition the Java client's default partitioner (and Faust's) picks for a non-null key."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+class FakeMessage:
+    """A consumed confluent-kafka message, as much of it as the services read (for unit tests of pure logic)."""
+
+    def __init__(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int = 0, offset: int = 0
+    ) -> None:
+        self._t, self._k, self._v, self._p, self._o = topic, key, value, partition, offset
+
+    def topic(self) -> str:
+        return self._t
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def error(self) -> None:
+        return None
+

@@ -48,6 +48,7 @@ from serving.state import (
     StateRecords,
     UserState,
 )
+from tests.kafka_utils import FakeMessage
 
 
 def brute_top_k(scores: list[float], ids: list[str], k: int) -> list[int]:
@@ -251,28 +252,6 @@ def test_offset_ledger_commits_only_a_finished_prefix() -> None:
 
 
 # --------------------------------------------------------------------------- state records and the queue
-class _Msg:
-    """A consumed message, as much of it as serving reads."""
-
-    def __init__(self, topic: str, key: bytes | None, value: bytes | None, partition: int = 0, offset: int = 0):
-        self._t, self._k, self._v, self._p, self._o = topic, key, value, partition, offset
-
-    def topic(self) -> str:
-        return self._t
-
-    def key(self) -> bytes | None:
-        return self._k
-
-    def value(self) -> bytes | None:
-        return self._v
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-
 TOPICS = ServingTopics(items="items", history="history", updates="updates", requests="requests",
                        recommendations="recs", dead="dead")  # fmt: skip
 
@@ -282,19 +261,19 @@ def test_state_records_apply_items_histories_tombstones_and_hand_back_model_upda
     users = UserState(3, pop)
     records = StateRecords(TOPICS, catalog, users)
     for item in ("a", "b"):
-        assert records.apply(_Msg("items", item.encode(), Item(item_id=item, text=f"text {item}", ts=1).to_json())) is None
+        assert records.apply(FakeMessage("items", item.encode(), Item(item_id=item, text=f"text {item}", ts=1).to_json())) is None
     assert len(catalog) == 2 and set(catalog.take_changes()) == {"a", "b"}
-    records.apply(_Msg("history", b"u1", UserHistory(user_id="u1", items=["a", "b", "a", "b"], ts=5).to_json()))
+    records.apply(FakeMessage("history", b"u1", UserHistory(user_id="u1", items=["a", "b", "a", "b"], ts=5).to_json()))
     assert users.history("u1") == ("b", "a", "b") and pop.clicks == 3  # the last history_length count
-    records.apply(_Msg("items", b"a", None))
-    records.apply(_Msg("history", b"u1", None))
+    records.apply(FakeMessage("items", b"a", None))
+    records.apply(FakeMessage("history", b"u1", None))
     assert len(catalog) == 1 and catalog.take_changes() == {"a": None} and users.history("u1") == ()
     update = ModelUpdate(model="streamrec", version=3, kind="full", uri="file:///w/v3/manifest.json",
                          sha256="0" * 64, created_ts=9, trained_examples=0, ts=9)  # fmt: skip
-    assert records.apply(_Msg("updates", b"streamrec", update.to_json())) == update
-    assert records.apply(_Msg("updates", b"streamrec", None)) is None
+    assert records.apply(FakeMessage("updates", b"streamrec", update.to_json())) == update
+    assert records.apply(FakeMessage("updates", b"streamrec", None)) is None
     with pytest.raises(RecordError):
-        records.apply(_Msg("items", b"x", b"not json"))
+        records.apply(FakeMessage("items", b"x", b"not json"))
 
 
 def test_request_queue_hands_out_micro_batches_and_drains_after_close() -> None:

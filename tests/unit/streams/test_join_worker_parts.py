@@ -20,25 +20,9 @@ from streams.join_settings import JoinSettings, load_worker_settings
 from streams.metrics import JoinMetrics
 from streams.restore import changelog_records, drop_partition, restore_core, state_key
 from streams.worker import main as worker_main
+from tests.kafka_utils import FakeMessage
 
 SETTINGS = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="p-")
-
-
-class FakeMessage:
-    def __init__(self, topic: str, key: bytes | None, value: bytes | None, partition: int) -> None:
-        self._t, self._k, self._v, self._p = topic, key, value, partition
-
-    def topic(self) -> str:
-        return self._t
-
-    def key(self) -> bytes | None:
-        return self._k
-
-    def value(self) -> bytes | None:
-        return self._v
-
-    def partition(self) -> int:
-        return self._p
 
 
 class FakeClient:
