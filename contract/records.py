@@ -32,7 +32,13 @@ SCHEMA_VERSION = 1
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
-Id = Field(min_length=1, max_length=512)
+MAX_ID = 512
+"""Characters of any id (user, item, impression, request)."""
+Id = Field(min_length=1, max_length=MAX_ID)
+ImpressionId = Field(min_length=1, max_length=MAX_ID, pattern=r"^[^:]+$")
+"""An impression id has no ':', so that ``example_id = impression_id + ':' + item_id`` is unambiguous
+(``"a:b" + "c"`` and ``"a" + "b:c"`` cannot both exist) and splits back at its first ':'."""
+ExampleId = Field(min_length=3, max_length=2 * MAX_ID + 1)
 EpochMs = Field(ge=0, le=2**53)
 
 
@@ -134,7 +140,7 @@ class Impression(Record):
     TOPIC: ClassVar[str] = "impressions"
     KEY_FIELD: ClassVar[str] = "user_id"
 
-    impression_id: str = Id
+    impression_id: str = ImpressionId
     user_id: str = Id
     items: list[str] = Field(min_length=1, max_length=1000)
     context: dict[str, Any] | None = None
@@ -143,8 +149,7 @@ class Impression(Record):
     @field_validator("items")
     @classmethod
     def _items_unique(cls, v: list[str]) -> list[str]:
-        if any(not i for i in v):
-            raise ValueError("item_ids must be non-empty strings")
+        _check_ids(v, "a slate")
         return _unique(v, "a slate")  # type: ignore[return-value]
 
     @model_validator(mode="after")
@@ -166,7 +171,7 @@ class Click(Record):
     TOPIC: ClassVar[str] = "clicks"
     KEY_FIELD: ClassVar[str] = "user_id"
 
-    impression_id: str = Id
+    impression_id: str = ImpressionId
     user_id: str = Id
     item_id: str = Id
     value: float | None = None
@@ -183,14 +188,14 @@ class Labeled(Record):
     TOPIC: ClassVar[str] = "labeled"
     KEY_FIELD: ClassVar[str] = "user_id"
 
-    example_id: str = Id
-    impression_id: str = Id
+    example_id: str = ExampleId
+    impression_id: str = ImpressionId
     user_id: str = Id
     item_id: str = Id
     position: int = Field(ge=0)
     label: Literal[0, 1]
     value: float | None = None
-    history: list[str] = Field(default_factory=list)
+    history: list[str] = Field(default_factory=list, max_length=10_000)
     impression_ts: int = EpochMs
     label_ts: int = EpochMs
     late: bool = False
@@ -200,6 +205,11 @@ class Labeled(Record):
     def _value_finite(cls, v: float | None) -> float | None:
         return _finite(v)
 
+    @field_validator("history")
+    @classmethod
+    def _history_ids(cls, v: list[str]) -> list[str]:
+        return _check_ids(v, "history")
+
     @model_validator(mode="after")
     def _example_id_matches(self) -> Labeled:
         if self.example_id != example_id(self.impression_id, self.item_id):
@@ -208,8 +218,16 @@ class Labeled(Record):
 
 
 def example_id(impression_id: str, item_id: str) -> str:
-    """The idempotency key of a labeled example (DESIGN.md)."""
+    """The idempotency key of a labeled example (DESIGN.md §2): unambiguous, as impression ids have no ':'."""
     return f"{impression_id}:{item_id}"
+
+
+def _check_ids(ids: list[str], what: str) -> list[str]:
+    """Every id of a list is a non-empty string of at most :data:`MAX_ID` characters."""
+    for i in ids:
+        if not i or len(i) > MAX_ID:
+            raise ValueError(f"ids in {what} must be 1..{MAX_ID} characters, got {len(i)}")
+    return ids
 
 
 class UserHistory(Record):
@@ -220,6 +238,11 @@ class UserHistory(Record):
 
     user_id: str = Id
     items: list[str] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("items")
+    @classmethod
+    def _item_ids(cls, v: list[str]) -> list[str]:
+        return _check_ids(v, "a history")
 
 
 class RecRequest(Record):
@@ -236,6 +259,8 @@ class RecRequest(Record):
     @field_validator("candidates")
     @classmethod
     def _candidates_unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            _check_ids(v, "candidates")
         return _unique(v, "candidates")
 
 

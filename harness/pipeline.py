@@ -254,20 +254,26 @@ def _wait_trainer(
     return False
 
 
+SERVE_WAIT_S = 30.0
+"""How long the run waits for the newest announced version to answer a request (the requester keeps going)."""
+
+
 def _wait_answers(
     group: ServiceGroup, collector: TopicCollector, topics: Mapping[str, str], requester: Requester
 ) -> None:
     """3. the newest version has answered requests (the requester keeps going meanwhile); then the last ones."""
-    ups = [ModelUpdate.from_json(m.value) for m in collector.snapshot(topics["model-updates"])]
-    if ups:
-        newest = str(ups[-1].version)
-        serve_deadline = time.monotonic() + 30
-        while time.monotonic() < serve_deadline:
-            group.check()
+    # the newest announced version as it is when the loop looks: an announcement may still be on its
+    # way (the trainer checkpoints before it announces); with none within the deadline, none is waited for
+    serve_deadline = time.monotonic() + SERVE_WAIT_S
+    while time.monotonic() < serve_deadline:
+        group.check()
+        ups = [ModelUpdate.from_json(m.value) for m in collector.snapshot(topics["model-updates"])]
+        if ups:
+            newest = str(max(u.version for u in ups))
             recs = collector.snapshot(topics["recommendations"])
             if any(Recommendation.from_json(m.value).model_version == newest for m in recs):
                 break
-            time.sleep(0.5)
+        time.sleep(0.5)
     requester.stop()
     # let the last requests be answered before the services stop
     answered_deadline = time.monotonic() + 30

@@ -88,7 +88,7 @@ class ServingAgent:
         self.device = check_runtime(settings)
         self.metrics = metrics or ServingMetrics()
         self.topics = ServingTopics.of(kafka)
-        self.store = WeightStore(s.weights_root)
+        self.store = WeightStore(s.weights_root, signing_key=s.signing_key)
         self.catalog = CatalogState()
         self.popularity = Popularity(s.popularity_half_life_s)
         self.users = UserState(s.history_length, self.popularity)

@@ -9,8 +9,17 @@ is too large (a huge ``k``: rejected by the client at once, or by the broker
 in its delivery report) does not stop the agent: the request is
 dead-lettered with the reason (``dead_letters_total{reason="answer_too_large"}``)
 and its offset is done once that dead letter is delivered.  Any other
-delivery error is logged and counted (``produce_errors_total``) and the
-request is done (as before: the answer is lost, the agent goes on).
+delivery error (the broker unreachable for longer than ``message.timeout.ms``,
+an ACL refusal, ...) is logged and counted (``produce_errors_total``) and the
+record is **sent again** after ``retry_backoff_s``; its request is *not* done
+meanwhile, so the ledger holds that partition's committable offset at it (no
+later offset is committed past an unanswered request).  The same holds for the
+dead letter of a request.  The retries end when the record is delivered, when
+the request's partition is no longer owned (revoked or lost: the next owner
+answers it again, since its offset was never committed), or when the agent
+stops (:meth:`Outbox.close`: the offset stays uncommitted and the request is
+answered after the restart).  So a request is answered at least once, or its
+offset is not committed: the at-least-once of DESIGN §6.
 
 :class:`ScoreLoop` takes everything queued (up to ``max_batch``: a micro-batch
 is whatever arrived while the previous one was scored, so a lone request
@@ -21,14 +30,16 @@ waits for nobody), reads the live snapshot once, scores the batch with
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError
 
 from contract.records import DeadLetter, Recommendation
-from infra.kafka import Barrier, DeliveryCallback, KafkaProducer, dead_letter, dead_letter_of
+from infra.kafka import Barrier, KafkaProducer, dead_letter, dead_letter_of
 from serving.metrics import ServingMetrics
 from serving.scoring import Query, Scored, Scorer
 from serving.snapshot import ModelHolder
@@ -47,13 +58,23 @@ class Outbox:
     """Recommendations and dead letters, produced with the project's error policy (module doc)."""
 
     def __init__(
-        self, producer: KafkaProducer, *, topics: ServingTopics, ledger: OffsetLedger, metrics: ServingMetrics
+        self,
+        producer: KafkaProducer,
+        *,
+        topics: ServingTopics,
+        ledger: OffsetLedger,
+        metrics: ServingMetrics,
+        retry_backoff_s: float = 1.0,
     ) -> None:
         self.producer = producer
         self.topics = topics
         self.ledger = ledger
         self.metrics = metrics
+        self.retry_backoff_s = retry_backoff_s
         self._too_large: deque[tuple[Pending, str]] = deque()  # answers the broker refused as too large
+        self._retries: list[tuple[float, int, int, Callable[[], None]]] = []  # (due, partition, offset, resend)
+        self._retry_lock = threading.Lock()
+        self.retried = 0
 
     # --- answers -------------------------------------------------------------------------------
     def answer(self, p: Pending, rec: Recommendation) -> bool:
@@ -69,6 +90,8 @@ class Outbox:
                 return
             if err is not None:
                 self._failed(topic, p, err)
+                self._retry(p.partition, p.offset, lambda: self.answer(p, rec))
+                return
             self.ledger.done(p.partition, p.offset)
 
         failure = self.producer.send(topic, rec.to_json(), rec.kafka_key(), on_delivery=delivered)
@@ -90,35 +113,55 @@ class Outbox:
             source_topic=self.topics.requests, partition=p.partition, offset=p.offset,
             key=p.request.kafka_key(), value=p.request.to_json(), error=error, ts=now_ms(),
         )  # fmt: skip
-        self._send_dead_letter(dl, reason, self._tracking(p.partition, p.offset))
+        self.metrics.dead_letters.labels(reason=reason).inc()
+        self._send_dead_letter(dl, (p.partition, p.offset))
 
     def dead_letter_input(self, msg: Any, error: BaseException | str, reason: str, *, tracked: bool) -> None:
         """Dead-letter a consumed message; ``tracked`` for a ``rec-requests`` one (drives the ledger)."""
         dl = dead_letter_of(msg, error, ts=now_ms())
-        self._send_dead_letter(dl, reason, self._tracking(msg.partition(), msg.offset()) if tracked else None)
-
-    def _send_dead_letter(self, dl: DeadLetter, reason: str, tracking: DeliveryCallback | None) -> None:
         self.metrics.dead_letters.labels(reason=reason).inc()
+        self._send_dead_letter(dl, (msg.partition(), msg.offset()) if tracked else None)
+
+    def _send_dead_letter(self, dl: DeadLetter, tracked: tuple[int, int] | None) -> None:
+        """Send ``dl``; a ``tracked`` one (a request's partition and offset) is retried until delivered."""
         topic = self.topics.dead
 
-        def delivered(err: KafkaError | None, msg: Any) -> None:
+        def failed(err: object) -> None:
+            log.error("could not deliver a dead letter of %s[%d]@%d: %s", dl.source_topic, dl.partition, dl.offset, err)
+            self.metrics.produce_errors.inc()
+            if tracked is not None:
+                self._retry(*tracked, lambda: self._send_dead_letter(dl, tracked))
+
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
-                log.error("could not deliver a dead letter of %s[%d]@%d: %s", dl.source_topic, dl.partition, dl.offset, err)
-                self.metrics.produce_errors.inc()
-            if tracking is not None:
-                tracking(None, msg)
+                failed(err)
+            elif tracked is not None:
+                self.ledger.done(*tracked)
 
         failure = self.producer.send(topic, dl.to_json(), dl.kafka_key(), on_delivery=delivered)
         if failure is not None:  # a dead letter is small (raw value truncated): should not happen
-            self.metrics.produce_errors.inc()
-            if tracking is not None:
-                tracking(None, None)
+            failed(failure.error)
 
-    def _tracking(self, partition: int, offset: int) -> DeliveryCallback:
-        def done(_err: KafkaError | None, _msg: Any) -> None:
-            self.ledger.done(partition, offset)
+    def _retry(self, partition: int, offset: int, resend: Callable[[], None]) -> None:
+        """Send again after the backoff (by a later poll or flush, never inside a delivery report)."""
+        with self._retry_lock:
+            self._retries.append((time.monotonic() + self.retry_backoff_s, partition, offset, resend))
 
-        return done
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        with self._retry_lock:
+            due = [r for r in self._retries if r[0] <= now]
+            self._retries = [r for r in self._retries if r[0] > now]
+        for _due, partition, offset, resend in due:
+            if self.ledger.pending(partition, offset):  # not revoked, lost or answered meanwhile
+                self.retried += 1
+                resend()
+
+    @property
+    def retrying(self) -> int:
+        """Records waiting to be sent again (their requests are not done)."""
+        with self._retry_lock:
+            return len(self._retries)
 
     def _failed(self, topic: str, p: Pending, err: KafkaError) -> None:
         log.error("could not deliver to %s (input %d@%d): %s", topic, p.partition, p.offset, err)
@@ -141,13 +184,17 @@ class Outbox:
         deadline = time.monotonic() + timeout
         while True:
             left = self.flush(max(deadline - time.monotonic(), 0.0)).undelivered
-            if (not left and not self._too_large) or time.monotonic() >= deadline:
+            if (not left and not self._too_large and not self.retrying) or time.monotonic() >= deadline:
                 break
-        if left:
-            log.warning("closing: %d record(s) not acknowledged within %.0f s", left, timeout)
+            if not left and not self._too_large:  # only retries wait for their backoff
+                time.sleep(min(0.05, max(deadline - time.monotonic(), 0.0)))
+        if left or self.retrying:
+            log.warning("closing: %d record(s) not acknowledged and %d awaiting a retry after %.0f s "
+                        "(their requests stay uncommitted)", left, self.retrying, timeout)  # fmt: skip
 
     def _after_reports(self) -> None:
         self.producer.take_failures()  # each was handled by its delivery report or at send
+        self._resend_due()
         while True:
             try:  # the scorer and a rebalance callback may both serve reports
                 p, error = self._too_large.popleft()

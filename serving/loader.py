@@ -7,8 +7,15 @@
   :meth:`trainer.weights.WeightStore.load` (full, or delta applied to its base
   chain; sha256 and size verified, the model rebuilt from the manifest's
   config), computes the vectors of the whole catalog with the new item tower,
-  checks they are finite, and swaps.  A version that fails any step is
-  *refused*: the reason is logged and counted
+  checks they are finite, and swaps.  Only the agent's own store is trusted:
+  an announcement whose ``uri`` is not that store's manifest of its version
+  (another scheme or root, ``..``, a symlink out) is refused as ``foreign``
+  before anything is read, reads are size-capped (``size``), the manifest's
+  config is bound-checked (``config``) and its encoder must be the offline
+  default or a local folder in the store or cache (``foreign``); with a
+  signing key (``STREAMREC_SERVING_SIGNING_KEY``) an unsigned or wrongly
+  signed manifest is refused (``signature``).  A version that fails any step
+  is *refused*: the reason is logged and counted
   (``refused_versions_total{reason}``) and the old snapshot keeps serving;
 * on catalog changes (new items, changed texts, tombstones): computes the
   vectors of just those items with the live model, in batches, and swaps in

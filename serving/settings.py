@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.errors import ConfigError
@@ -46,6 +46,11 @@ class ServingSettings(BaseSettings):
         default_factory=_default_weights_root,
         description="Weight store root (directory or fsspec URL), searched at start-up for the "
         "newest valid version when model-updates announces none that loads.",
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Shared secret of the trainer's STREAMREC_TRAINER_SIGNING_KEY: when set, a version "
+        "whose manifest signature (HMAC-SHA256) is missing or wrong is refused (unset = not checked).",
     )
     group_id: str = Field(
         default="streamrec-serving", min_length=1,

@@ -273,6 +273,12 @@ class OffsetLedger:
                 self._next[partition] = advanced + 1
                 self._dirty.add(partition)
 
+    def pending(self, partition: int, offset: int) -> bool:
+        """Whether ``offset`` is tracked and not done yet (False once its partition is forgotten)."""
+        with self._lock:
+            order = self._order.get(partition)
+            return order is not None and offset not in self._done[partition] and offset in order
+
     def committable(self) -> dict[int, int]:
         """Partitions whose committable offset advanced since the last call, with that offset."""
         with self._lock:

@@ -9,6 +9,11 @@ published, held-back examples...).
 It is written atomically (``torch.save`` to a temporary file in the same
 directory, fsync, ``os.replace``, fsync of the directory): after a crash the
 file on disk is either the previous checkpoint or the new one, never a mix.
+The previous checkpoint is kept as ``checkpoint.prev.pt`` (renamed just before
+the write; renamed back when the write fails), and :func:`load_checkpoint`
+falls back to it when the newest one is missing (a crash mid-write) or
+corrupt (a truncated file, a bad disk block): the trainer then resumes one
+checkpoint earlier and redoes the work after it, instead of not starting.
 Loading rebuilds nothing by itself; it checks that the checkpoint's model
 config equals the one the trainer is configured with and refuses a mismatch
 with an error naming the differing fields.
@@ -35,10 +40,15 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_FILE = "checkpoint.prev.pt"
 
 
 class CheckpointError(StreamrecError):
     """A checkpoint that cannot be written, read, or does not fit this trainer."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be decoded (truncated, garbled, not a checkpoint)."""
 
 
 @dataclass
@@ -77,11 +87,19 @@ def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
 def save_checkpoint(directory: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``<directory>/checkpoint.pt``; return the path."""
     path = checkpoint_path(directory)
+    previous = Path(directory) / PREVIOUS_FILE
     started = time.perf_counter()
+    kept = False
+    if path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, previous)  # the newest becomes the previous one
+        kept = True
     try:
         with atomic_open(path, mode=0o600) as f:
             torch.save(ckpt.to_dict(), f)
     except Exception as exc:  # disk full, an unpicklable value...: the old checkpoint stays
+        if kept and not path.exists():
+            os.replace(previous, path)
         raise CheckpointError(f"cannot write checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     log.debug("checkpoint written to %s in %.2fs", path, time.perf_counter() - started)
     return path
@@ -104,12 +122,30 @@ def load_checkpoint(
     *,
     expected_model_config: dict[str, Any] | None = None,
 ) -> Checkpoint | None:
-    """Read ``<directory>/checkpoint.pt`` (None when there is none).
+    """Read ``<directory>/checkpoint.pt``, or the previous one when it is missing or corrupt
+    (None when there is neither).
 
     Raises :class:`CheckpointError` when the file is unreadable, of a newer
-    format, or (given ``expected_model_config``) written for another model.
+    format, or (given ``expected_model_config``) written for another model,
+    and :class:`CorruptCheckpointError` when both files are corrupt.
     """
-    path = checkpoint_path(directory)
+    path, previous = checkpoint_path(directory), Path(directory) / PREVIOUS_FILE
+    try:
+        ckpt = _read(path)
+    except CorruptCheckpointError as exc:
+        if not previous.exists():
+            raise
+        log.error("%s; resuming from the previous checkpoint %s", exc, previous)
+        ckpt = _read(previous)
+    if ckpt is None and previous.exists():
+        log.warning("no checkpoint %s (a write was interrupted): resuming from %s", path, previous)
+        ckpt = _read(previous)
+    if ckpt is not None and expected_model_config is not None:
+        check_model_config(ckpt.model_config, expected_model_config, where=str(path))
+    return ckpt
+
+
+def _read(path: Path) -> Checkpoint | None:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -119,9 +155,9 @@ def load_checkpoint(
     try:
         doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: {exc}") from exc
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: {exc}") from exc
     if not isinstance(doc, dict) or "format_version" not in doc:
-        raise CheckpointError(f"checkpoint {path} is not a streamrec trainer checkpoint")
+        raise CorruptCheckpointError(f"checkpoint {path} is not a streamrec trainer checkpoint")
     if int(doc["format_version"]) > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format {doc['format_version']}, newer than this trainer ({FORMAT_VERSION})"
@@ -139,9 +175,7 @@ def load_checkpoint(
             format_version=int(doc["format_version"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {exc}") from exc
-    if expected_model_config is not None:
-        check_model_config(ckpt.model_config, expected_model_config, where=str(path))
+        raise CorruptCheckpointError(f"checkpoint {path} is incomplete: {exc}") from exc
     return ckpt
 
 

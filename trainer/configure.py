@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from contract.errors import ConfigError
 from trainer.catalog import Catalog
-from trainer.checkpoint import Checkpoint, check_model_config, checkpoint_path
+from trainer.checkpoint import PREVIOUS_FILE, Checkpoint, check_model_config, checkpoint_path
 from trainer.device import DeviceError, resolve_device
 from trainer.learner import ContinualLearner, LearnerConfig, LearnerError
 from trainer.model import ModelError, build_model
@@ -90,7 +91,7 @@ def check_init_from(settings: TrainerSettings) -> InitSource | None:
         man = store.manifest(version)
     except (WeightsError, OSError) as exc:
         raise ConfigError(INIT_FROM, str(exc)) from exc
-    if checkpoint_path(settings.checkpoint_dir).exists():
+    if checkpoint_path(settings.checkpoint_dir).exists() or (Path(settings.checkpoint_dir) / PREVIOUS_FILE).exists():
         return InitSource(store, version)  # the checkpoint wins (logged at start); nothing to match
     expected = init_config(settings, man.model_config).model_dump(mode="json")
     try:

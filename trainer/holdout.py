@@ -133,6 +133,9 @@ class Holdout:
             live_probs, live_kept = learner.predict(new, self.live_model)
             for i, p in zip(live_kept, live_probs, strict=True):
                 self._live_probs[dedupe_key(new[i])] = float(p)
+        # Examples that left the held-back window (at most holdout_size are kept) leave the cache too,
+        # or it would grow without bound while candidates are refused.
+        self._live_probs = {k: p for k, p in self._live_probs.items() if k in by_key}
         keys = [k for k in cand if k in self._live_probs]
         y = [by_key[k].label for k in keys]
         pc, pl = [cand[k] for k in keys], [self._live_probs[k] for k in keys]

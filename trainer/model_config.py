@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract.errors import StreamrecError
+
+MAX_LAYERS = 64
+"""Most encoder layers a config keeps or freezes (BERT-family models have 2-48)."""
+MAX_BUCKETS = 1 << 22
+"""Most hashed id rows per table (4,194,304): a bound on what a config (a manifest) makes serving allocate."""
+MAX_ID_PARAMETERS = 1 << 30
+"""Most id-table parameters, (user_buckets + item_buckets) x (embed_dim + 1): 4 GiB of float32."""
 
 
 class ModelError(StreamrecError):
@@ -32,24 +39,26 @@ class ModelConfig(BaseModel):
 
     encoder: str | None = Field(
         default=None,
+        max_length=4096,
         description="Local folder or Hugging Face name of a BERT-family encoder; "
         "None or 'default' = the offline all-MiniLM-L6-v2 (infra.assets.model_path()).",
     )
     encoder_layers: int | None = Field(
-        default=None, ge=1, description="Keep only the first N layers (real weights); None = all."
+        default=None, ge=1, le=MAX_LAYERS, description="Keep only the first N layers (real weights); None = all."
     )
     max_text_len: int = Field(default=32, ge=4, le=512, description="Tokens per item text.")
     pooling: Literal["mean", "cls"] = "mean"
-    embed_dim: int = Field(default=64, ge=8, description="Width of item and user vectors (+1 bias column).")
+    embed_dim: int = Field(default=64, ge=8, le=4096, description="Width of item and user vectors (+1 bias column).")
     user_tower: Literal["attention", "mean"] = "mean"
-    attention_heads: int = Field(default=4, ge=1)
-    max_history: int = Field(default=20, ge=0, description="History items the user tower reads.")
+    attention_heads: int = Field(default=4, ge=1, le=64)
+    max_history: int = Field(default=20, ge=0, le=10_000, description="History items the user tower reads.")
     user_buckets: int = Field(
-        default=16_384, ge=0, description="Hashed user-id embedding and bias rows (unseen users need no new row); 0 = off."
+        default=16_384, ge=0, le=MAX_BUCKETS, description="Hashed user-id embedding and bias rows (unseen users need no new row); 0 = off."
     )
     item_buckets: int = Field(
         default=16_384,
         ge=0,
+        le=MAX_BUCKETS,
         description="Hashed item-id embedding and bias rows, added to the text vector (popularity and "
         "collaborative signal a title cannot carry); 0 = off (text only).",
     )
@@ -69,23 +78,26 @@ class ModelConfig(BaseModel):
         description="With center_text: start the projection on the catalog's principal text directions, "
         "weighted by their singular values (see ItemTower._principal_weight), instead of a random one.",
     )
-    categories: list[str] = Field(
-        default_factory=list, description="Category names of the category head; empty = no head."
+    categories: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=10_000, description="Category names of the category head; empty = no head."
     )
     value_head: bool = False
     task_weights: TaskWeights = Field(default_factory=TaskWeights)
     freeze_layers: int = Field(
         default=64,
-        ge=-64,
+        ge=-MAX_LAYERS,
+        le=MAX_LAYERS,
         description="Freeze the embeddings and the lower N encoder layers; their per-item output is "
         "cached.  >= the layer count: the whole encoder (the default: each item's pooled vector is "
         "computed once, and the projection, ids and towers learn on it; on the evaluation streams tuning "
         "the top layer cost 2-5x the time for no AUC gain); negative: all but the top |N| layers.",
     )
-    lora_rank: int = Field(default=0, ge=0, description="LoRA adapters on the unfrozen layers; 0 = off.")
+    lora_rank: int = Field(default=0, ge=0, le=1024, description="LoRA adapters on the unfrozen layers; 0 = off.")
     lora_alpha: float = Field(default=16.0, gt=0.0)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    lora_targets: list[str] = Field(default_factory=lambda: ["query", "key", "value", "dense"])
+    lora_targets: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=lambda: ["query", "key", "value", "dense"], max_length=64
+    )
     dropout: float = Field(
         default=0.0,
         ge=0.0,
@@ -96,7 +108,7 @@ class ModelConfig(BaseModel):
     init_ctr: float = Field(
         default=0.1, gt=0.0, lt=1.0, description="Click rate the click head starts at (its bias = log odds)."
     )
-    encode_chunk: int = Field(default=256, ge=1, description="Items per encoder call (length-sorted).")
+    encode_chunk: int = Field(default=256, ge=1, le=65_536, description="Items per encoder call (length-sorted).")
     seed: int = Field(default=0, description="Seeds the initialisation of the new parameters.")
 
     @field_validator("categories")
@@ -105,6 +117,15 @@ class ModelConfig(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError("category names must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _id_tables_fit(self) -> ModelConfig:
+        params = (self.user_buckets + self.item_buckets) * (self.embed_dim + 1)
+        if params > MAX_ID_PARAMETERS:
+            raise ValueError(
+                f"(user_buckets + item_buckets) x (embed_dim + 1) = {params} id parameters, at most {MAX_ID_PARAMETERS}"
+            )
+        return self
 
     @field_validator("encoder")
     @classmethod

@@ -9,6 +9,16 @@ An announcement that is not delivered is counted
 (``announce_failures_total``, ``unannounced_version``), logged, and sent again
 at the next publish attempt (or superseded by a newer version) and at shutdown;
 the version is in the store meanwhile (serving finds it there at start-up).
+
+Order with the checkpoint (the service's publish): write to the store →
+promote (live copy, teacher) → **checkpoint** → announce.  A version is
+announced only once a checkpoint of its lineage exists, so a crash (SIGKILL)
+can never leave serving on a version N while the resumed trainer goes on from
+an earlier state and forks the lineage.  The checkpoint names the version as
+``pending`` (not yet acknowledged); a restart announces it again first (a
+repeat is harmless: serving skips a version not newer than its live one).  A
+crash between the store write and the checkpoint leaves an unannounced
+version that the restart numbers past (:meth:`Publisher.restore`).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from typing import Any
 
 import torch
 
+from contract.errors import RecordError
 from contract.records import ModelUpdate
 from infra.kafka import KafkaProducer
 from trainer.model import RecModel
@@ -69,6 +80,7 @@ class Publisher:
             "next_version": self.next_version,
             "last_full_version": self.last_full_version,
             "publishes_since_full": self.publishes_since_full,
+            "pending_announcement": None if self.pending is None else self.pending.to_json().decode(),
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:
@@ -79,6 +91,12 @@ class Publisher:
         self.next_version = max(self.next_version, int(state.get("next_version", 1)))
         self.last_full_version = state.get("last_full_version")
         self.publishes_since_full = int(state.get("publishes_since_full", 0))
+        pending = state.get("pending_announcement")
+        if pending:
+            try:
+                self.pending = ModelUpdate.from_json(str(pending))
+            except RecordError as exc:
+                log.warning("dropping the checkpointed pending announcement: %s", exc)
         if self.last_full_version is not None and self.last_full_version not in self.store.versions():
             self.last_full_version = None  # pruned or lost: the next version is full
         if self.last_full_version is not None and self.settings.publish_kind == "delta":
@@ -109,9 +127,19 @@ class Publisher:
         return tensors
 
     def publish(
-        self, model: RecModel, *, metrics: dict[str, float], trained_examples: int, source_offsets: dict[str, int]
+        self,
+        model: RecModel,
+        *,
+        metrics: dict[str, float],
+        trained_examples: int,
+        source_offsets: dict[str, int],
+        announce: bool = True,
     ) -> ModelUpdate | None:
-        """Write the next version and announce it; None when the store could not take it."""
+        """Write the next version and announce it; None when the store could not take it.
+
+        With ``announce=False`` it is only written and kept as :attr:`pending` (in :meth:`state`):
+        the caller checkpoints, then calls :meth:`announce` (module doc: the order).
+        """
         tensors = self.delta_tensors(model)
         update = self._write(model, tensors, metrics, trained_examples, source_offsets)
         if update is None:
@@ -126,7 +154,10 @@ class Publisher:
                 self.base_state = cpu_state(model)
         with contextlib.suppress(WeightsError, OSError):
             self.metrics.published_bytes.labels(kind=update.kind).inc(self.store.manifest(update.version).size)
-        self.announce(update)
+        if announce:
+            self.announce(update)
+        elif self.pending is None or self.pending.version < update.version:
+            self.pending = update  # not acknowledged yet: checkpointed as such
         self.metrics.published.labels(kind=update.kind).inc()
         self.metrics.live_version.set(update.version)
         return update

@@ -16,8 +16,10 @@ What it does, in order, in one thread:
    from training for the publish guardrail (:mod:`trainer.holdout`).
 4. **Publish.**  Every ``publish_every_steps`` steps or ``publish_every_s``
    seconds, if the guardrail passes, writes a version (full, or a delta) to the
-   weight store and announces it on ``model-updates`` (:mod:`trainer.publisher`),
-   makes it the distillation teacher, then checkpoints.
+   weight store, makes it the live copy and the distillation teacher,
+   checkpoints, and only then announces it on ``model-updates``
+   (:mod:`trainer.publisher`: a crash never leaves an announced version the
+   checkpoint does not descend from).
 5. **Checkpoint.**  At every publish, every ``checkpoint_every_steps`` steps,
    when idle (``checkpoint_every_s``) and at SIGTERM/SIGINT: atomically, then
    commits the offsets to the group (:mod:`trainer.checkpointer`).  A restart
@@ -81,7 +83,7 @@ class TrainerService:
         self.kafka = kafka
         self.metrics = metrics or TrainerMetrics()
         try:
-            self.store = WeightStore(settings.weights_root)
+            self.store = WeightStore(settings.weights_root, signing_key=settings.signing_key)
         except WeightsError as exc:
             raise ConfigError(f"{ENV_PREFIX}WEIGHTS_ROOT", str(exc)) from exc
         self._init_source = check_settings(settings)  # fail now, not after the catalog load
@@ -176,6 +178,7 @@ class TrainerService:
         ckpt = load_checkpoint(s.checkpoint_dir)
         self._build_learner(ckpt)
         self._resume(ckpt)
+        self.publisher.retry_pending()  # checkpointed before its announcement was acknowledged
         self.source.assign({p: self._start_offset(p) for p in labeled_parts})
         log.info("training from %s at %s; %d items in the catalog; next version %d", self.labeled_topic,
                  ", ".join(f"[{p}]@{o}" for p, o in sorted(self.feed.offsets.items())),
@@ -295,16 +298,17 @@ class TrainerService:
         metrics.update({f"step_{k}": v for k, v in self._last_step_metrics.items() if finite(v)})
         metrics.update(verdict.metrics)
         update = self.publisher.publish(self.model, metrics=metrics, trained_examples=self._examples_trained(),
-                                        source_offsets=self._source_offsets())
+                                        source_offsets=self._source_offsets(), announce=False)
         if update is None:
             return
         self.holdout.promote(update.version, verdict, self.model, self.store, self._device())
         self.learner.set_teacher(self.model.trainable_state_dict())
+        self._checkpoint(reason=f"version {update.version}")  # before the announcement (publisher doc)
+        self.publisher.announce(update)
         log.info("published version %d (%s%s) after %d examples: auc %s, logloss %s; offsets %s",
                  update.version, update.kind, f" on {update.base_version}" if update.base_version else "",
                  update.trained_examples, _fmt(metrics.get("prequential_window_auc")),
                  _fmt(metrics.get("prequential_window_log_loss")), update.source_offsets)
-        self._checkpoint(reason=f"version {update.version}")
         self.publisher.prune()
 
     # --- checkpoints ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.settings import default_cache_dir
@@ -59,6 +59,11 @@ class TrainerSettings(BaseSettings):
     weights_root: str = Field(
         default_factory=_default_weights_root,
         description="Weight store root: a directory or an fsspec URL (default <cache>/weights).",
+    )
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="Shared secret: each published version gets an HMAC-SHA256 signature of its manifest "
+        "(manifest.json.sig), which agents configured with the same key require (unset = unsigned).",
     )
     checkpoint_dir: Path = Field(
         default_factory=_default_checkpoint_dir,

@@ -27,10 +27,13 @@ from trainer.model_config import ModelConfig
 from trainer.weight_manifest import (
     MANIFEST_FILE,
     MAX_DELTA_CHAIN,
+    NO_TRUST_CHECKS,
     WEIGHTS_FILE,
     Manifest,
+    Trust,
     WeightsError,
     WeightsReason,
+    read_capped,
     read_manifest,
     version_dir,
 )
@@ -95,15 +98,23 @@ def config_mismatch(
 
 
 # --------------------------------------------------------------------------- reading a version
-def read_weights(fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str) -> dict[str, torch.Tensor]:
-    """The tensors of one version directory, verified against its manifest's size and sha256."""
+def read_weights(
+    fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, trust: Trust = NO_TRUST_CHECKS
+) -> dict[str, torch.Tensor]:
+    """The tensors of one version directory, verified against its manifest's size and sha256; never
+    more than ``trust.max_weights_bytes`` (nor one byte past the manifest's size) is read."""
     path = posixpath.join(vdir, WEIGHTS_FILE)
+    if not 0 <= man.size <= trust.max_weights_bytes:
+        raise WeightsError(
+            f"{where}: the manifest's weights size {man.size} is outside 0..{trust.max_weights_bytes} bytes", R.SIZE
+        )
     try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise WeightsError(f"{where}: weights file {fs.unstrip_protocol(path)} is missing", R.MISSING) from None
-    except OSError as exc:
-        raise WeightsError(f"{where}: cannot read weights: {exc}", R.UNREADABLE) from exc
+        data = read_capped(fs, path, man.size, where, "weights file", trust)
+    except WeightsError as exc:
+        if exc.reason is not R.SIZE:
+            raise
+        raise WeightsError(f"{where}: weights file is longer than the manifest's {man.size} bytes (extra bytes)",
+                           R.SIZE) from None
     if len(data) != man.size:
         short = len(data) < man.size
         raise WeightsError(
@@ -122,34 +133,40 @@ def read_weights(fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where:
         raise WeightsError(f"{where}: weights file is not valid safetensors: {exc}", R.CORRUPT) from exc
 
 
-def base_of(fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str) -> tuple[str, Manifest, str]:
+def base_of(
+    fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, trust: Trust = NO_TRUST_CHECKS
+) -> tuple[str, Manifest, str]:
     """A delta's base version: (its directory, its manifest, how errors name it); same config."""
     assert man.base_version is not None
     base_dir = posixpath.join(posixpath.dirname(vdir), version_dir(man.base_version))
     base_where = f"base version {man.base_version} of {where}"
-    base_man = read_manifest(fs, posixpath.join(base_dir, MANIFEST_FILE), base_where)
+    base_man = read_manifest(fs, posixpath.join(base_dir, MANIFEST_FILE), base_where, trust)
     if base_man.model_config != man.model_config:
         raise WeightsError(f"{where}: model config differs from its base version {man.base_version}", R.CONFIG)
     return base_dir, base_man, base_where
 
 
-def verify_chain(fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int = 0) -> None:
+def verify_chain(
+    fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int = 0,
+    trust: Trust = NO_TRUST_CHECKS,
+) -> None:
     """Check that a version and its base chain are complete and match their sha256."""
     _check_depth(depth, where)
-    read_weights(fs, vdir, man, where)
+    read_weights(fs, vdir, man, where, trust)
     if man.kind == "delta":
-        verify_chain(fs, *base_of(fs, vdir, man, where), depth=depth + 1)
+        verify_chain(fs, *base_of(fs, vdir, man, where, trust), depth=depth + 1, trust=trust)
 
 
 def state_chain(
-    fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int = 0
+    fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int = 0,
+    trust: Trust = NO_TRUST_CHECKS,
 ) -> dict[str, torch.Tensor]:
     """A version's whole state dict: its full base with every delta of the chain applied."""
     _check_depth(depth, where)
-    state = read_weights(fs, vdir, man, where)
+    state = read_weights(fs, vdir, man, where, trust)
     if man.kind == "full":
         return dict(state)
-    merged = state_chain(fs, *base_of(fs, vdir, man, where), depth=depth + 1)
+    merged = state_chain(fs, *base_of(fs, vdir, man, where, trust), depth=depth + 1, trust=trust)
     unexpected = sorted(set(state) - set(merged))
     if unexpected:
         raise WeightsError(f"{where}: delta has tensors its base lacks: {unexpected[:5]}", R.MISMATCH)
@@ -157,19 +174,27 @@ def state_chain(
     return merged
 
 
-def build_chain(fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int = 0) -> RecModel:
+def manifest_config(man: Manifest, where: str) -> ModelConfig:
+    """The manifest's model config, validated (bounds included), else CONFIG."""
+    try:
+        return ModelConfig.model_validate(man.model_config)
+    except Exception as exc:  # pydantic ValidationError or a config rule
+        raise WeightsError(f"{where}: model config does not validate: {exc}", R.CONFIG) from exc
+
+
+def build_chain(
+    fs: fsspec.AbstractFileSystem, vdir: str, man: Manifest, where: str, depth: int = 0,
+    trust: Trust = NO_TRUST_CHECKS,
+) -> RecModel:
     """The model of a version: built from its full base's config, each delta applied on top."""
     _check_depth(depth, where)
-    state = read_weights(fs, vdir, man, where)
+    config = manifest_config(man, where)  # bounds first: nothing is read or built for a config out of them
+    state = read_weights(fs, vdir, man, where, trust)
     if man.kind == "full":
-        try:
-            config = ModelConfig.model_validate(man.model_config)
-        except Exception as exc:  # pydantic ValidationError or a config rule
-            raise WeightsError(f"{where}: model config does not validate: {exc}", R.CONFIG) from exc
         model = build_model(config)
         load_exact(model, state, where)
         return model
-    model = build_chain(fs, *base_of(fs, vdir, man, where), depth=depth + 1)
+    model = build_chain(fs, *base_of(fs, vdir, man, where, trust), depth=depth + 1, trust=trust)
     apply_delta(model, state, where)
     return model
 

@@ -44,6 +44,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from contract.records import ModelUpdate
+from contract.settings import default_cache_dir
 from trainer.files import atomic_write_bytes, fsync_dir
 from trainer.metrics import finite
 from trainer.model import RecModel
@@ -62,18 +63,25 @@ from trainer.weight_deltas import (
 from trainer.weight_manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
+    MAX_WEIGHTS_BYTES,
+    SIGNATURE_FILE,
     VERSION_DIR,
     WEIGHTS_FILE,
     Manifest,
+    Trust,
     WeightsError,
     WeightsReason,
+    check_encoder,
+    confined_manifest,
     read_manifest,
+    secret_bytes,
+    sign,
     update_of,
     version_dir,
 )
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST_FILE", "WEIGHTS_FILE", "Manifest", "WeightStore", "WeightsError",
+    "FORMAT_VERSION", "MANIFEST_FILE", "SIGNATURE_FILE", "WEIGHTS_FILE", "Manifest", "WeightStore", "WeightsError",
     "WeightsReason", "atomic_write_bytes", "changed_tensors", "config_mismatch", "cpu_state", "fsync_dir",
     "locate_version", "state_bytes", "version_dir",
 ]
@@ -83,9 +91,24 @@ R = WeightsReason
 
 
 class WeightStore:
-    """Versioned model snapshots under one root (local directory or fsspec URL)."""
+    """Versioned model snapshots under one root (local directory or fsspec URL).
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    Every read stays inside the root (an announced uri must name this store's manifest of its
+    version; local files resolving outside it are refused, FOREIGN) and is capped (manifest 1 MiB,
+    weights ``max_weights_bytes``; SIZE).  With ``signing_key`` (a shared secret) each publish
+    writes ``manifest.json.sig`` (HMAC-SHA256 of the manifest bytes) before the manifest, and every
+    read verifies it before parsing the manifest (SIGNATURE when missing or wrong).  A version loaded
+    from an announcement must name the offline default encoder or a local folder inside the store,
+    the cache directory or ``encoder_roots`` (FOREIGN)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        signing_key: object = None,
+        max_weights_bytes: int = MAX_WEIGHTS_BYTES,
+        encoder_roots: tuple[str | os.PathLike[str], ...] = (),
+    ) -> None:
         root_str = os.fspath(root)
         if not root_str:
             raise WeightsError("weight store root must not be empty")
@@ -99,6 +122,14 @@ class WeightStore:
             path = Path(path).expanduser().resolve().as_posix()
         self.path: str = path.rstrip("/") or "/"
         self.url: str = fs.unstrip_protocol(self.path)
+        self._key = secret_bytes(signing_key)
+        self.trust = Trust(
+            root=os.path.realpath(self.path) if self._local else None,
+            signing_key=self._key,
+            max_weights_bytes=int(max_weights_bytes),
+        )
+        roots = [default_cache_dir(), *encoder_roots] + ([self.path] if self._local else [])
+        self.encoder_roots = [os.path.realpath(os.path.expanduser(os.fspath(r))) for r in roots]
 
     def __repr__(self) -> str:
         return f"WeightStore({self.url!r})"
@@ -132,7 +163,7 @@ class WeightStore:
         return max(self._numbered_dirs(), default=0) + 1
 
     def manifest(self, version: int) -> Manifest:
-        return read_manifest(self.fs, self._join(version_dir(version), MANIFEST_FILE), f"version {version}")
+        return read_manifest(self.fs, self._join(version_dir(version), MANIFEST_FILE), f"version {version}", self.trust)
 
     def update(self, version: int) -> ModelUpdate:
         """The ModelUpdate record that announces an already published version."""
@@ -152,7 +183,7 @@ class WeightStore:
     def verify(self, version: int) -> Manifest:
         """Check that a version and its base chain are complete and match their sha256."""
         man = self.manifest(version)
-        verify_chain(self.fs, self._vdir(version), man, f"version {version}")
+        verify_chain(self.fs, self._vdir(version), man, f"version {version}", trust=self.trust)
         return man
 
     # --- publish ----------------------------------------------------------------
@@ -197,7 +228,10 @@ class WeightStore:
         )
         self.fs.makedirs(self._vdir(version), exist_ok=True)
         self._atomic_write(self._join(version_dir(version), WEIGHTS_FILE), data)
-        self._atomic_write(self._join(version_dir(version), MANIFEST_FILE), man.to_json())
+        manifest = man.to_json()
+        if self._key is not None:  # before the manifest: a version exists signed or not at all
+            self._atomic_write(self._join(version_dir(version), SIGNATURE_FILE), sign(self._key, manifest))
+        self._atomic_write(self._join(version_dir(version), MANIFEST_FILE), manifest)
         update = update_of(man, self.manifest_uri(version))
         log.info(
             "published %s version %d (%s%s, %.1f MB, sha256 %s…) to %s",
@@ -265,18 +299,16 @@ class WeightStore:
     ) -> RecModel:
         """Fetch, verify and build a version (applying deltas on their base), in eval mode.
 
-        A :class:`ModelUpdate` is located by its ``uri``; its ``sha256`` must also
-        match the manifest's.  Raises :class:`WeightsError` with the reason.
+        A :class:`ModelUpdate`'s ``uri`` must name this store's manifest of its version
+        (else FOREIGN, nothing read), its ``sha256`` must match the manifest's, and its
+        encoder must be trusted (see the class doc).  Raises :class:`WeightsError` with the reason.
         """
         if isinstance(update_or_version, ModelUpdate):
             upd = update_or_version
-            try:
-                fs, mpath = fsspec.core.url_to_fs(upd.uri)
-            except (ValueError, ImportError) as exc:
-                raise WeightsError(f"version {upd.version}: bad uri {upd.uri!r}: {exc}") from exc
-            vdir = posixpath.dirname(mpath)
+            mpath = confined_manifest(self.fs, self.path, upd.uri, upd.version)
+            fs, vdir = self.fs, posixpath.dirname(mpath)
             where = f"version {upd.version}"
-            man = read_manifest(fs, mpath, where)
+            man = read_manifest(fs, mpath, where, self.trust)
             if man.version != upd.version:
                 raise WeightsError(f"{where}: manifest at {upd.uri} is version {man.version}", R.MISMATCH)
             if man.sha256 != upd.sha256:
@@ -284,11 +316,12 @@ class WeightStore:
                     f"{where}: announced sha256 {upd.sha256[:12]}… but the manifest says {man.sha256[:12]}…",
                     R.CHECKSUM,
                 )
+            check_encoder(man.model_config.get("encoder"), self.encoder_roots, where)
         else:
             fs, vdir = self.fs, self._vdir(int(update_or_version))
             where = f"version {update_or_version}"
             man = self.manifest(int(update_or_version))
-        model = build_chain(fs, vdir, man, where)
+        model = build_chain(fs, vdir, man, where, trust=self.trust)
         model.to(device)
         model.eval()
         return model
@@ -304,7 +337,9 @@ class WeightStore:
 
     def state(self, version: int) -> dict[str, torch.Tensor]:
         """A version's whole state dict on the CPU (its delta chain resolved, every file verified)."""
-        return state_chain(self.fs, self._vdir(version), self.manifest(version), f"version {version} of {self.url}")
+        return state_chain(
+            self.fs, self._vdir(version), self.manifest(version), f"version {version} of {self.url}", trust=self.trust
+        )
 
     # --- housekeeping -----------------------------------------------------------
     def prune(self, keep: int) -> list[int]:

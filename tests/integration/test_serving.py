@@ -235,6 +235,24 @@ def test_corrupt_versions_are_refused_and_the_old_one_keeps_serving(
         assert m.value("model_version") == 1
 
 
+def test_a_forged_model_update_pointing_outside_the_store_is_refused_and_never_served(
+    kafka_settings: KafkaSettings, store: WeightStore, model: RecModel, recs: Recommendations, tmp_path: Path
+) -> None:
+    seed_catalog(kafka_settings, {"u1": ["s1"]})
+    produce(kafka_settings, MODEL_UPDATES, [store.publish(model, version=1)])
+    with running_agent(kafka_settings, store) as agent:
+        # A valid version (right sha256, right model name) written outside the configured store.
+        forged = WeightStore(tmp_path / "attacker").publish(perturbed(model, 0.5), version=2)
+        produce(kafka_settings, MODEL_UPDATES, [forged])
+        assert agent.loader.wait_until(lambda: len(agent.loader.refused) == 1, timeout=60)
+        assert agent.loader.refused == [(2, "foreign")]
+        produce(kafka_settings, REC_REQUESTS, [request("after-forgery")])
+        (rec,) = recs.wait_for(["after-forgery"])
+        assert rec.model_version == "1"
+        assert agent.metrics.value("refused_versions_total", {"reason": "foreign"}) == 1
+        assert agent.metrics.value("model_version") == 1
+
+
 def test_a_new_item_is_recommended_by_its_text_without_any_click(
     kafka_settings: KafkaSettings, store: WeightStore, model: RecModel, recs: Recommendations
 ) -> None:

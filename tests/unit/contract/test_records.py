@@ -227,3 +227,39 @@ def test_dead_letter_keeps_the_raw_bytes_and_reason() -> None:
     assert back.error == "Impression.<json>: not valid JSON"
     assert DeadLetter.of(source_topic="t", partition=0, offset=0, key=None, value=None,
                          error=ValueError(), ts=0).error == "ValueError"
+
+
+# --------------------------------------------------------------------------- example ids (issue 12 item 7)
+def test_example_ids_are_unambiguous_and_always_valid() -> None:
+    from contract.errors import RecordError
+    from contract.records import (
+        MAX_ID,
+        Click,
+        Impression,
+        Labeled,
+        RecRequest,
+        UserHistory,
+        example_id,
+    )
+
+    # "a:b" + "c" and "a" + "b:c" would collide: an impression id cannot hold ':'
+    with pytest.raises(RecordError, match="impression_id"):
+        Impression(impression_id="a:b", user_id="u", items=["c"], ts=1)
+    with pytest.raises(RecordError, match="impression_id"):
+        Click(impression_id="a:b", user_id="u", item_id="c", ts=1)
+    ok = Impression(impression_id="a", user_id="u", items=["b:c"], ts=1)
+    assert example_id(ok.impression_id, "b:c").split(":", 1) == ["a", "b:c"]
+    # the longest ids still make a valid example (it was capped at 512 characters)
+    imp, item = "i" * MAX_ID, "j" * MAX_ID
+    ex = Labeled(example_id=example_id(imp, item), impression_id=imp, user_id="u", item_id=item, position=0,
+                 label=1, impression_ts=1, label_ts=1, ts=1)
+    assert Labeled.from_json(ex.to_json()) == ex
+    # every id of a list is bounded like a single one
+    long_id = "x" * (MAX_ID + 1)
+    for bad in (
+        lambda: Impression(impression_id="a", user_id="u", items=[long_id], ts=1),
+        lambda: UserHistory(user_id="u", items=[long_id], ts=1),
+        lambda: RecRequest(request_id="r", user_id="u", k=1, candidates=[long_id], ts=1),
+    ):
+        with pytest.raises(RecordError):
+            bad()

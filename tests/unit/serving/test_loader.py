@@ -74,8 +74,10 @@ def test_item_changes_append_reencode_and_drop(model: RecModel) -> None:
     assert fb is not None and fb.item_ids[-1] == "m9" and fb.item_vecs is None
 
 
-def _loader(tmp_path: Path, catalog: CatalogState) -> tuple[ModelLoader, ModelHolder, ServingMetrics, WeightStore]:
-    store = WeightStore(tmp_path / "weights")
+def _loader(
+    tmp_path: Path, catalog: CatalogState, signing_key: str | None = None
+) -> tuple[ModelLoader, ModelHolder, ServingMetrics, WeightStore]:
+    store = WeightStore(tmp_path / "weights", signing_key=signing_key)
     holder = ModelHolder(fallback_snapshot(FALLBACK_VERSION, []))
     metrics = ServingMetrics()
     loader = ModelLoader(
@@ -175,6 +177,37 @@ def test_start_up_takes_the_newest_valid_version_from_the_store(model: RecModel,
     wfile.write_bytes(bytes(data))
     assert loader.load_initial(broken).version == "1"  # announced v2 is corrupt: v1 from the store
     assert loader.refused == [(2, "checksum")]
+
+
+def test_forged_unsigned_and_wrongly_signed_versions_are_refused_and_never_served(
+    model: RecModel, tmp_path: Path
+) -> None:
+    catalog = CatalogState()
+    for item in _items(TEXTS):
+        catalog.upsert(item)
+    loader, holder, metrics, store = _loader(tmp_path, catalog, signing_key="shared")
+    assert loader._try_swap(store.publish(model, version=1))
+    sm1 = holder.current
+    # A valid, signed version published outside the configured store and announced there.
+    forged = WeightStore(tmp_path / "elsewhere", signing_key="shared").publish(_perturbed(model, 0.3), version=2)
+    assert not loader._try_swap(forged)
+    # The same bytes copied next to the store, announced by a record naming the copy.
+    (tmp_path / "weights-copy").symlink_to(tmp_path / "elsewhere")
+    copied = forged.model_copy(update={"uri": forged.uri.replace("/elsewhere/", "/weights-copy/")})
+    assert not loader._try_swap(copied)
+    # Inside the store, but unsigned, or signed with another key.
+    unsigned = WeightStore(tmp_path / "weights").publish(_perturbed(model, 0.1), version=3)
+    wrong = WeightStore(tmp_path / "weights", signing_key="guess").publish(_perturbed(model, 0.2), version=4)
+    assert not loader._try_swap(unsigned)
+    assert not loader._try_swap(wrong)
+    assert holder.current is sm1 and metrics.value("model_version") == 1
+    assert loader.refused == [(2, "foreign"), (2, "foreign"), (3, "signature"), (4, "signature")]
+    assert metrics.value("refused_versions_total", {"reason": "foreign"}) == 2
+    assert metrics.value("refused_versions_total", {"reason": "signature"}) == 2
+    # start-up: the announced v4 is refused and the store's newest version that verifies is v1
+    restarted, holder2, _, _ = _loader(tmp_path, catalog, signing_key="shared")
+    assert restarted.load_initial(wrong).version == "1"
+    assert holder2.current.number == 1
 
 
 def test_refusal_reasons() -> None:

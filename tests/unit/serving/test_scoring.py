@@ -352,16 +352,52 @@ def test_an_answer_too_large_to_deliver_is_dead_lettered_and_its_offset_done_aft
     assert metrics.value("produce_errors_total") == 0
 
 
-def test_other_delivery_errors_are_counted_and_finish_the_request() -> None:
+def test_other_delivery_errors_are_counted_and_retried_and_never_commit_an_unanswered_request() -> None:
+    """Issue 12.5: a failed delivery (timed out, ACL) must not mark its request done."""
     fake = _FakeProducer(fail_with=KafkaError._MSG_TIMED_OUT)
-    outbox, ledger, metrics = _outbox(fake)
-    p = Pending(_req("r", 2), 0.0, 1, 3)
+    ledger, metrics = OffsetLedger(), ServingMetrics()
+    outbox = Outbox(KafkaProducer(fake), topics=TOPICS, ledger=ledger, metrics=metrics, retry_backoff_s=0.0)
+    p, q = Pending(_req("r", 2), 0.0, 1, 3), Pending(_req("s", 2), 0.0, 1, 4)
     ledger.track(1, 3)
+    ledger.track(1, 4)
     assert outbox.answer(p, _rec(p, 2))
-    outbox.close(1.0)
-    assert ledger.committable() == {1: 4} and fake.delivered == []
-    assert metrics.value("produce_errors_total") == 1
+    outbox.poll()  # the delivery fails: offset 3 not done, the answer is sent again
+    assert ledger.committable() == {} and ledger.in_flight() == 2 and outbox.retried == 1
+    outbox.dead_letter_request(q, "bad", "scoring_failed")
+    outbox.poll()  # the letter (offset 4) is delivered, the re-sent answer fails again
+    assert ledger.committable() == {} and ledger.in_flight() == 1
+    fake.fail_with = None  # the broker is back
+    outbox.close(1.0)  # re-sent, now delivered: offsets 3 and 4 committable
+    assert ledger.committable() == {1: 5} and ledger.in_flight() == 0 and outbox.retried >= 2
+    assert [Recommendation.from_json(v).request_id for t, v in fake.delivered if t == "recs"] == ["r"]
+    assert metrics.value("produce_errors_total") == outbox.retried
     assert metrics.value("dead_letters_total", {"reason": "answer_too_large"}) == 0
+
+
+def test_a_request_whose_dead_letter_fails_stays_uncommitted_and_retries_end_with_its_partition() -> None:
+    fake = _FakeProducer()
+    ledger, metrics = OffsetLedger(), ServingMetrics()
+    outbox = Outbox(KafkaProducer(fake), topics=TOPICS, ledger=ledger, metrics=metrics, retry_backoff_s=0.0)
+    real_poll = fake.poll
+
+    def failing_poll(timeout: float = 0.0) -> int:  # every delivery fails (an ACL refusal, say)
+        while fake.queued:
+            _t, _v, cb = fake.queued.pop(0)
+            cb(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized"), None)  # type: ignore[operator]
+        return 0
+
+    fake.poll = failing_poll  # type: ignore[method-assign]
+    p = Pending(_req("r", 2), 0.0, 0, 9)
+    ledger.track(0, 9)
+    outbox.dead_letter_request(p, "bad", "scoring_failed")
+    outbox.close(0.2)  # gives up at the deadline: the offset stays uncommitted
+    assert ledger.committable() == {} and ledger.in_flight() == 1 and outbox.retried >= 1
+    assert metrics.value("dead_letters_total", {"reason": "scoring_failed"}) == 1  # one letter, however many tries
+    ledger.forget({0})  # revoked: the next owner answers it; the retries stop
+    tries = outbox.retried
+    outbox.close(0.2)
+    assert outbox.retrying == 0 and outbox.retried == tries
+    fake.poll = real_poll  # type: ignore[method-assign]
 
 
 def test_the_score_loop_answers_every_queued_request_and_counts_only_what_it_could_send() -> None:
@@ -392,3 +428,33 @@ def test_a_renamed_serving_setting_stops_the_agent_instead_of_being_ignored() ->
     check_renamed({"STREAMREC_SERVING_HISTORY_LENGTH": "5"})
     with pytest.raises(ConfigError, match="STREAMREC_SERVING_HISTORY_LENGTH"):
         check_renamed({"STREAMREC_SERVING_HISTORY_LEN": "5"})
+
+
+# --------------------------------------------------------------------------- popularity vs future timestamps
+_HOUR_MS = 3_600_000
+
+
+def test_popularity_a_click_stamped_in_the_future_weighs_one_click() -> None:
+    """A click 23 h ahead under a 1 h half-life must not weigh 2**23 clicks (issue 12.2)."""
+    now = 1_700_000_000_000
+    pop = Popularity(3600, clock_ms=lambda: now)
+    pop.add(["a"] * 3, ts=now - 1000)
+    pop.add(["b"], ts=now + 23 * _HOUR_MS)  # poisoned: counts at the newest plausible time
+    assert pop.vector(["a", "b"]) == pytest.approx([1.0, 1 / 3])
+    assert pop.future_clicks == 1
+    pop.add(["a"], ts=now + 5 * 60_000)  # within the 10 min skew: trusted, decays as usual
+    assert pop.vector(["a", "b"])[0] == 1.0 and pop.future_clicks == 1
+
+
+def test_popularity_a_timestamp_near_2_53_zeroes_nothing() -> None:
+    now = 1_700_000_000_000
+    pop = Popularity(3600, clock_ms=lambda: now)
+    pop.add(["b"], ts=2**53)  # before any plausible click: weight 1
+    pop.add(["a", "a"], ts=now)
+    pop.add(["c"], ts=2**53 - 1)
+    v = pop.vector(["a", "b", "c"])
+    assert np.isfinite(v).all() and v == pytest.approx([1.0, 0.5, 0.5])
+    restored = Popularity.from_state(pop.state(), 3600)
+    restored._clock_ms = lambda: now
+    restored.add(["c"], ts=2**53)
+    assert restored.vector(["a", "b", "c"]) == pytest.approx([1.0, 0.5, 1.0])

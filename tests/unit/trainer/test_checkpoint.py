@@ -12,8 +12,10 @@ from contract.records import Item, Labeled
 from trainer.catalog import Catalog
 from trainer.checkpoint import (
     CHECKPOINT_FILE,
+    PREVIOUS_FILE,
     Checkpoint,
     CheckpointError,
+    CorruptCheckpointError,
     load_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
@@ -141,6 +143,34 @@ def test_write_is_atomic_and_bad_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / CHECKPOINT_FILE).write_bytes(before[: len(before) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(tmp_path)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    """Issue 12.9e: a truncated checkpoint.pt must not stop the trainer when the one before is intact."""
+    learner = _learner(_config())
+    save_checkpoint(tmp_path, _checkpoint(learner, {"labeled:0": 5}, DedupeWindow(10)))
+    save_checkpoint(tmp_path, _checkpoint(learner, {"labeled:0": 9}, DedupeWindow(10)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_FILE, PREVIOUS_FILE])
+    newest = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.offsets == {"labeled:0": 9}
+
+    (tmp_path / CHECKPOINT_FILE).write_bytes(newest[: len(newest) // 2])  # truncated
+    ckpt = load_checkpoint(tmp_path, expected_model_config=_config().model_dump(mode="json"))
+    assert ckpt is not None and ckpt.offsets == {"labeled:0": 5}
+
+    (tmp_path / CHECKPOINT_FILE).unlink()  # a crash between the rename and the write
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.offsets == {"labeled:0": 5}
+
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
+    (tmp_path / PREVIOUS_FILE).write_bytes(newest[:100])
+    with pytest.raises(CorruptCheckpointError, match="corrupt"):  # both bad: refused, never silently fresh
+        load_checkpoint(tmp_path)
+    other = _config(embed_dim=16).model_dump(mode="json")
+    save_checkpoint(tmp_path, _checkpoint(learner, {"labeled:0": 11}, DedupeWindow(10)))
+    with pytest.raises(CheckpointError, match="embed_dim"):  # another model is refused, not skipped
+        load_checkpoint(tmp_path, expected_model_config=other)
 
 
 def test_dedupe_window_and_hold_back() -> None:

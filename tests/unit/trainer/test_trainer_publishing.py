@@ -4,6 +4,7 @@ starting from another deployment's version (INIT_FROM), and delta versions."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,16 @@ import pytest
 import torch
 
 from contract.errors import ConfigError
+from contract.records import Labeled, ModelUpdate
 from contract.settings import KafkaSettings, load
 from infra.kafka import KafkaProducer
 from tests.model_utils import perturb
-from trainer.checkpoint import Checkpoint, save_checkpoint
+from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.checkpointer import Checkpointer
 from trainer.configure import check_settings, learner_config_from, model_config_from
+from trainer.dedupe import dedupe_key
 from trainer.guardrail import Refusal, beats_fallback
+from trainer.holdout import Holdout
 from trainer.metrics import auc, paired_auc
 from trainer.model import ModelConfig, RecModel, build_model
 from trainer.popularity import Popularity
@@ -191,8 +195,6 @@ def test_a_checkpoint_wins_over_init_from(
 
 
 def _ckpt(settings: TrainerSettings) -> Checkpoint:
-    from trainer.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(settings.checkpoint_dir)
     assert ckpt is not None
     return ckpt
@@ -341,3 +343,121 @@ def test_a_store_failure_is_counted_by_a_stable_reason(tmp_path: Path) -> None:
     failures = {r: sample("streamrec_trainer_publish_failures_total", {"reason": r})
                 for r in ("exists", "io", "invalid")}
     assert sum(failures.values()) == 1, failures
+
+
+# --------------------------------------------------------------------------- the guardrail's live cache
+class _ConstLearner:
+    """A learner stand-in for the guardrail: the live version is right, the candidate wrong (so every
+    candidate is refused), and each call is recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict(self, examples: list[Labeled], model: object = None) -> tuple[list[float], list[int]]:
+        self.calls.append(len(examples))
+        live = model is not None
+        return [0.9 if ex.label == live else 0.1 for ex in examples], list(range(len(examples)))
+
+
+def _labeled(k: int) -> Labeled:
+    return Labeled(example_id=f"imp{k}:i{k % 3}", impression_id=f"imp{k}", user_id="u1", item_id=f"i{k % 3}",
+                   position=0, label=k % 2 == 0, history=[], impression_ts=k, label_ts=k, ts=k)  # fmt: skip
+
+
+def test_the_live_versions_prediction_cache_is_bounded_by_the_held_back_window(tmp_path: Path) -> None:
+    """Issue 12.9d: while candidates are refused, the cached live predictions must not grow forever."""
+    settings = _settings(tmp_path, holdout_fraction=0.5, holdout_size=20, guardrail_min_examples=10)
+    holdout = Holdout(settings)
+    holdout.live_model, holdout.live_version = object(), 1  # type: ignore[assignment]
+    learner = _ConstLearner()
+    for batch in range(30):
+        holdout.examples.extend(_labeled(batch * 10 + i) for i in range(10))  # as split() keeps them
+        verdict = holdout.judge(learner)  # type: ignore[arg-type]
+        assert not verdict.ok  # worse than the live version: refused
+        assert len(holdout._live_probs) <= settings.holdout_size
+    assert set(holdout._live_probs) == {dedupe_key(ex) for ex in holdout.examples}
+    assert learner.calls[-1] == 10  # still scores only the examples new since the last attempt
+
+
+# --------------------------------------------------------------------------- publish / checkpoint order
+class _WatchedProducer:
+    """A confluent-kafka producer stand-in that runs ``watch(topic, value)`` at each produce and at each
+    flush (``watch(None, None)``); its flush leaves ``undelivered`` records behind (0: all acknowledged)."""
+
+    def __init__(self, watch: object) -> None:
+        self.watch, self.undelivered = watch, 0
+        self.sent: list[tuple[str, bytes]] = []
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **_kw: object) -> None:
+        self.watch(topic, value)  # type: ignore[operator]
+        self.sent.append((topic, value or b""))
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0.0) -> int:
+        self.watch(None, None)  # type: ignore[operator]
+        return self.undelivered
+
+
+def _service(settings: TrainerSettings, producer: _WatchedProducer, ckpt: Checkpoint | None = None) -> TrainerService:
+    service = TrainerService(settings, KafkaSettings(), metrics=TrainerMetrics())
+    service._build_learner(ckpt)
+    service.publisher = Publisher(settings, service.store, KafkaProducer(producer), "model-updates", service.metrics)
+    service._resume(ckpt)
+    return service
+
+
+def test_a_version_is_announced_only_after_a_checkpoint_it_belongs_to(tmp_path: Path) -> None:
+    """Issue 12.9a: announce-then-crash must not fork the lineage; the checkpoint comes first."""
+    settings = _settings(tmp_path, publish_kind="full", keep_versions=0, holdout_fraction=0.0)
+    seen: list[tuple[int, object, object]] = []
+
+    def watch(topic: str | None, value: bytes | None) -> None:
+        if topic == "model-updates":
+            ckpt = load_checkpoint(settings.checkpoint_dir)
+            st = ckpt.service_state if ckpt is not None else {}
+            pending = st.get("pending_announcement")
+            seen.append((ModelUpdate.from_json(value).version, st.get("live_version"),
+                         ModelUpdate.from_json(pending).version if pending else None))  # fmt: skip
+
+    producer = _WatchedProducer(watch)
+    service = _service(settings, producer)
+    producer.undelivered = 1  # the broker does not acknowledge: then the trainer is SIGKILLed
+    service._steps_since_attempt = 1
+    service._publish(time.monotonic())
+    assert seen == [(1, 1, 1)]  # when announced, a checkpoint with version 1 live (and pending) existed
+    assert service.publisher is not None and service.publisher.pending is not None
+
+    # The restart resumes the lineage of version 1 and announces it first (as _start does).
+    producer2 = _WatchedProducer(watch)
+    restarted = _service(settings, producer2, load_checkpoint(settings.checkpoint_dir))
+    assert restarted.holdout.live_version == 1 and restarted.publisher is not None
+    assert restarted.publisher.next_version == 2
+    restarted.publisher.retry_pending()
+    assert [ModelUpdate.from_json(v).version for t, v in producer2.sent] == [1]
+    assert restarted.publisher.pending is None and restarted.publisher.state()["pending_announcement"] is None
+
+
+def test_dead_letters_are_flushed_before_a_checkpoint_moves_past_their_offsets(tmp_path: Path) -> None:
+    """Issue 12.9c: the flush happens before the checkpoint is written; a failed one is counted."""
+    settings = _settings(tmp_path, publish_kind="full", keep_versions=0)
+    events: list[str] = []
+
+    def watch(topic: str | None, _value: bytes | None) -> None:
+        written = load_checkpoint(settings.checkpoint_dir) is not None
+        events.append(f"{'flush' if topic is None else 'send'} (checkpoint {'written' if written else 'absent'})")
+
+    service = _service(settings, _WatchedProducer(lambda *_: None))
+    dead = _WatchedProducer(watch)
+    service.source.dead_letters = KafkaProducer(dead)
+    service.feed.offsets[0] = 8
+    service.source.dead_letter_example(0, 7, _labeled(7), "item never came")
+    dead.undelivered = 1  # not acknowledged within the flush
+    service._checkpoint(reason="test")
+    assert events == ["send (checkpoint absent)", "flush (checkpoint absent)"]
+    ckpt = load_checkpoint(settings.checkpoint_dir)
+    assert ckpt is not None and ckpt.offsets == {f"{service.labeled_topic}:0": 8}
+    # still queued, not failed: librdkafka keeps retrying it; a failure would be counted at a later barrier
+    assert service.metrics.registry.get_sample_value("streamrec_trainer_dead_letter_failures_total") == 0
+    assert [t for t, _ in dead.sent] == [service.source.dead_topic]
