@@ -1,4 +1,4 @@
-"""Labeled examples -> one typed :class:`Batch` of tensors for :class:`trainer.model.RecTrain`.
+"""Labeled examples -> one typed :class:`Batch` of tensors for :class:`trainer.losses.RecTrain`.
 
 Items repeat far more than examples: a batch lists each *unique* item once
 (candidates and history items together) and the examples point into that

@@ -18,8 +18,9 @@
   :class:`CategoryHead` (multi-label category/genre prediction from the item
   text), :class:`ValueHead` (regression of a click's value).
 
-:class:`RecTrain` is the training wrapper: it takes a typed
-:class:`~trainer.batching.Batch` and owns the losses and their task weights.
+:class:`~trainer.losses.RecTrain` (trainer/losses.py) is the training
+wrapper: it takes a typed :class:`~trainer.batching.Batch` and owns the
+losses and their task weights; the heads are in trainer/heads.py.
 
 Everything needed to rebuild a model is in :class:`ModelConfig` (JSON), and
 :func:`build_model` is deterministic: the same config gives the same
@@ -31,7 +32,6 @@ enough to restore a model.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.batching import Batch
+from trainer.heads import CategoryHead, ClickHead, ValueHead
 from trainer.model_config import (
     ModelConfig,
     ModelError,
@@ -56,7 +57,7 @@ from trainer.towers import ItemTower, UserTower
 
 __all__ = [  # the config and the parts, importable from here with the model
     "CategoryHead", "ClickHead", "ItemTower", "ModelConfig", "ModelError", "ModelOutput", "PrefixCache",
-    "RecModel", "RecTrain", "TaskWeights", "TrainOutput", "UserTower", "ValueHead", "build_model",
+    "RecModel", "TaskWeights", "UserTower", "ValueHead", "build_model",
     "frozen_layer_count", "id_bucket", "item_bucket", "resolve_encoder", "user_bucket",
 ]
 
@@ -67,63 +68,6 @@ ID_INIT_STD = 0.01
 CATEGORY_INIT_STD = 0.05
 """Initial scale of the category embeddings: items of one category start a little alike."""
 _BUCKET_CACHE = 1_000_000
-
-
-# --------------------------------------------------------------------------- heads
-class ClickHead(nn.Module):
-    """logit = user . item + item bias + user bias + b, on augmented vectors.
-
-    The last column of each vector is its bias; the rest of an item vector
-    is unit length and a user vector is ``scale * taste + e_user`` (see
-    :class:`RecModel`), so the logit is ``scale * cos(taste, item) +
-    e_user . item + biases``: the text similarity of the candidate to the
-    user's history, plus a per-user linear model over the item vectors.
-    ``item_bias`` is the text part of the item's bias, applied by the model
-    when it builds the item vector.  Pairwise or all pairs, the same formula.
-    """
-
-    def __init__(self, dim: int, init_ctr: float = 0.5) -> None:
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.item_bias = nn.Linear(dim, 1)
-        nn.init.zeros_(self.item_bias.weight)
-        nn.init.zeros_(self.item_bias.bias)
-        self.bias = nn.Parameter(torch.tensor(math.log(init_ctr / (1.0 - init_ctr))))
-
-    def scale(self) -> Tensor:
-        """The weight of the history's text similarity (the user vector's length before ``e_user``)."""
-        return self.log_scale.clamp(max=math.log(100.0)).exp()
-
-    def forward(self, user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
-        dot = (user_vecs[..., :-1] * item_vecs[..., :-1]).sum(-1)
-        return dot + item_vecs[..., -1] + user_vecs[..., -1] + self.bias
-
-    def matrix(self, user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
-        return user_vecs[:, :-1] @ item_vecs[:, :-1].T + item_vecs[:, -1][None, :] + user_vecs[:, -1][:, None] + self.bias
-
-
-class CategoryHead(nn.Module):
-    """Multi-label category logits from the item vector (text only)."""
-
-    def __init__(self, dim: int, n_categories: int, dropout: float) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_categories))
-
-    def forward(self, item_vecs: Tensor) -> Tensor:
-        return self.net(item_vecs)
-
-
-class ValueHead(nn.Module):
-    """Expected value of a click (e.g. rating, dwell seconds) for a user-item pair."""
-
-    def __init__(self, dim: int, dropout: float) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(3 * dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, 1)
-        )
-
-    def forward(self, user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
-        return self.net(torch.cat([user_vecs, item_vecs, user_vecs * item_vecs], dim=-1)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------- model
@@ -488,72 +432,3 @@ def build_model(config: ModelConfig) -> RecModel:
         n_all,
     )
     return model.eval()  # as from_pretrained: inference mode until a learner trains it
-
-
-# --------------------------------------------------------------------------- training wrapper
-@dataclass
-class TrainOutput:
-    loss: Tensor
-    losses: dict[str, float]
-    output: ModelOutput
-    id_loss: Tensor | None = None
-    """The loss over the examples allowed to train the per-id rows (``id_mask``); None = all of them."""
-
-
-class RecTrain(nn.Module):
-    """Owns the losses: weighted click BCE, category BCE, value Huber, and distillation.
-
-    Distillation pulls the click probabilities towards a teacher's (the last
-    published model) at temperature ``T``: BCE(sigmoid(s/T), sigmoid(t/T)) * T^2.
-    """
-
-    def __init__(self, model: RecModel, *, distill_weight: float = 0.0, distill_temperature: float = 1.0) -> None:
-        super().__init__()
-        self.model = model
-        self.distill_weight = distill_weight
-        self.distill_temperature = distill_temperature
-
-    def forward(
-        self, batch: Batch, teacher_logits: Tensor | None = None, id_mask: Tensor | None = None
-    ) -> TrainOutput:
-        """``id_mask`` (``[b]`` bool): also return the loss of only these examples, whose gradient
-        the learner gives the per-id rows (replayed examples train the shared parts only)."""
-        out = self.model(batch)
-        total, parts, id_loss = self.losses(batch, out, teacher_logits, id_mask)
-        return TrainOutput(total, parts, output=out, id_loss=id_loss)
-
-    def losses(
-        self, batch: Batch, out: ModelOutput, teacher_logits: Tensor | None = None, id_mask: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, float], Tensor | None]:
-        tw = self.model.config.task_weights
-        logits = out.click_logits.float()
-        w = batch.weights.to(logits.dtype)
-        norm = w.sum().clamp_min(1e-12)
-        bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none") * w
-        click = bce.sum() / norm
-        id_loss = None
-        if id_mask is not None:  # the same normalisation: the rows' steps keep their scale
-            id_loss = tw.click * (bce * id_mask.to(bce.dtype)).sum() / norm
-        total = tw.click * click
-        parts = {"click": float(click.detach())}
-        if out.category_logits is not None and bool(batch.category_mask.any()):
-            m = batch.category_mask
-            cat = F.binary_cross_entropy_with_logits(out.category_logits.float()[m], batch.category_targets[m])
-            total = total + tw.category * cat
-            parts["category"] = float(cat.detach())
-        if out.value_pred is not None and bool(batch.value_mask.any()):
-            m = batch.value_mask
-            val = F.smooth_l1_loss(out.value_pred.float()[m], batch.values[m])
-            total = total + tw.value * val
-            parts["value"] = float(val.detach())
-        if teacher_logits is not None and self.distill_weight > 0:
-            t = self.distill_temperature
-            target = torch.sigmoid(teacher_logits.float().detach() / t)
-            per = F.binary_cross_entropy_with_logits(logits / t, target, reduction="none") * (t * t)
-            distill = per.mean()
-            total = total + self.distill_weight * distill
-            if id_loss is not None:
-                id_loss = id_loss + self.distill_weight * (per * id_mask.to(per.dtype)).sum() / per.numel()
-            parts["distill"] = float(distill.detach())
-        parts["loss"] = float(total.detach())
-        return total, parts, id_loss

@@ -8,11 +8,11 @@ import torch
 from contract.records import Item, Labeled
 from trainer.batching import build_batch
 from trainer.catalog import Catalog, text_hash
+from trainer.losses import RecTrain
 from trainer.model import (
     ModelConfig,
     ModelError,
     PrefixCache,
-    RecTrain,
     TaskWeights,
     build_model,
     frozen_layer_count,
