@@ -14,8 +14,6 @@ Names (all prefixed ``streamrec_join_``):
 ``dead_letters_total{reason}``     counter    records sent to dead-letters: ``malformed``, ``orphan``, ``invalid``,
                                              ``too_large`` (an output or state record too large to deliver)
 ``duplicates_total{kind}``         counter    repeated impressions / clicks that changed nothing
-``behind_watermark_total{topic}``  counter    events that arrived more than a window behind the watermark
-                                             (a backfill: impressions close at once, clicks are late)
 ``user_history_updates_total``     counter    user-history records emitted
 ``replayed_skipped_total``         counter    redelivered inputs the restored state already held
 ``input_gaps_total``               counter    holes in the delivered offsets, re-read from the state's offset
@@ -61,12 +59,6 @@ class JoinMetrics:
         )
         self.duplicates = Counter(
             f"{PREFIX}duplicates", "Repeated records that changed nothing.", ["kind"], registry=r
-        )
-        self.behind_watermark = Counter(
-            f"{PREFIX}behind_watermark",
-            "Events that arrived more than a window behind their partition's watermark (backfill).",
-            ["topic"],
-            registry=r,
         )
         self.replayed = Counter(
             f"{PREFIX}replayed_skipped",
@@ -118,8 +110,6 @@ class JoinMetrics:
             self.labeled.labels(label=label)
         for reason in ("malformed", "orphan", "invalid", "too_large"):
             self.dead_letters.labels(reason=reason)
-        for topic in ("impressions", "clicks"):
-            self.behind_watermark.labels(topic=topic)
 
     def forget_partition(self, partition: int) -> None:
         """Drop the per-partition gauges of a partition this worker no longer owns."""

@@ -35,12 +35,6 @@ from streams.restore import changelog_records, changelog_topic_name, drop_partit
 log = logging.getLogger(__name__)
 
 
-def _kafka_ts_ms(msg: Any) -> int | None:
-    """The record's Kafka timestamp in ms (Faust gives seconds), None when it has none."""
-    ts = msg.timestamp
-    return None if ts is None or ts <= 0 else round(ts * 1000)
-
-
 class _Batch:
     """What one batch (or one idle tick) emits, and its counts for the metrics."""
 
@@ -199,11 +193,10 @@ class JoinService:
             batch.sends.append((self.dead_letter_topic, msg.key, dead.to_json(), -1))
             batch.malformed += 1
             return
-        kafka_ts = _kafka_ts_ms(msg)
         if isinstance(record, Impression):
-            outputs = core.on_impression(record, msg.offset, kafka_ts)
+            outputs = core.on_impression(record, msg.offset)
         else:
-            outputs = core.on_click(record, msg.offset, kafka_ts)
+            outputs = core.on_click(record, msg.offset)
         if outputs:
             self._route(outputs, partition, batch)
 
@@ -288,28 +281,12 @@ class JoinService:
             if newest is not None and core.watermark > -(2**61):
                 m.watermark.labels(partition=label).set(core.watermark)
                 m.watermark_lag.labels(partition=label).set(newest - core.watermark)
-            self._count_core_events(p, core)
-
-    def _count_core_events(self, partition: int, core: JoinCore) -> None:
-        """The core's own counts since the last batch: duplicates, events behind the watermark."""
-        m = self.metrics
-        seen = self._duplicates_seen.setdefault(partition, Counter())
-        for kind in ("duplicate_impressions", "duplicate_clicks"):
-            new = core.counts[kind] - seen[kind]
-            if new:
-                m.duplicates.labels(kind=kind.removeprefix("duplicate_")).inc(new)
-                seen[kind] = core.counts[kind]
-        for stream in (IMPRESSIONS.name, CLICKS.name):
-            kind = "behind_watermark_" + stream
-            new = core.counts[kind] - seen[kind]
-            if new:
-                m.behind_watermark.labels(topic=stream).inc(new)
-                seen[kind] = core.counts[kind]
-                log.warning(
-                    "partition %d: %d %s arrived more than a window behind the watermark %d "
-                    "(a backfill into a running app?): their impressions close at once, their clicks "
-                    "are late positives", partition, new, stream, core.watermark,
-                )  # fmt: skip
+            seen = self._duplicates_seen.setdefault(p, Counter())
+            for kind in ("duplicate_impressions", "duplicate_clicks"):
+                new = core.counts[kind] - seen[kind]
+                if new:
+                    m.duplicates.labels(kind=kind.removeprefix("duplicate_")).inc(new)
+                    seen[kind] = core.counts[kind]
 
     async def tick(self) -> None:
         """Advance every owned partition by the wall clock (idle streams close windows)."""

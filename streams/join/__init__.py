@@ -15,30 +15,8 @@ Semantics (all times are event time in ms unless they say wall clock):
 * **Watermarks.**  Each input stream has ``max ts seen − allowed_lateness``;
   the partition watermark is the minimum of the two and never goes back.  A
   stream with no arrival for ``idle_timeout_s`` (wall clock, injectable
-  ``clock``) stops holding it back.
-* **One bad clock cannot move the watermark.**  An event counts towards its
-  stream's ``max ts`` with ``min(ts, Kafka timestamp)`` (the worker passes each
-  record's timestamp as ``kafka_ts``): an event up to the skew bound
-  (``check_event_time``) ahead of its Kafka timestamp still joins, but the
-  watermark never runs ahead of the arrival times seen.  Without a Kafka
-  timestamp (``kafka_ts=None``) the event time counts as it is.
-* **Idle closing follows the time that passed.**  When both streams are idle
-  the watermark becomes the event time *inferred from arrival*: the newest
-  Kafka timestamp seen (else the newest event time) plus the wall time passed
-  since, minus the allowed lateness.  A quiet live partition therefore keeps
-  its 30-minute windows open for 30 minutes, while a replay of old data (its
-  event times far behind its Kafka timestamps) still closes at once.  Early
-  clicks become orphans by the same watermark (``click ts + grace``), no longer
-  all at once.  **Redo rule:** before each event, what idle ticks could have
-  done since the previous one is redone from the Kafka timestamps alone: a
-  stream whose newest Kafka timestamp is ``idle_timeout_s`` or more before the
-  event's counts as idle (both: the watermark may reach ``event's Kafka
-  timestamp − lateness``).  Idle ticks never run ahead of the records appended
-  after them, so replaying the same inputs from a restored state (a redo after
-  a crash) emits the same label and ``late`` flag per example_id.  Limits: a
-  stream this partition has never seen is idle by the wall clock only, and
-  Kafka timestamps are taken as arrival times (CreateTime at produce, or
-  LogAppendTime); a producer stamping records far from its send time defeats it.
+  ``clock``) stops holding it back; when both are idle every open window
+  closes and every buffered early click is dead-lettered.
 * **Window.**  An impression at ``T`` attributes clicks with ``ts <= T + window``:
   the window end is **inclusive**.  The window closes when the watermark
   passes the end (``watermark > T + window``); every shown item not clicked
@@ -51,16 +29,10 @@ Semantics (all times are event time in ms unless they say wall clock):
   full, oldest first), then become orphans.  A click that contradicts its
   impression (item not in the slate, other user) is rejected at once.
 * **Duplicates.**  At most one negative and one positive per ``example_id``;
-  a repeated impression id or click changes nothing.  A closed impression is
-  remembered until the watermark passes ``max(T + window, watermark at its
-  close) + closed_retention_ms`` and among the newest ``closed_max`` closed
-  ones; after that a click for it is an orphan and a replayed impression would
-  be joined afresh.  So an impression that arrives far behind the watermark (a
-  backfill into a running app) closes at once with its negatives, and the
-  clicks that follow it are late positives, not orphans.  Such events (more
-  than a window behind the watermark) are counted in ``counts``
-  (``behind_watermark_impressions`` / ``_clicks``); the worker logs and
-  exports them (``streamrec_join_behind_watermark_total``).
+  a repeated impression id or click changes nothing.  Closed impressions are
+  remembered until the watermark passes ``T + window + closed_retention_ms``
+  (so memory is bounded by event time, not by count); after that a click for
+  them is an orphan and a replayed impression would be joined afresh.
 * **History.**  Every accepted click (the first one per example_id) goes into
   the user's history.  An example carries the user's last ``history_length``
   clicked items with ``ts < T`` (strictly before the impression, never a click
@@ -86,9 +58,7 @@ inputs instead of applying them to a state that has moved past them, and
 re-reads any it never got (:mod:`streams.offsets`).
 
 Modules: :mod:`~streams.join.config` (the semantics' settings),
-:mod:`~streams.join.core` (the state machine), :mod:`~streams.join.early` (the
-early-click buffer, O(1) per click), :mod:`~streams.join.state` (restoring
-state keys), :mod:`~streams.join.history`
+:mod:`~streams.join.core` (the state machine), :mod:`~streams.join.history`
 (the users' click histories), :mod:`~streams.join.outputs` (what it emits),
 :mod:`~streams.join.wire` (its hand-written JSON and the persisted state keys),
 :mod:`~streams.join.reference` (the batch reference).  Everything public is

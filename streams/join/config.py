@@ -21,8 +21,6 @@ class JoinConfig:
     orphan_buffer_max: int = 100_000
     closed_retention_ms: int = 60 * 60_000
     history_length: int = 50
-    closed_max: int = 200_000
-    """At most this many closed impressions are remembered (the oldest closed is forgotten first)."""
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -32,7 +30,6 @@ class JoinConfig:
             ("orphan_buffer_max", 1),
             ("closed_retention_ms", 0),
             ("history_length", 1),
-            ("closed_max", 1),
         ):
             if getattr(self, name) < low:
                 raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")
@@ -47,10 +44,9 @@ class JoinConfig:
 def check_event_time(record_type: str, ts: int, kafka_ts_ms: int | None, max_future_skew_ms: int) -> None:
     """Refuse an event whose ``ts`` is more than ``max_future_skew_ms`` after its Kafka timestamp.
 
-    One event from a clock far ahead would hold a slate open for as long as
-    its clock is ahead (its window ends there), and without the core's own
-    cap (an event moves the watermark by ``min(ts, Kafka timestamp)`` only,
-    :mod:`streams.join`) it would close every open window at once.  The record's Kafka
+    One event from a clock far ahead would move its partition's watermark
+    there and close every open window at once: a false negative for each
+    pending impression, and late positives after.  The record's Kafka
     timestamp (the producer's CreateTime, or the broker's LogAppendTime)
     bounds when the event can have happened; events of the past (replays)
     always pass.  ``0`` turns the check off, and a record without a Kafka

@@ -10,11 +10,17 @@ from typing import Any
 
 from contract.records import Click, Impression
 from streams.join.config import NO_WATERMARK, JoinConfig
-from streams.join.early import EarlyClicks
 from streams.join.history import Histories
 from streams.join.outputs import Example, HistoryUpdate, Output, Rejected
-from streams.join.state import load_state
-from streams.join.wire import ImpressionState, compact_json, json_list, watermark_state
+from streams.join.wire import (
+    Early,
+    ImpressionState,
+    compact_json,
+    early_from_state,
+    early_state,
+    json_list,
+    watermark_state,
+)
 
 _IMP, _CLK = 0, 1
 _STREAMS = ("impressions", "clicks")
@@ -31,30 +37,25 @@ class JoinCore:
         # (event time, impression_id): the window end of an open impression, the
         # eviction time of a closed one.  Stale entries are skipped when popped.
         self._deadlines: list[tuple[int, str]] = []
-        self._closed: dict[str, None] = {}  # closed impressions, oldest closed first (the size bound)
-        self._early = EarlyClicks()
+        self._early: dict[str, list[Early]] = {}
+        self._early_heap: list[tuple[int, int, str]] = []  # (expiry, seq, impression_id)
+        self._early_count = 0
         self._histories = Histories(config.history_length, config.history_cap)
-        # per stream: the max event ts seen, each capped by its record's Kafka timestamp
         self._max_ts: list[int | None] = [None, None]
-        self._kafka_ts: list[int | None] = [None, None]  # per stream: the newest Kafka timestamp seen
         now = clock()
         self._last_arrival = [now, now]
-        self._progress_at = now  # wall clock when the newest event time / Kafka time was seen
         self._watermark = NO_WATERMARK
         self._next_offset = [0, 0]  # per stream: inputs below this offset are in the state
         self._seq = 0
         self._dirty: set[str] = set()
         self.counts: Counter[str] = Counter()
-        """Monotonic event counts: duplicate_impressions, duplicate_clicks, and
-        behind_watermark_impressions / behind_watermark_clicks (events that arrived more than
-        a window behind the watermark: a backfill, or a consumer far behind)."""
+        """Monotonic event counts: duplicate_impressions, duplicate_clicks."""
 
     # --- inputs ---------------------------------------------------------------------------
-    def on_impression(self, imp: Impression, offset: int = -1, kafka_ts: int | None = None) -> list[Output]:
-        """Take one impression in arrival order (``kafka_ts``: its record's Kafka timestamp, ms,
-        None when unknown); return what to emit."""
+    def on_impression(self, imp: Impression, offset: int = -1) -> list[Output]:
+        """Take one impression in arrival order; return what to emit."""
         out: list[Output] = []
-        now = self._arrive(_IMP, imp.ts, offset, kafka_ts, out)
+        now = self._arrive(_IMP, imp.ts, offset)
         iid = imp.impression_id
         if iid in self._imps:
             self.counts["duplicate_impressions"] += 1
@@ -64,18 +65,19 @@ class JoinCore:
             self._open[iid] = rec
             heapq.heappush(self._deadlines, (rec.ts + self.config.window_ms, iid))
             self._dirty.add("i/" + iid)
-            early = self._early.pop(iid)
+            early = self._early.pop(iid, None)
             if early is not None:
                 self._dirty.add("o/" + iid)
+                self._early_count -= len(early)
                 for click, off, _seq, _expiry in early:
                     self._apply_click(rec, click, off, out)
         self._advance(now, out)
         return out
 
-    def on_click(self, click: Click, offset: int = -1, kafka_ts: int | None = None) -> list[Output]:
-        """Take one click in arrival order (``kafka_ts`` as for :meth:`on_impression`)."""
+    def on_click(self, click: Click, offset: int = -1) -> list[Output]:
+        """Take one click in arrival order; return what to emit."""
         out: list[Output] = []
-        now = self._arrive(_CLK, click.ts, offset, kafka_ts, out)
+        now = self._arrive(_CLK, click.ts, offset)
         rec = self._imps.get(click.impression_id)
         if rec is None:
             self._buffer_early(click, offset, out)
@@ -134,7 +136,7 @@ class JoinCore:
 
     @property
     def early_clicks(self) -> int:
-        return self._early.count
+        return self._early_count
 
     def history(self, user_id: str) -> list[str]:
         """The user's clicked items known now, most recent last (at most history_length)."""
@@ -165,7 +167,7 @@ class JoinCore:
         """Every state key and its value (what :meth:`restore` needs)."""
         keys = ["w"]
         keys += ["i/" + k for k in self._imps]
-        keys += ["o/" + k for k in self._early.ids()]
+        keys += ["o/" + k for k in self._early]
         keys += ["h/" + k for k in self._histories.users()]
         return {k: self._state_of(k) for k in keys}
 
@@ -178,99 +180,93 @@ class JoinCore:
     ) -> JoinCore:
         """Rebuild a core from state keys (as written by :meth:`drain_changes`)."""
         core = cls(config, clock)
-        load_state(core, state)
+        for key, value in state:
+            if value is None:
+                continue
+            kind, ident = key[0], key[2:]
+            if key == "w":
+                core._max_ts = [value["max_ts"][0], value["max_ts"][1]]
+                core._watermark = int(value["wm"])
+                core._seq = max(core._seq, int(value["seq"]))
+                core._next_offset = [int(o) for o in value.get("next_offset", (0, 0))]
+            elif kind == "i":
+                rec = ImpressionState.from_state(ident, value)
+                core._imps[ident] = rec
+                if rec.closed:
+                    deadline = rec.ts + config.window_ms + config.closed_retention_ms
+                else:
+                    core._open[ident] = rec
+                    deadline = rec.ts + config.window_ms
+                core._deadlines.append((deadline, ident))
+            elif kind == "o":
+                early = early_from_state(value)
+                core._early[ident] = early
+                core._early_count += len(early)
+                core._early_heap.extend((exp, seq, ident) for _c, _off, seq, exp in early)
+            elif kind == "h":
+                core._histories.load(ident, value)
+            else:
+                raise ValueError(f"unknown join state key {key!r}")
+        # an early click whose impression is known was matched: its deletion was not persisted
+        for iid in [i for i in core._early if i in core._imps]:
+            core._early_count -= len(core._early.pop(iid))
+            core._early_heap = [e for e in core._early_heap if e[2] != iid]
+            core._dirty.add("o/" + iid)
+        heapq.heapify(core._deadlines)
+        heapq.heapify(core._early_heap)
+        seqs = [e[1] for e in core._early_heap]
+        history_seq = core._histories.max_seq()
+        if history_seq is not None:
+            seqs.append(history_seq)
+        core._seq = max([core._seq, *seqs])
         return core
-
-    def _load_marks(self, value: dict[str, Any]) -> None:
-        self._max_ts = [value["max_ts"][0], value["max_ts"][1]]
-        self._watermark = int(value["wm"])
-        self._seq = max(self._seq, int(value["seq"]))
-        self._next_offset = [int(o) for o in value.get("next_offset", (0, 0))]
-        arrival = value.get("arr") or (None, None)
-        self._kafka_ts = [arrival[0], arrival[1]]
 
     def _state_of(self, key: str) -> Any:
         if key == "w":
-            return watermark_state(self._max_ts, self._watermark, self._seq, self._next_offset, self._kafka_ts)
+            return watermark_state(self._max_ts, self._watermark, self._seq, self._next_offset)
         kind, ident = key[0], key[2:]
         if kind == "i":
             rec = self._imps.get(ident)
             return rec.state() if rec is not None else None
         if kind == "o":
-            return self._early.state(ident)
+            return early_state(self._early.get(ident))
         return self._histories.state(ident)
 
     # --- internals --------------------------------------------------------------------------
-    def _arrive(self, stream: int, ts: int, offset: int, kafka_ts: int | None, out: list[Output]) -> float:
+    def _arrive(self, stream: int, ts: int, offset: int) -> float:
         now = self._clock()
         self._last_arrival[stream] = now
         if offset >= self._next_offset[stream]:
             self._next_offset[stream] = offset + 1
             self._dirty.add("w")
-        if self._watermark != NO_WATERMARK and ts < self._watermark - self.config.window_ms:
-            self.counts["behind_watermark_" + _STREAMS[stream]] += 1
-        if kafka_ts is not None and kafka_ts > 0:
-            self._advance_by_kafka_time(stream, kafka_ts, out)
-            ts = min(ts, kafka_ts)  # one clock far ahead cannot drag the watermark with it
         seen = self._max_ts[stream]
         if seen is None or ts > seen:
             self._max_ts[stream] = ts
-            self._progress_at = now
             self._dirty.add("w")
         return now
-
-    def _advance_by_kafka_time(self, stream: int, kafka_ts: int, out: list[Output]) -> None:
-        """Before an event: what idle ticks may have done before it arrived, redone from the
-        Kafka timestamps alone, so a redo over the same inputs closes the same windows."""
-        idle_ms = self.config.idle_timeout_s * 1000
-        last = self._kafka_ts
-        idle = [t is not None and kafka_ts - t >= idle_ms for t in last]
-        if idle[0] or idle[1]:
-            self._raise_watermark(self._idle_candidate(idle[0], idle[1], kafka_ts), out)
-        if last[stream] is None or kafka_ts > last[stream]:  # type: ignore[operator]
-            last[stream] = kafka_ts
-            self._progress_at = self._clock()
-            self._dirty.add("w")
 
     def _stream_watermark(self, stream: int) -> int:
         seen = self._max_ts[stream]
         return NO_WATERMARK if seen is None else seen - self.config.allowed_lateness_ms
 
-    def _idle_candidate(self, imp_idle: bool, clk_idle: bool, arrival_now: int | None) -> int:
-        """The watermark a stream's idleness allows.  Both idle: the event time inferred from
-        arrival, ``arrival_now - allowed_lateness`` (never a jump past every open window)."""
-        wm_imp, wm_clk = self._stream_watermark(_IMP), self._stream_watermark(_CLK)
-        if imp_idle and clk_idle:
-            inferred = NO_WATERMARK
-            if arrival_now is not None:
-                inferred = arrival_now - self.config.allowed_lateness_ms
-            return max(wm_imp, wm_clk, inferred)
-        if imp_idle:
-            return wm_clk
-        if clk_idle:
-            return wm_imp
-        return min(wm_imp, wm_clk)
-
-    def _arrival_now(self, now: float) -> int | None:
-        """Now on the partition's arrival clock: the newest Kafka timestamp (else the newest
-        event time) seen, plus the wall time passed since it was seen."""
-        seen = [t for t in (*self._kafka_ts, *self._max_ts) if t is not None]
-        if not seen:
-            return None
-        return max(seen) + int((now - self._progress_at) * 1000)
-
     def _advance(self, now: float, out: list[Output]) -> None:
         idle = self.config.idle_timeout_s
         imp_idle = now - self._last_arrival[_IMP] >= idle
         clk_idle = now - self._last_arrival[_CLK] >= idle
-        arrival = self._arrival_now(now) if imp_idle and clk_idle else None
-        self._raise_watermark(self._idle_candidate(imp_idle, clk_idle, arrival), out)
-
-    def _raise_watermark(self, candidate: int, out: list[Output]) -> None:
+        wm_imp, wm_clk = self._stream_watermark(_IMP), self._stream_watermark(_CLK)
+        if imp_idle and clk_idle:
+            candidate = max(wm_imp, wm_clk)
+        elif imp_idle:
+            candidate = wm_clk
+        elif clk_idle:
+            candidate = wm_imp
+        else:
+            candidate = min(wm_imp, wm_clk)
         if candidate > self._watermark:
             self._watermark = candidate
             self._dirty.add("w")
         wm = self._watermark
+        window, keep = self.config.window_ms, self.config.closed_retention_ms
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] < wm:
             deadline, iid = heapq.heappop(deadlines)
@@ -279,30 +275,28 @@ class JoinCore:
                 continue
             if not rec.closed:
                 self._close(rec, out)
-            elif deadline == rec.until:
-                self._forget(iid)
-        for click, offset, _seq, _expiry in self._early.pop_due(wm):
-            self._dirty.add("o/" + click.impression_id)
-            out.append(Rejected(click, offset, "orphan click: no impression within the grace period", orphan=True))
-
-    def _forget(self, iid: str) -> None:
-        del self._imps[iid]
-        self._closed.pop(iid, None)
-        self._dirty.add("i/" + iid)
+            elif deadline == rec.ts + window + keep:
+                del self._imps[iid]
+                self._dirty.add("i/" + iid)
+        early_heap = self._early_heap
+        while early_heap and early_heap[0][0] < wm:
+            _expiry, seq, iid = heapq.heappop(early_heap)
+            self._expire_early(iid, seq, "no impression within the grace period", out)
+        if imp_idle and clk_idle:
+            for rec in list(self._open.values()):
+                self._close(rec, out)
+            while early_heap:
+                _expiry, seq, iid = heapq.heappop(early_heap)
+                self._expire_early(iid, seq, "no impression before both streams went idle", out)
 
     def _close(self, rec: ImpressionState, out: list[Output]) -> None:
         cfg = self.config
         rec.closed = True
         del self._open[rec.impression_id]
         self._dirty.add("i/" + rec.impression_id)
-        # Retention counts from the close, not only from the window end: an impression that
-        # arrived far behind the watermark (a backfill) closes at once and must still take the
-        # clicks that follow it (late positives) for closed_retention_ms of watermark progress.
-        rec.until = max(rec.ts + cfg.window_ms, self._watermark) + cfg.closed_retention_ms
-        heapq.heappush(self._deadlines, (rec.until, rec.impression_id))
-        self._closed[rec.impression_id] = None
-        while len(self._closed) > cfg.closed_max:
-            self._forget(next(iter(self._closed)))
+        heapq.heappush(
+            self._deadlines, (rec.ts + cfg.window_ms + cfg.closed_retention_ms, rec.impression_id)
+        )
         history = self._history_as_of(rec)
         hjson = json_list(history)
         end = rec.ts + cfg.window_ms
@@ -380,20 +374,37 @@ class JoinCore:
         return self._histories.as_of(rec.user_id, rec.ts, rec.impression_id)
 
     def _buffer_early(self, click: Click, offset: int, out: list[Output]) -> None:
-        early = self._early
-        if click in early:
+        iid = click.impression_id
+        early = self._early.get(iid)
+        if early is not None and any(c == click for c, *_ in early):
             self.counts["duplicate_clicks"] += 1
             return
-        while early.count >= self.config.orphan_buffer_max:
-            oldest = early.pop_oldest()
-            if oldest is None:
-                break
-            self._dirty.add("o/" + oldest[0].impression_id)
-            out.append(Rejected(oldest[0], oldest[1], "orphan click: the early-click buffer is full", orphan=True))
+        while self._early_count >= self.config.orphan_buffer_max and self._early_heap:
+            _expiry, seq, old = heapq.heappop(self._early_heap)
+            self._expire_early(old, seq, "the early-click buffer is full", out)
+        if early is None:
+            early = self._early[iid] = []
         self._seq += 1
-        # the grace counts from the click's arrival too: a backfilled click far behind the
-        # watermark still waits for its impression while the watermark moves on by the grace
-        expiry = max(click.ts, self._watermark) + self.config.orphan_grace_ms
-        early.add(click, offset, self._seq, expiry)
-        self._dirty.add("o/" + click.impression_id)
+        expiry = click.ts + self.config.orphan_grace_ms
+        early.append((click, offset, self._seq, expiry))
+        heapq.heappush(self._early_heap, (expiry, self._seq, iid))
+        self._early_count += 1
+        self._dirty.add("o/" + iid)
         self._dirty.add("w")
+
+    def _expire_early(self, iid: str, seq: int, why: str, out: list[Output]) -> None:
+        early = self._early.get(iid)
+        if not early:
+            return
+        for i, (click, offset, s, _expiry) in enumerate(early):
+            if s == seq:
+                del early[i]
+                self._early_count -= 1
+                if not early:
+                    del self._early[iid]
+                self._dirty.add("o/" + iid)
+                out.append(Rejected(click, offset, f"orphan click: {why}", orphan=True))
+                return
+
+
+# --- the batch reference ------------------------------------------------------------------

@@ -10,11 +10,8 @@ field is correct by construction), because it is written for every event:
   :meth:`streams.join.JoinCore.restore`:
 
   ==============  ==============================================================
-  ``w``           ``{"max_ts": [imp, clk], "wm", "seq", "next_offset": [imp, clk], "arr": [imp, clk]}``
-                  (``max_ts`` capped by the Kafka timestamps; ``arr`` the newest Kafka
-                  timestamp seen per stream, or null)
-  ``i/<imp id>``  one remembered impression (:class:`ImpressionState`; a closed one has
-                  ``until``, the watermark after which it is forgotten)
+  ``w``           ``{"max_ts": [imp, clk], "wm", "seq", "next_offset": [imp, clk]}``
+  ``i/<imp id>``  one remembered impression (:class:`ImpressionState`)
   ``o/<imp id>``  early clicks of an impression not seen yet: ``[[click, offset, seq, expiry], ...]``
   ``h/<user id>`` the user's click history: ``[[ts, seq, item_id, impression_id], ...]``
   ==============  ==============================================================
@@ -46,9 +43,7 @@ def json_list(items: list[str]) -> str:
 class ImpressionState:
     """One remembered impression: open until its window closes, then closed until evicted."""
 
-    __slots__ = (
-        "impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "until", "_items_json",
-    )  # fmt: skip
+    __slots__ = ("impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "_items_json")
 
     def __init__(self, impression_id: str, user_id: str, ts: int, items: tuple[str, ...]) -> None:
         self.impression_id = impression_id
@@ -58,7 +53,6 @@ class ImpressionState:
         self.positives: set[str] = set()  # items whose positive was emitted
         self.beyond: dict[str, tuple[int, float | None]] = {}  # clicks after the window end, while open
         self.closed = False
-        self.until: int | None = None  # closed: forgotten once the watermark passes this
         self._items_json: str | None = None
 
     def state_json(self) -> bytes:
@@ -74,8 +68,6 @@ class ImpressionState:
             ) + "}"
         if self.closed:
             s += ',"closed":true'
-            if self.until is not None:
-                s += f',"until":{self.until}'
         return (s + "}").encode()
 
     def state(self) -> dict[str, Any]:
@@ -86,8 +78,6 @@ class ImpressionState:
             s["beyond"] = {k: list(v) for k, v in self.beyond.items()}
         if self.closed:
             s["closed"] = True
-            if self.until is not None:
-                s["until"] = self.until
         return s
 
     @classmethod
@@ -96,18 +86,12 @@ class ImpressionState:
         rec.positives = set(s.get("pos", ()))
         rec.beyond = {k: (int(v[0]), v[1]) for k, v in s.get("beyond", {}).items()}
         rec.closed = bool(s.get("closed", False))
-        until = s.get("until")
-        rec.until = None if until is None else int(until)
         return rec
 
 
 # --- the other keys -------------------------------------------------------------------------
-def watermark_state(
-    max_ts: list[int | None], watermark: int, seq: int, next_offset: list[int], kafka_ts: list[int | None]
-) -> dict[str, Any]:
-    return {
-        "max_ts": list(max_ts), "wm": watermark, "seq": seq, "next_offset": list(next_offset), "arr": list(kafka_ts),
-    }  # fmt: skip
+def watermark_state(max_ts: list[int | None], watermark: int, seq: int, next_offset: list[int]) -> dict[str, Any]:
+    return {"max_ts": list(max_ts), "wm": watermark, "seq": seq, "next_offset": list(next_offset)}
 
 
 def early_state(early: list[Early] | None) -> list[Any] | None:

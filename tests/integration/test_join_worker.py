@@ -405,30 +405,3 @@ def test_an_output_too_large_to_deliver_is_dead_lettered_on_a_real_broker(kafka_
     assert len(dead.raw()) == MAX_RAW_BYTES and "too large" in dead.error and "2000000 bytes" in dead.error
     assert consume(kafka_settings, LABELED, count=1, timeout=30) == [normal]
     assert metrics.registry.get_sample_value("streamrec_join_dead_letters_total", {"reason": "too_large"}) == 1
-
-
-def test_a_backfill_into_a_running_worker_keeps_its_clicks_as_late_positives(
-    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker]
-) -> None:
-    now = int(time.time() * 1000)
-    today = Impression(impression_id="today", user_id="b1", items=["x"], ts=now - 1_000)
-    produce_events(kafka_settings, [today], [Click(impression_id="today", user_id="b1", item_id="x", ts=now - 900)])
-    port = free_port()
-    worker = start_worker(STREAMREC_JOIN_METRICS_PORT=str(port))
-    [first] = consume(kafka_settings, LABELED, count=1, timeout=90)
-    assert first.example_id == "today:x" and first.label == 1, worker.tail()
-
-    # yesterday's logs, into the same partition (same user): far behind its watermark
-    old = Impression(impression_id="old", user_id="b1", items=["a", "b"], ts=now - 86_400_000)
-    produce_events(kafka_settings, [old], [Click(impression_id="old", user_id="b1", item_id="a", ts=old.ts + 5_000)])
-    # the clicks topic may be read first (a positive in time) or after (a negative, then late)
-    got = consume(kafka_settings, LABELED, count=4, timeout=60)
-    labeled = {(r.example_id, r.label, r.late) for r in got}
-    assert ("old:b", 0, False) in labeled, worker.tail()
-    assert ("old:a", 1, False) in labeled or {("old:a", 0, False), ("old:a", 1, True)} <= labeled
-    assert consume(kafka_settings, DEAD_LETTERS, count=1, timeout=3) == []  # no orphan
-    metrics = scrape(port)
-    assert metrics['streamrec_join_behind_watermark_total{topic="impressions"}'] == 1
-    assert metrics['streamrec_join_behind_watermark_total{topic="clicks"}'] == 1
-    assert "behind the watermark" in worker.text()
-    assert worker.stop() == 0, worker.tail()
