@@ -21,9 +21,17 @@ import base64
 import json
 import math
 import re
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from contract.errors import RecordError
 
@@ -39,6 +47,8 @@ ImpressionId = Field(min_length=1, max_length=MAX_ID, pattern=r"^[^:]+$")
 """An impression id has no ':', so that ``example_id = impression_id + ':' + item_id`` is unambiguous
 (``"a:b" + "c"`` and ``"a" + "b:c"`` cannot both exist) and splits back at its first ':'."""
 ExampleId = Field(min_length=3, max_length=2 * MAX_ID + 1)
+IdStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)]
+"""An id inside a list (slate, history, candidates): bounded like a single one."""
 EpochMs = Field(ge=0, le=2**53)
 
 
@@ -142,14 +152,13 @@ class Impression(Record):
 
     impression_id: str = ImpressionId
     user_id: str = Id
-    items: list[str] = Field(min_length=1, max_length=1000)
+    items: list[IdStr] = Field(min_length=1, max_length=1000)
     context: dict[str, Any] | None = None
     propensities: list[float] | None = None
 
     @field_validator("items")
     @classmethod
     def _items_unique(cls, v: list[str]) -> list[str]:
-        _check_ids(v, "a slate")
         return _unique(v, "a slate")  # type: ignore[return-value]
 
     @model_validator(mode="after")
@@ -195,7 +204,7 @@ class Labeled(Record):
     position: int = Field(ge=0)
     label: Literal[0, 1]
     value: float | None = None
-    history: list[str] = Field(default_factory=list, max_length=10_000)
+    history: list[IdStr] = Field(default_factory=list, max_length=10_000)
     impression_ts: int = EpochMs
     label_ts: int = EpochMs
     late: bool = False
@@ -204,11 +213,6 @@ class Labeled(Record):
     @classmethod
     def _value_finite(cls, v: float | None) -> float | None:
         return _finite(v)
-
-    @field_validator("history")
-    @classmethod
-    def _history_ids(cls, v: list[str]) -> list[str]:
-        return _check_ids(v, "history")
 
     @model_validator(mode="after")
     def _example_id_matches(self) -> Labeled:
@@ -222,13 +226,6 @@ def example_id(impression_id: str, item_id: str) -> str:
     return f"{impression_id}:{item_id}"
 
 
-def _check_ids(ids: list[str], what: str) -> list[str]:
-    """Every id of a list is a non-empty string of at most :data:`MAX_ID` characters."""
-    for i in ids:
-        if not i or len(i) > MAX_ID:
-            raise ValueError(f"ids in {what} must be 1..{MAX_ID} characters, got {len(i)}")
-    return ids
-
 
 class UserHistory(Record):
     """``user-history`` (compacted, key user_id): recent items, most recent last."""
@@ -237,12 +234,7 @@ class UserHistory(Record):
     KEY_FIELD: ClassVar[str] = "user_id"
 
     user_id: str = Id
-    items: list[str] = Field(default_factory=list, max_length=10_000)
-
-    @field_validator("items")
-    @classmethod
-    def _item_ids(cls, v: list[str]) -> list[str]:
-        return _check_ids(v, "a history")
+    items: list[IdStr] = Field(default_factory=list, max_length=10_000)
 
 
 class RecRequest(Record):
@@ -254,13 +246,11 @@ class RecRequest(Record):
     request_id: str = Id
     user_id: str = Id
     k: int = Field(ge=1, le=10_000)
-    candidates: list[str] | None = Field(default=None, max_length=100_000)
+    candidates: list[IdStr] | None = Field(default=None, max_length=100_000)
 
     @field_validator("candidates")
     @classmethod
     def _candidates_unique(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            _check_ids(v, "candidates")
         return _unique(v, "candidates")
 
 

@@ -165,7 +165,7 @@ def test_optional_fields_are_left_out_when_unset() -> None:
         (Item, {"categories": "Comedy"}, "categories"),
         (Impression, {"items": []}, "items"),
         (Impression, {"items": ["a", "a"]}, "items"),
-        (Impression, {"items": ["a", ""], "propensities": None}, "items"),
+        (Impression, {"items": ["a", ""], "propensities": None}, "items.1"),  # the empty id, by position
         (Impression, {"propensities": [0.5, 0.5]}, "<record>"),
         (Impression, {"propensities": [0.5, 0.0, 0.5]}, "<record>"),
         (Impression, {"context": [1]}, "context"),
