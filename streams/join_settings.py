@@ -75,6 +75,30 @@ class JoinSettings(BaseSettings):
         default=100_000, ge=1, description="Early clicks buffered per partition before the oldest is dead-lettered."
     )
 
+    watermark_lead_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description=(
+            "An event moves its stream's watermark at most this far past the wall clock, so one clock "
+            "ahead cannot close the windows of its partition (the event keeps its ts)."
+        ),
+    )
+    late_hold_events: int = Field(
+        default=20_000,
+        ge=0,
+        description=(
+            "An impression or early click that arrives behind the watermark by more than its window "
+            "(a backfill) is kept for this many further events of its partition, so its clicks still "
+            "join (as late positives) instead of becoming orphans."
+        ),
+    )
+    early_per_impression_max: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Early clicks buffered for one impression not seen yet; more go to dead-letters.",
+    )
+
     max_future_skew_ms: int = Field(
         default=24 * 3_600_000,
         ge=0,
@@ -88,7 +112,10 @@ class JoinSettings(BaseSettings):
     idle_timeout_s: float = Field(
         default=10.0,
         gt=0,
-        description="A stream without events this long stops holding the watermark back; both idle closes all windows.",
+        description=(
+            "A stream without events this long stops holding the watermark back; both idle closes the "
+            "windows that have ended by the later of (newest event ts + idle time) and the wall clock."
+        ),
     )
 
     # --- the worker -------------------------------------------------------------------------
@@ -131,6 +158,9 @@ class JoinSettings(BaseSettings):
             orphan_buffer_max=self.orphan_buffer_max,
             closed_retention_ms=self.closed_retention_ms,
             history_length=self.history_length,
+            watermark_lead_ms=self.watermark_lead_ms,
+            late_hold_events=self.late_hold_events,
+            early_per_impression_max=self.early_per_impression_max,
         )
 
     def tick_interval_s(self) -> float:

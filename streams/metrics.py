@@ -14,6 +14,7 @@ Names (all prefixed ``streamrec_join_``):
 ``dead_letters_total{reason}``     counter    records sent to dead-letters: ``malformed``, ``orphan``, ``invalid``,
                                              ``too_large`` (an output or state record too large to deliver)
 ``duplicates_total{kind}``         counter    repeated impressions / clicks that changed nothing
+``behind_watermark_total{kind}``   counter    impressions / clicks / early clicks a window behind the watermark
 ``user_history_updates_total``     counter    user-history records emitted
 ``replayed_skipped_total``         counter    redelivered inputs the restored state already held
 ``input_gaps_total``               counter    holes in the delivered offsets, re-read from the state's offset
@@ -59,6 +60,12 @@ class JoinMetrics:
         )
         self.duplicates = Counter(
             f"{PREFIX}duplicates", "Repeated records that changed nothing.", ["kind"], registry=r
+        )
+        self.behind_watermark = Counter(
+            f"{PREFIX}behind_watermark",
+            "Events that arrived behind the watermark by more than the window (backfills), by kind.",
+            ["kind"],
+            registry=r,
         )
         self.replayed = Counter(
             f"{PREFIX}replayed_skipped",

@@ -34,6 +34,11 @@ from streams.restore import changelog_records, changelog_topic_name, drop_partit
 
 log = logging.getLogger(__name__)
 
+_CORE_COUNTS = (
+    "duplicate_impressions", "duplicate_clicks", "behind_impressions", "behind_clicks", "behind_early_clicks",
+)  # fmt: skip
+"""The core's counts (:attr:`streams.join.JoinCore.counts`) the metrics follow."""
+
 
 class _Batch:
     """What one batch (or one idle tick) emits, and its counts for the metrics."""
@@ -282,11 +287,21 @@ class JoinService:
                 m.watermark.labels(partition=label).set(core.watermark)
                 m.watermark_lag.labels(partition=label).set(newest - core.watermark)
             seen = self._duplicates_seen.setdefault(p, Counter())
-            for kind in ("duplicate_impressions", "duplicate_clicks"):
+            for kind in _CORE_COUNTS:
                 new = core.counts[kind] - seen[kind]
-                if new:
-                    m.duplicates.labels(kind=kind.removeprefix("duplicate_")).inc(new)
-                    seen[kind] = core.counts[kind]
+                if not new:
+                    continue
+                seen[kind] = core.counts[kind]
+                name, _, what = kind.partition("_")
+                if name == "duplicate":
+                    m.duplicates.labels(kind=what).inc(new)
+                else:
+                    m.behind_watermark.labels(kind=what).inc(new)
+                    log.warning(
+                        "partition %d: %d %s arrived more than a window (%d ms) behind the watermark %d "
+                        "(a backfill?): closed at once, their clicks become late positives",
+                        p, new, what.replace("_", " "), self.config.window_ms, core.watermark,
+                    )  # fmt: skip
 
     async def tick(self) -> None:
         """Advance every owned partition by the wall clock (idle streams close windows)."""

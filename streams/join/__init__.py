@@ -13,10 +13,18 @@ field is correct by construction) or convert to the validated record
 Semantics (all times are event time in ms unless they say wall clock):
 
 * **Watermarks.**  Each input stream has ``max ts seen − allowed_lateness``;
-  the partition watermark is the minimum of the two and never goes back.  A
-  stream with no arrival for ``idle_timeout_s`` (wall clock, injectable
-  ``clock``) stops holding it back; when both are idle every open window
-  closes and every buffered early click is dead-lettered.
+  the partition watermark is the minimum of the two and never goes back.  An
+  event moves its stream's max at most ``watermark_lead_ms`` past the wall
+  clock (injectable ``wall``), so one clock ahead cannot close the partition.
+  A stream with no arrival for ``idle_timeout_s`` (wall clock, injectable
+  ``clock``) stops holding it back; when both are idle, the windows (and early
+  clicks' grace) that ended before the later of (newest ts + idle time) and the
+  wall clock close, without moving the watermark: a quiet live partition keeps
+  its window, a finished replay of the past closes at once.
+* **Behind the watermark.**  An impression whose window ended before the
+  watermark on arrival (a backfill) closes at once and is held for
+  ``late_hold_events`` arrivals (its clicks are late positives); an early click
+  already past its grace waits as long for its impression.
 * **Window.**  An impression at ``T`` attributes clicks with ``ts <= T + window``:
   the window end is **inclusive**.  The window closes when the watermark
   passes the end (``watermark > T + window``); every shown item not clicked
@@ -26,7 +34,8 @@ Semantics (all times are event time in ms unless they say wall clock):
   becomes a positive with ``late=True``, always after the item's negative.
 * **Early clicks** (impression not seen yet) wait until the watermark passes
   ``click ts + orphan_grace_ms`` (or the buffer of ``orphan_buffer_max`` is
-  full, oldest first), then become orphans.  A click that contradicts its
+  full, oldest first, or the impression has ``early_per_impression_max``),
+  then become orphans; O(1) per click.  A click that contradicts its
   impression (item not in the slate, other user) is rejected at once.
 * **Duplicates.**  At most one negative and one positive per ``example_id``;
   a repeated impression id or click changes nothing.  Closed impressions are

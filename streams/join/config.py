@@ -21,6 +21,9 @@ class JoinConfig:
     orphan_buffer_max: int = 100_000
     closed_retention_ms: int = 60 * 60_000
     history_length: int = 50
+    watermark_lead_ms: int = 60_000
+    late_hold_events: int = 20_000
+    early_per_impression_max: int = 256
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -30,6 +33,9 @@ class JoinConfig:
             ("orphan_buffer_max", 1),
             ("closed_retention_ms", 0),
             ("history_length", 1),
+            ("watermark_lead_ms", 0),
+            ("late_hold_events", 0),
+            ("early_per_impression_max", 1),
         ):
             if getattr(self, name) < low:
                 raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,17 +29,29 @@ _STREAMS = ("impressions", "clicks")
 class JoinCore:
     """The join state of one partition.  Not thread-safe; one caller at a time."""
 
-    def __init__(self, config: JoinConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: JoinConfig,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self._wall = wall  # seconds since the epoch: bounds how far event time can run ahead
         self._imps: dict[str, ImpressionState] = {}
         self._open: dict[str, ImpressionState] = {}
         # (event time, impression_id): the window end of an open impression, the
         # eviction time of a closed one.  Stale entries are skipped when popped.
         self._deadlines: list[tuple[int, str]] = []
-        self._early: dict[str, list[Early]] = {}
+        self._early: dict[str, dict[int, Early]] = {}  # impression_id -> seq -> early click
+        self._early_keys: dict[str, set[tuple[Any, ...]]] = {}  # to drop a repeated early click
         self._early_heap: list[tuple[int, int, str]] = []  # (expiry, seq, impression_id)
         self._early_count = 0
+        # events that arrived behind the watermark by more than their deadline, in arrival
+        # order (seq, impression_id): held for late_hold_events arrivals instead of being
+        # forgotten (impressions) or dead-lettered (early clicks) at once
+        self._held: deque[tuple[int, str]] = deque()
+        self._held_early: deque[tuple[int, str]] = deque()
         self._histories = Histories(config.history_length, config.history_cap)
         self._max_ts: list[int | None] = [None, None]
         now = clock()
@@ -49,7 +61,8 @@ class JoinCore:
         self._seq = 0
         self._dirty: set[str] = set()
         self.counts: Counter[str] = Counter()
-        """Monotonic event counts: duplicate_impressions, duplicate_clicks."""
+        """Monotonic event counts: duplicate_impressions, duplicate_clicks, and behind_impressions
+        / behind_clicks (events that arrived behind the watermark by more than the window)."""
 
     # --- inputs ---------------------------------------------------------------------------
     def on_impression(self, imp: Impression, offset: int = -1) -> list[Output]:
@@ -63,13 +76,21 @@ class JoinCore:
             rec = ImpressionState(iid, imp.user_id, imp.ts, tuple(imp.items))
             self._imps[iid] = rec
             self._open[iid] = rec
-            heapq.heappush(self._deadlines, (rec.ts + self.config.window_ms, iid))
+            end = rec.ts + self.config.window_ms
+            heapq.heappush(self._deadlines, (end, iid))
             self._dirty.add("i/" + iid)
+            if end < self._watermark:
+                # behind the watermark by more than the window (a backfill): it closes now, and is
+                # remembered by arrival so that its clicks, arriving next, are late positives
+                self.counts["behind_impressions"] += 1
+                rec.held = self._seq
+                self._held.append((self._seq, iid))
             early = self._early.pop(iid, None)
             if early is not None:
+                self._early_keys.pop(iid, None)
                 self._dirty.add("o/" + iid)
                 self._early_count -= len(early)
-                for click, off, _seq, _expiry in early:
+                for click, off, _seq, _expiry in early.values():
                     self._apply_click(rec, click, off, out)
         self._advance(now, out)
         return out
@@ -78,6 +99,8 @@ class JoinCore:
         """Take one click in arrival order; return what to emit."""
         out: list[Output] = []
         now = self._arrive(_CLK, click.ts, offset)
+        if click.ts + self.config.window_ms < self._watermark:
+            self.counts["behind_clicks"] += 1
         rec = self._imps.get(click.impression_id)
         if rec is None:
             self._buffer_early(click, offset, out)
@@ -177,9 +200,12 @@ class JoinCore:
         config: JoinConfig,
         state: Iterable[tuple[str, Any]],
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> JoinCore:
         """Rebuild a core from state keys (as written by :meth:`drain_changes`)."""
-        core = cls(config, clock)
+        core = cls(config, clock, wall)
+        held: list[tuple[int, str]] = []
+        early_entries: list[tuple[int, int, str]] = []
         for key, value in state:
             if value is None:
                 continue
@@ -192,6 +218,8 @@ class JoinCore:
             elif kind == "i":
                 rec = ImpressionState.from_state(ident, value)
                 core._imps[ident] = rec
+                if rec.held is not None:
+                    held.append((rec.held, ident))
                 if rec.closed:
                     deadline = rec.ts + config.window_ms + config.closed_retention_ms
                 else:
@@ -200,9 +228,10 @@ class JoinCore:
                 core._deadlines.append((deadline, ident))
             elif kind == "o":
                 early = early_from_state(value)
-                core._early[ident] = early
+                core._early[ident] = {e[2]: e for e in early}
+                core._early_keys[ident] = {_click_key(e[0]) for e in early}
                 core._early_count += len(early)
-                core._early_heap.extend((exp, seq, ident) for _c, _off, seq, exp in early)
+                early_entries.extend((exp, seq, ident) for _c, _off, seq, exp in early)
             elif kind == "h":
                 core._histories.load(ident, value)
             else:
@@ -210,11 +239,19 @@ class JoinCore:
         # an early click whose impression is known was matched: its deletion was not persisted
         for iid in [i for i in core._early if i in core._imps]:
             core._early_count -= len(core._early.pop(iid))
-            core._early_heap = [e for e in core._early_heap if e[2] != iid]
+            core._early_keys.pop(iid, None)
             core._dirty.add("o/" + iid)
         heapq.heapify(core._deadlines)
+        core._held.extend(sorted(held))
+        for expiry, seq, iid in sorted(early_entries, key=lambda e: e[1]):
+            if iid not in core._early:
+                continue
+            if expiry < core._watermark:  # expired on arrival: it was held
+                core._held_early.append((seq, iid))
+            else:
+                core._early_heap.append((expiry, seq, iid))
         heapq.heapify(core._early_heap)
-        seqs = [e[1] for e in core._early_heap]
+        seqs = [e[1] for e in early_entries]
         history_seq = core._histories.max_seq()
         if history_seq is not None:
             seqs.append(history_seq)
@@ -229,20 +266,25 @@ class JoinCore:
             rec = self._imps.get(ident)
             return rec.state() if rec is not None else None
         if kind == "o":
-            return early_state(self._early.get(ident))
+            early = self._early.get(ident)
+            return early_state(early.values() if early else None)
         return self._histories.state(ident)
 
     # --- internals --------------------------------------------------------------------------
     def _arrive(self, stream: int, ts: int, offset: int) -> float:
         now = self._clock()
         self._last_arrival[stream] = now
+        self._seq += 1  # the arrival count: held events are kept for a number of arrivals
+        self._dirty.add("w")
         if offset >= self._next_offset[stream]:
             self._next_offset[stream] = offset + 1
-            self._dirty.add("w")
         seen = self._max_ts[stream]
         if seen is None or ts > seen:
-            self._max_ts[stream] = ts
-            self._dirty.add("w")
+            # one clock ahead must not move the watermark into the future: an event moves its
+            # stream at most watermark_lead_ms past the wall clock (its own ts is kept as is)
+            ts = min(ts, int(self._wall() * 1000) + self.config.watermark_lead_ms)
+            if seen is None or ts > seen:
+                self._max_ts[stream] = ts
         return now
 
     def _stream_watermark(self, stream: int) -> int:
@@ -275,19 +317,70 @@ class JoinCore:
                 continue
             if not rec.closed:
                 self._close(rec, out)
-            elif deadline == rec.ts + window + keep:
-                del self._imps[iid]
-                self._dirty.add("i/" + iid)
+            elif deadline == rec.ts + window + keep and rec.held is None:
+                self._forget(iid)
         early_heap = self._early_heap
         while early_heap and early_heap[0][0] < wm:
             _expiry, seq, iid = heapq.heappop(early_heap)
             self._expire_early(iid, seq, "no impression within the grace period", out)
+        self._release_held(out)
         if imp_idle and clk_idle:
-            for rec in list(self._open.values()):
+            self._close_idle(now, out)
+
+    def _close_idle(self, now: float, out: list[Output]) -> None:
+        """Both streams idle: close the windows that have ended by now, without moving the watermark.
+
+        "Now" in event time is the later of the newest event time plus the idle wall time
+        passed (a live stream whose clocks are right, early or late) and the wall clock (a
+        replay or backfill of the past, whose windows nothing will close otherwise), minus the
+        allowed lateness.  So a quiet live partition keeps its window (a click 5 min after its
+        impression is a positive), and a finished replay closes everything at once.
+        """
+        cfg = self.config
+        seen = [t for t in self._max_ts if t is not None]
+        if not seen:
+            return
+        idle_ms = int((now - max(self._last_arrival)) * 1000)
+        horizon = max(max(seen) + idle_ms, int(self._wall() * 1000)) - cfg.allowed_lateness_ms
+        if self._open:
+            for rec in [r for r in self._open.values() if r.ts + cfg.window_ms < horizon]:
                 self._close(rec, out)
-            while early_heap:
-                _expiry, seq, iid = heapq.heappop(early_heap)
-                self._expire_early(iid, seq, "no impression before both streams went idle", out)
+        if self._early_heap and self._early_heap[0][0] < horizon:
+            kept = []
+            for entry in self._early_heap:
+                if entry[0] < horizon:
+                    self._expire_early(entry[2], entry[1], "no impression before both streams went idle", out)
+                else:
+                    kept.append(entry)
+            heapq.heapify(kept)
+            self._early_heap = kept
+        while self._held_early:
+            seq, iid = self._held_early.popleft()
+            self._expire_early(iid, seq, "no impression before both streams went idle", out)
+
+    def _release_held(self, out: list[Output]) -> None:
+        """Forget held impressions and dead-letter held early clicks late_hold_events arrivals on."""
+        cfg = self.config
+        oldest = self._seq - cfg.late_hold_events
+        held = self._held
+        while held and held[0][0] <= oldest:
+            seq, iid = held.popleft()
+            rec = self._imps.get(iid)
+            if rec is None or rec.held != seq:
+                continue
+            if rec.ts + cfg.window_ms + cfg.closed_retention_ms < self._watermark:
+                self._forget(iid)
+            else:  # its event-time retention is not over: its deadline, still queued, forgets it
+                rec.held = None
+                self._dirty.add("i/" + iid)
+        held_early = self._held_early
+        while held_early and held_early[0][0] <= oldest:
+            seq, iid = held_early.popleft()
+            self._expire_early(iid, seq, "no impression within the grace period (arrived behind the watermark)", out)
+
+    def _forget(self, iid: str) -> None:
+        del self._imps[iid]
+        self._dirty.add("i/" + iid)
 
     def _close(self, rec: ImpressionState, out: list[Output]) -> None:
         cfg = self.config
@@ -375,36 +468,63 @@ class JoinCore:
 
     def _buffer_early(self, click: Click, offset: int, out: list[Output]) -> None:
         iid = click.impression_id
-        early = self._early.get(iid)
-        if early is not None and any(c == click for c, *_ in early):
+        cfg = self.config
+        keys = self._early_keys.get(iid)
+        key = _click_key(click)
+        if keys is not None and key in keys:
             self.counts["duplicate_clicks"] += 1
             return
-        while self._early_count >= self.config.orphan_buffer_max and self._early_heap:
-            _expiry, seq, old = heapq.heappop(self._early_heap)
+        early = self._early.get(iid)
+        if early is not None and len(early) >= cfg.early_per_impression_max:
+            reason = (
+                f"orphan click: impression {iid!r} not seen yet has {len(early)} early clicks "
+                f"(STREAMREC_JOIN_EARLY_PER_IMPRESSION_MAX={cfg.early_per_impression_max})"
+            )
+            out.append(Rejected(click, offset, reason, orphan=True))
+            return
+        while self._early_count >= cfg.orphan_buffer_max and (self._early_heap or self._held_early):
+            if self._held_early:
+                seq, old = self._held_early.popleft()
+            else:
+                _expiry, seq, old = heapq.heappop(self._early_heap)
             self._expire_early(old, seq, "the early-click buffer is full", out)
         if early is None:
-            early = self._early[iid] = []
-        self._seq += 1
-        expiry = click.ts + self.config.orphan_grace_ms
-        early.append((click, offset, self._seq, expiry))
-        heapq.heappush(self._early_heap, (expiry, self._seq, iid))
+            early = self._early[iid] = {}
+            keys = self._early_keys[iid] = set()
+        assert keys is not None
+        seq = self._seq  # the click's arrival (set by _arrive)
+        expiry = click.ts + cfg.orphan_grace_ms
+        early[seq] = (click, offset, seq, expiry)
+        keys.add(key)
+        if expiry < self._watermark:
+            self.counts["behind_early_clicks"] += 1
+            self._held_early.append((seq, iid))
+        else:
+            heapq.heappush(self._early_heap, (expiry, seq, iid))
         self._early_count += 1
         self._dirty.add("o/" + iid)
-        self._dirty.add("w")
 
     def _expire_early(self, iid: str, seq: int, why: str, out: list[Output]) -> None:
         early = self._early.get(iid)
         if not early:
             return
-        for i, (click, offset, s, _expiry) in enumerate(early):
-            if s == seq:
-                del early[i]
-                self._early_count -= 1
-                if not early:
-                    del self._early[iid]
-                self._dirty.add("o/" + iid)
-                out.append(Rejected(click, offset, f"orphan click: {why}", orphan=True))
-                return
+        entry = early.pop(seq, None)
+        if entry is None:
+            return
+        click, offset, _seq, _expiry = entry
+        self._early_count -= 1
+        if early:
+            self._early_keys[iid].discard(_click_key(click))
+        else:
+            del self._early[iid]
+            self._early_keys.pop(iid, None)
+        self._dirty.add("o/" + iid)
+        out.append(Rejected(click, offset, f"orphan click: {why}", orphan=True))
+
+
+def _click_key(click: Click) -> tuple[Any, ...]:
+    """What makes a repeated click the same click (every field)."""
+    return (click.ts, click.user_id, click.item_id, click.value, click.schema_version)
 
 
 # --- the batch reference ------------------------------------------------------------------

@@ -20,7 +20,7 @@ field is correct by construction), because it is written for every event:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeAlias
 
 from contract.records import Click
@@ -43,7 +43,9 @@ def json_list(items: list[str]) -> str:
 class ImpressionState:
     """One remembered impression: open until its window closes, then closed until evicted."""
 
-    __slots__ = ("impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "_items_json")
+    __slots__ = (
+        "impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "held", "_items_json",
+    )  # fmt: skip
 
     def __init__(self, impression_id: str, user_id: str, ts: int, items: tuple[str, ...]) -> None:
         self.impression_id = impression_id
@@ -53,6 +55,9 @@ class ImpressionState:
         self.positives: set[str] = set()  # items whose positive was emitted
         self.beyond: dict[str, tuple[int, float | None]] = {}  # clicks after the window end, while open
         self.closed = False
+        # the arrival seq of an impression that arrived closed (behind the watermark by more
+        # than the window): it is remembered for a number of arrivals, not by event time
+        self.held: int | None = None
         self._items_json: str | None = None
 
     def state_json(self) -> bytes:
@@ -68,6 +73,8 @@ class ImpressionState:
             ) + "}"
         if self.closed:
             s += ',"closed":true'
+        if self.held is not None:
+            s += f',"held":{self.held}'
         return (s + "}").encode()
 
     def state(self) -> dict[str, Any]:
@@ -78,6 +85,8 @@ class ImpressionState:
             s["beyond"] = {k: list(v) for k, v in self.beyond.items()}
         if self.closed:
             s["closed"] = True
+        if self.held is not None:
+            s["held"] = self.held
         return s
 
     @classmethod
@@ -86,6 +95,8 @@ class ImpressionState:
         rec.positives = set(s.get("pos", ()))
         rec.beyond = {k: (int(v[0]), v[1]) for k, v in s.get("beyond", {}).items()}
         rec.closed = bool(s.get("closed", False))
+        held = s.get("held")
+        rec.held = None if held is None else int(held)
         return rec
 
 
@@ -94,8 +105,9 @@ def watermark_state(max_ts: list[int | None], watermark: int, seq: int, next_off
     return {"max_ts": list(max_ts), "wm": watermark, "seq": seq, "next_offset": list(next_offset)}
 
 
-def early_state(early: list[Early] | None) -> list[Any] | None:
-    return [[c.to_dict(), off, seq, exp] for c, off, seq, exp in early] if early else None
+def early_state(early: Iterable[Early] | None) -> list[Any] | None:
+    value = [[c.to_dict(), off, seq, exp] for c, off, seq, exp in early or ()]
+    return value or None
 
 
 def early_from_state(value: list[Any]) -> list[Early]:

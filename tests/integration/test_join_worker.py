@@ -405,3 +405,66 @@ def test_an_output_too_large_to_deliver_is_dead_lettered_on_a_real_broker(kafka_
     assert len(dead.raw()) == MAX_RAW_BYTES and "too large" in dead.error and "2000000 bytes" in dead.error
     assert consume(kafka_settings, LABELED, count=1, timeout=30) == [normal]
     assert metrics.registry.get_sample_value("streamrec_join_dead_letters_total", {"reason": "too_large"}) == 1
+
+
+def test_backfill_into_a_partition_that_has_seen_today_loses_no_click(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
+) -> None:
+    """Old logs (1997) into a running worker whose partitions have seen today's events: each click
+    is at worst a late positive (issue 12, item 1); nothing becomes an orphan."""
+    impressions, clicks = movielens_events
+    impressions = impressions[:200]
+    shown = {i.impression_id for i in impressions}
+    clicks = [c for c in clicks if c.impression_id in shown]
+    now = int(time.time() * 1000)
+    users = sorted({i.user_id for i in impressions})
+    today = [Impression(impression_id=f"today-{u}", user_id=u, items=["1", "2"], ts=now - 60_000) for u in users]
+    today_clicks = [Click(impression_id=f"today-{u}", user_id=u, item_id="1", ts=now - 59_000) for u in users]
+    port = free_port()
+    worker = start_worker(STREAMREC_JOIN_METRICS_PORT=str(port))
+    produce_events(kafka_settings, today, today_clicks)
+    today_ref = reference(today, today_clicks)
+    read_labeled(kafka_settings, today_ref, timeout=60)
+    # the backfill, as kcat would send it: every impression, then every click
+    from streams.replay.producer import produce as replay_produce
+
+    assert replay_produce([(IMPRESSIONS, i) for i in impressions], kafka_settings, progress=False).failed == 0
+    assert replay_produce([(CLICKS, c) for c in clicks], kafka_settings, progress=False).failed == 0
+    ref = reference(today + impressions, today_clicks + clicks)
+    got = read_labeled(kafka_settings, ref)
+    pairs = {(r.example_id, r.label) for r in got}
+    assert ref.pairs() <= pairs
+    clicked = {f"{c.impression_id}:{c.item_id}" for c in clicks}
+    assert {e for e, label in pairs - ref.pairs()} <= clicked  # extras are fake negatives, corrected
+    dead = consume(kafka_settings, DEAD_LETTERS, count=1, timeout=3.0)
+    assert not dead, [d.error for d in dead]  # type: ignore[union-attr]
+    metrics = scrape(port)
+    assert metrics['streamrec_join_behind_watermark_total{kind="impressions"}'] == len(impressions)
+    assert "behind the watermark" in worker.text()
+    assert worker.stop() == 0, worker.tail()
+
+
+def test_a_clock_ahead_and_a_quiet_partition_keep_the_attribution_window(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker]
+) -> None:
+    """An impression from a clock 23 h ahead (accepted: within the skew bound) does not close its
+    partition (item 2), and on a quiet partition a click 8 s after its impression, long after both
+    streams went idle, is a positive, not a fake negative plus a late one (item 6)."""
+    window = 15_000
+    # the lead is what a clock ahead may still move the watermark by: keep it below the window
+    worker = start_worker(STREAMREC_JOIN_WINDOW_MS=str(window), STREAMREC_JOIN_WATERMARK_LEAD_MS="1000")
+    worker.wait_for_log("partition", timeout=60)
+    now = int(time.time() * 1000)
+    ahead = Impression(impression_id="ahead", user_id="7", items=["1"], ts=now + 23 * 3_600_000)
+    produce_events(kafka_settings, [ahead], [])
+    time.sleep(4)  # clicks idle (2 s): only the impressions' watermark rules
+    shown = Impression(impression_id="quiet", user_id="7", items=["1", "2"], ts=int(time.time() * 1000))
+    produce_events(kafka_settings, [shown], [])
+    time.sleep(8)  # both streams idle, four idle timeouts
+    click = Click(impression_id="quiet", user_id="7", item_id="1", ts=shown.ts + 8_000)
+    produce_events(kafka_settings, [], [click])
+    got = consume(kafka_settings, LABELED, count=2, timeout=window / 1000 + 20)
+    by_id = {(r.example_id, r.label): r for r in got}  # type: ignore[union-attr]
+    assert set(by_id) == {("quiet:1", 1), ("quiet:2", 0)}, sorted(by_id)
+    assert not by_id[("quiet:1", 1)].late
+    assert worker.stop() == 0, worker.tail()

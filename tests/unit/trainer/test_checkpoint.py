@@ -181,7 +181,7 @@ def test_dedupe_window_and_hold_back() -> None:
     assert w.state() == ["b", "c", "d"] and "a" not in w and "d" in w
     assert DedupeWindow(3, w.state()).state() == w.state()  # survives a checkpoint round trip
 
-    neg = _examples(1, 0)[0]
+    neg = _examples(1, 0)[0].model_copy(update={"label": 0, "late": False})
     late = neg.model_copy(update={"label": 1, "late": True})
     assert dedupe_key(neg) != dedupe_key(late)  # a late positive corrects its negative: not a duplicate
 
@@ -190,6 +190,18 @@ def test_dedupe_window_and_hold_back() -> None:
     assert 0.08 < share < 0.12
     assert [held_back(i, 0.1) for i in ids] == [held_back(i, 0.1) for i in ids]  # stable
     assert not any(held_back(i, 0.0) for i in ids)
+
+
+def test_the_positive_wins_over_its_example_ids_negative() -> None:
+    neg = _examples(1, 0)[0].model_copy(update={"label": 0, "late": False})
+    redo = neg.model_copy(update={"label": 1})  # a redo whose idle close went out before the state
+    w = DedupeWindow(10)
+    assert w.first_time(neg) and w.first_time(redo)  # the positive corrects the fake negative
+    assert not w.first_time(redo) and not w.first_time(neg)  # redeliveries of either
+    w = DedupeWindow(10)
+    assert w.first_time(redo) and not w.first_time(neg)  # a negative after its positive is dropped
+    old = DedupeWindow(10, [neg.example_id + "#late"])  # a checkpoint of the previous key format
+    assert not old.first_time(redo)
 
 
 def test_guardrail_comparison() -> None:

@@ -52,3 +52,20 @@ def test_state_round_trip_continues_identically(tmp_path) -> None:
         buf.extend(str(i) for i in range(40, 90))
     assert b.items() == a.items()
     assert b.sample(3) == a.sample(3)
+
+
+def test_keyed_reservoir_replaces_a_resident_correction_in_place() -> None:
+    buf: ReservoirBuffer[tuple[str, int]] = ReservoirBuffer(50, seed=0, key=lambda x: x[0])
+    buf.extend((f"e{i}", 0) for i in range(200))
+    resident = buf.items()[7][0]
+    seen = buf.seen
+    buf.add((resident, 1))  # the positive of a resident fake negative
+    assert (resident, 1) in buf.items() and (resident, 0) not in buf.items()
+    assert len(buf) == 50 and buf.seen == seen and buf.replaced == 1
+    state = buf.state_dict()
+    again: ReservoirBuffer[tuple[str, int]] = ReservoirBuffer(50, seed=1, key=lambda x: x[0])
+    again.load_state_dict({**state, "items": [tuple(x) for x in state["items"]]})
+    again.add((resident, 2))
+    assert (resident, 2) in again.items() and len(again) == 50
+    keys = [k for k, _ in buf.items()]
+    assert len(keys) == len(set(keys))
