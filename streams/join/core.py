@@ -73,7 +73,8 @@ class JoinCore:
         if iid in self._imps:
             self.counts["duplicate_impressions"] += 1
         else:
-            rec = ImpressionState(iid, imp.user_id, imp.ts, tuple(imp.items))
+            props = None if imp.propensities is None else tuple(imp.propensities)
+            rec = ImpressionState(iid, imp.user_id, imp.ts, tuple(imp.items), props, imp.model_version)
             self._imps[iid] = rec
             self._open[iid] = rec
             end = rec.ts + self.config.window_ms
@@ -397,10 +398,13 @@ class JoinCore:
         iid, user, ts0 = rec.impression_id, rec.user_id, rec.ts
         for position, item in enumerate(rec.items):
             if item not in positives:
-                out.append(Example(iid, user, item, position, 0, None, history, ts0, end, False, hjson))
+                out.append(Example(iid, user, item, position, 0, None, history, ts0, end, False, hjson,
+                                   rec.propensity(position), rec.model_version))
         for item, (ts, value) in rec.beyond.items():
             positives.add(item)
-            out.append(Example(iid, user, item, rec.items.index(item), 1, value, history, ts0, ts, True, hjson))
+            position = rec.items.index(item)
+            out.append(Example(iid, user, item, position, 1, value, history, ts0, ts, True, hjson,
+                               rec.propensity(position), rec.model_version))
         rec.beyond = {}
 
     def _apply_click(self, rec: ImpressionState, click: Click, offset: int, out: list[Output]) -> None:
@@ -438,7 +442,7 @@ class JoinCore:
             history = self._history_as_of(rec)
             out.append(
                 Example(rec.impression_id, rec.user_id, item, position, 1, click.value, history,
-                        rec.ts, click.ts, late)
+                        rec.ts, click.ts, late, None, rec.propensity(position), rec.model_version)
             )  # fmt: skip
         self._remember_click(rec, click, out)
 

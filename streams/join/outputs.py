@@ -32,7 +32,7 @@ class Example:
 
     __slots__ = (
         "impression_id", "user_id", "item_id", "position", "label", "value",
-        "history", "impression_ts", "label_ts", "late", "_history_json",
+        "history", "impression_ts", "label_ts", "late", "_history_json", "propensity", "model_version",
     )  # fmt: skip
 
     def __init__(
@@ -48,6 +48,8 @@ class Example:
         label_ts: int,
         late: bool,
         history_json: str | None = None,
+        propensity: float | None = None,
+        model_version: str | None = None,
     ) -> None:
         self.impression_id = impression_id
         self.user_id = user_id
@@ -60,6 +62,10 @@ class Example:
         self.label_ts = label_ts
         self.late = late
         self._history_json = history_json
+        self.propensity = propensity
+        """The impression's propensity of this item (the logging policy's), when it carried one."""
+        self.model_version = model_version
+        """The version (or fallback) whose recommendation the impression showed, when it said."""
 
     @property
     def example_id(self) -> str:
@@ -73,6 +79,10 @@ class Example:
         """The ``labeled`` value: the JSON of :meth:`to_record` (optional ``value`` left out when None)."""
         hist = self._history_json if self._history_json is not None else json_list(self.history)
         value = "" if self.value is None else f',"value":{self.value!r}'
+        if self.propensity is not None:
+            value += f',"propensity":{self.propensity!r}'
+        if self.model_version is not None:
+            value += f',"model_version":{quote(self.model_version)}'
         return (
             f'{{"schema_version":{SCHEMA_VERSION},"ts":{self.label_ts},'
             f'"example_id":{quote(self.impression_id + ":" + self.item_id)},'
@@ -96,6 +106,8 @@ class Example:
             impression_ts=self.impression_ts,
             label_ts=self.label_ts,
             late=self.late,
+            propensity=self.propensity,
+            model_version=self.model_version,
             ts=self.label_ts,
         )
 

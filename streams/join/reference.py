@@ -89,11 +89,17 @@ def reference_join(
         history = prior[-history_length:]
         end = imp.ts + window_ms
         iid, user = imp.impression_id, imp.user_id
+        props, version = imp.propensities, imp.model_version
         for position, item in enumerate(imp.items):
             click = clicked.get((iid, item))
+            p = None if props is None else props[position]
             if click is None or click.ts > end:
-                examples.append(Example(iid, user, item, position, 0, None, history, imp.ts, end, False))
+                examples.append(
+                    Example(iid, user, item, position, 0, None, history, imp.ts, end, False, None, p, version)
+                )
             if click is not None:
                 late = click.ts > end
-                examples.append(Example(iid, user, item, position, 1, click.value, history, imp.ts, click.ts, late))
+                examples.append(
+                    Example(iid, user, item, position, 1, click.value, history, imp.ts, click.ts, late, None, p, version)
+                )  # fmt: skip
     return ReferenceJoin(tuple(examples), tuple(orphans), tuple(invalid))

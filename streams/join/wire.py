@@ -45,9 +45,18 @@ class ImpressionState:
 
     __slots__ = (
         "impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "held", "_items_json",
+        "propensities", "model_version",
     )  # fmt: skip
 
-    def __init__(self, impression_id: str, user_id: str, ts: int, items: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        impression_id: str,
+        user_id: str,
+        ts: int,
+        items: tuple[str, ...],
+        propensities: tuple[float, ...] | None = None,
+        model_version: str | None = None,
+    ) -> None:
         self.impression_id = impression_id
         self.user_id = user_id
         self.ts = ts
@@ -59,12 +68,21 @@ class ImpressionState:
         # than the window): it is remembered for a number of arrivals, not by event time
         self.held: int | None = None
         self._items_json: str | None = None
+        self.propensities = propensities  # the logging policy's, copied into each example
+        self.model_version = model_version
+
+    def propensity(self, position: int) -> float | None:
+        return None if self.propensities is None else self.propensities[position]
 
     def state_json(self) -> bytes:
         """:meth:`state` encoded as JSON, fast (this is written for every impression)."""
         if self._items_json is None:
             self._items_json = json_list(list(self.items))
         s = f'{{"u":{quote(self.user_id)},"ts":{self.ts},"items":{self._items_json}'
+        if self.propensities is not None:
+            s += ',"p":[' + ",".join(map(repr, self.propensities)) + "]"
+        if self.model_version is not None:
+            s += f',"mv":{quote(self.model_version)}'
         if self.positives:
             s += f',"pos":{json_list(sorted(self.positives))}'
         if self.beyond:
@@ -79,6 +97,10 @@ class ImpressionState:
 
     def state(self) -> dict[str, Any]:
         s: dict[str, Any] = {"u": self.user_id, "ts": self.ts, "items": list(self.items)}
+        if self.propensities is not None:
+            s["p"] = list(self.propensities)
+        if self.model_version is not None:
+            s["mv"] = self.model_version
         if self.positives:
             s["pos"] = sorted(self.positives)
         if self.beyond:
@@ -91,7 +113,11 @@ class ImpressionState:
 
     @classmethod
     def from_state(cls, impression_id: str, s: Mapping[str, Any]) -> ImpressionState:
-        rec = cls(impression_id, s["u"], int(s["ts"]), tuple(s["items"]))
+        p = s.get("p")
+        rec = cls(
+            impression_id, s["u"], int(s["ts"]), tuple(s["items"]),
+            None if p is None else tuple(float(x) for x in p), s.get("mv"),
+        )  # fmt: skip
         rec.positives = set(s.get("pos", ()))
         rec.beyond = {k: (int(v[0]), v[1]) for k, v in s.get("beyond", {}).items()}
         rec.closed = bool(s.get("closed", False))

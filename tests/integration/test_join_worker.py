@@ -468,3 +468,34 @@ def test_a_clock_ahead_and_a_quiet_partition_keep_the_attribution_window(
     assert set(by_id) == {("quiet:1", 1), ("quiet:2", 0)}, sorted(by_id)
     assert not by_id[("quiet:1", 1)].late
     assert worker.stop() == 0, worker.tail()
+
+
+def test_propensities_and_model_version_reach_labeled_through_the_worker(
+    kafka_settings: KafkaSettings, start_worker: Callable[..., Worker], movielens_events
+) -> None:
+    """The exploration loop's data path (issue 13, item 1): what serving logged on the impression
+    arrives on every labeled example of it, on a real broker."""
+    impressions, clicks = movielens_events
+    impressions = impressions[:60]
+    shown = {i.impression_id for i in impressions}
+    clicks = [c for c in clicks if c.impression_id in shown]
+    logged = [
+        i.model_copy(update={
+            "propensities": [round(1.0 / (k + 2), 6) for k in range(len(i.items))],
+            "request_id": f"req-{i.impression_id}",
+            "model_version": str(n % 3 + 1),
+        })
+        for n, i in enumerate(impressions)
+    ]  # fmt: skip
+    ref = reference(logged, clicks)
+    produce_events(kafka_settings, logged, clicks)
+    worker = start_worker()
+    got = read_labeled(kafka_settings, ref)
+    assert_matches_reference(got, ref, exact_once=True)
+    by_id = {i.impression_id: i for i in logged}
+    for r in got:
+        imp = by_id[r.impression_id]
+        assert r.position == imp.items.index(r.item_id)
+        assert r.propensity == imp.propensities[r.position]  # type: ignore[index]
+        assert r.model_version == imp.model_version
+    assert worker.stop() == 0, worker.tail()
