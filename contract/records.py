@@ -50,6 +50,8 @@ ExampleId = Field(min_length=3, max_length=2 * MAX_ID + 1)
 IdStr = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID)]
 """An id inside a list (slate, history, candidates): bounded like a single one."""
 EpochMs = Field(ge=0, le=2**53)
+MAX_QUERY = 1_000
+"""Characters of a request's free-text ``query``."""
 
 
 def _first_error(record_type: str, exc: ValidationError) -> RecordError:
@@ -155,6 +157,13 @@ class Impression(Record):
     items: list[IdStr] = Field(min_length=1, max_length=1000)
     context: dict[str, Any] | None = None
     propensities: list[float] | None = None
+    """One per slate item, in (0, 1]: the probability that the logging policy chose the item at its
+    position given the items above it (what serving's exploration writes; at position 0 it is the
+    probability that the item was shown there).  Off-policy evaluation needs it (:mod:`trainer.ope`)."""
+    request_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
+    """The rec-request this slate answered, when it came from a recommendation."""
+    model_version: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
+    """The recommendation's ``model_version`` (a version number or ``"fallback:popularity"``)."""
 
     @field_validator("items")
     @classmethod
@@ -208,6 +217,11 @@ class Labeled(Record):
     impression_ts: int = EpochMs
     label_ts: int = EpochMs
     late: bool = False
+    propensity: float | None = Field(default=None, gt=0.0, le=1.0)
+    """The impression's propensity of this item (see ``Impression.propensities``): the probability that
+    the logging policy chose it at ``position`` given the items above it; None = not logged."""
+    model_version: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
+    """The impression's ``model_version``: which version (or fallback) chose the slate."""
 
     @field_validator("value")
     @classmethod
@@ -247,11 +261,22 @@ class RecRequest(Record):
     user_id: str = Id
     k: int = Field(ge=1, le=10_000)
     candidates: list[IdStr] | None = Field(default=None, max_length=100_000)
+    query: str | None = Field(default=None, min_length=1, max_length=MAX_QUERY)
+    """Optional free text ("quiet sci-fi with robots"): the candidates are ranked by how well their
+    text and categories match it, blended with the model's score when the user has a history
+    (DESIGN.md §5.4).  1-1,000 characters, not only whitespace."""
 
     @field_validator("candidates")
     @classmethod
     def _candidates_unique(cls, v: list[str] | None) -> list[str] | None:
         return _unique(v, "candidates")
+
+    @field_validator("query")
+    @classmethod
+    def _query_has_text(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must contain a non-whitespace character")
+        return v
 
 
 class ScoredItem(BaseModel):

@@ -144,12 +144,14 @@ class PipelineReport:
                          + (f" ({self.versions_unreadable} manifests unreadable)" if self.versions_unreadable else ""))
         if self.versions:
             lines.append("prequential metrics (as published, over event time):")
+            # with STREAMREC_TRAINER_OPE_GATE on or report: the SNIPS click rate of the version's top-1
+            ope = any("ope_snips" in v["metrics"] for v in self.versions)
             lines.append(f"  {'version':>7} {'kind':>5} {'event time':>19} {'examples':>9} {'AUC(win)':>9} "
                          f"{'logloss(win)':>12} {'AUC(all)':>9} {'logloss(all)':>12} "
-                         f"{'AUC(held)':>9} {'fallback(held)':>14}")
+                         f"{'AUC(held)':>9} {'fallback(held)':>14}" + (f" {'OPE top-1 (SNIPS ± se)':>22}" if ope else ""))
             step = max(1, len(self.versions) // 12)
             shown = self.versions[::step] + ([] if (len(self.versions) - 1) % step == 0 else self.versions[-1:])
-            lines.extend(_version_row(v) for v in shown)
+            lines.extend(_version_row(v) + (_ope_cell(v["metrics"]) if ope else "") for v in shown)
         return lines
 
     def _serving_lines(self) -> list[str]:
@@ -192,6 +194,11 @@ def _version_row(v: dict[str, Any]) -> str:
         f"{_f(m.get('holdout_auc')):>9} "
         f"{_f(m.get('holdout_fallback_auc')):>14}"
     )
+
+
+def _ope_cell(m: dict[str, Any]) -> str:
+    v, se = m.get("ope_snips"), m.get("ope_snips_se")
+    return f" {_f(v) + (f' ± {se:.4f}' if se is not None and np.isfinite(se) else ''):>22}"
 
 
 def _f(x: Any) -> str:

@@ -51,6 +51,9 @@ class Batch:
     category_mask: Tensor
     """[u] bool: the item has at least one known category."""
     example_ids: list[str]
+    propensity: Tensor | None = None
+    """[b] float: each example's logged propensity (``Labeled.propensity``), 1 where none was
+    logged; the click loss's inverse-propensity weights (:func:`trainer.losses.ipw_weights`)."""
 
     def __len__(self) -> int:
         return len(self.example_ids)
@@ -167,6 +170,9 @@ def build_batch(
         category_targets=targets,
         category_mask=cat_mask,
         example_ids=[ex.example_id for ex in kept_ex],
+        propensity=torch.tensor(
+            [ex.propensity if ex.propensity is not None else 1.0 for ex in kept_ex], dtype=torch.float32
+        ),
     )
     return batch, kept
 

@@ -165,6 +165,8 @@ def build_learner(
                      "trained there); optimizer, replay buffer and metrics start fresh",
                      source.version, man.model_name, source.store.url, man.trained_examples)
     try:
-        return ContinualLearner(model, learner_config_from(settings), catalog)
+        learner = ContinualLearner(model, learner_config_from(settings), catalog)
     except LearnerError as exc:
         raise ConfigError(f"{ENV_PREFIX}DEVICE", str(exc)) from exc
+    learner.train_wrapper.ipw_clip = settings.ipw_clip  # IPW of the click loss (trainer.losses.ipw_weights)
+    return learner

@@ -2,7 +2,8 @@
 
 A candidate with no live version must beat the popularity fallback
 (:func:`beats_fallback`); with one, it must be no worse than it
-(:func:`guardrail_passes`).  A refusal's reason is a :class:`Refusal`, a
+(:func:`guardrail_passes`) and, with the OPE gate on, no worse by the off-policy
+estimate of its click rate on logged exploration traffic (:func:`ope_passes`).  A refusal's reason is a :class:`Refusal`, a
 fixed set that labels the rejection counter.
 """
 
@@ -27,6 +28,9 @@ class Refusal(StrEnum):
     """The compared metric is undefined on the held-back examples (e.g. AUC with one class only)."""
     NON_FINITE = "non_finite"
     """The candidate has NaN/inf parameters."""
+    WORSE_BY_OPE = "worse_by_ope"
+    """With ``ope_gate=on``: the off-policy estimate of its click rate on logged exploration
+    examples is below the live version's (see :func:`ope_passes`)."""
 
 
 def guardrail_passes(
@@ -87,3 +91,25 @@ def beats_fallback(labels: Any, candidate: Any, fallback: Any, *, z: float) -> t
     why = (f"auc candidate {auc_c:.4f} {'>' if ok else 'not >'} {bound:.4f} "
            f"(popularity fallback {auc_f:.4f} + {z} x se {se:.4f})")
     return ok, None if ok else Refusal.BELOW_FALLBACK, why, metrics
+
+
+def ope_passes(diff: float, diff_se: float, *, estimator: str, margin: float, z: float,
+               examples: int, min_examples: int) -> tuple[bool, Refusal | None, str]:
+    """The OPE gate: (passes, refusal, explanation) from the off-policy estimate of
+    ``V(candidate) - V(live)`` (click rate of each one's top-1 policy, :mod:`trainer.ope`) and its
+    paired standard error.
+
+    The candidate is refused only on evidence: when ``diff < -(margin + z * diff_se)``, i.e. it is
+    worse by more than the margin at a one-sided ``z``.  Fewer than ``min_examples`` logged
+    examples, or an undefined estimate (no logged row where either policy agrees with the log),
+    pass: OPE that cannot see a difference does not block a version.
+    """
+    if examples < min_examples:
+        return True, None, f"{estimator}: {examples} logged examples, fewer than {min_examples}: not judged"
+    if not (_finite(diff) and _finite(diff_se)):
+        return True, None, f"{estimator}: difference undefined on {examples} logged examples: not judged"
+    bound = -(margin + z * diff_se)
+    ok = diff >= bound
+    why = (f"{estimator} click rate candidate - live {diff:+.4f} {'>=' if ok else 'not >='} {bound:+.4f} "
+           f"(margin {margin} + {z} x se {diff_se:.4f}, {examples} logged examples)")
+    return ok, None if ok else Refusal.WORSE_BY_OPE, why

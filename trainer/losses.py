@@ -21,18 +21,44 @@ class TrainOutput:
     """The loss over the examples allowed to train the per-id rows (``id_mask``); None = all of them."""
 
 
+def ipw_weights(propensity: Tensor, clip: float) -> Tensor:
+    """Inverse-propensity weights ``min(1/p, clip)`` of logged examples (``p`` = 1 where none was logged,
+    so those weigh 1); ``clip <= 0`` = off (all ones).
+
+    With the weights, the click loss over logged examples estimates the loss over everything the
+    logging policy could have shown, each candidate counted once, instead of over what it chose to
+    show (counterfactual risk minimisation): the model stops learning the logging policy's
+    selection as if it were the users' preference.  ``p`` is the example's ``Labeled.propensity``
+    as logged: at position 0 the probability that the item was shown there, further down (serving's
+    exploration) the probability given the items above it.  The clip bounds the variance (and the
+    step size of one rare example) at the price of a bias towards the logged distribution.
+    """
+    if clip <= 0:
+        return torch.ones_like(propensity)
+    return torch.clamp(1.0 / propensity.clamp_min(1e-12), max=clip)
+
+
 class RecTrain(nn.Module):
     """Owns the losses: weighted click BCE, category BCE, value Huber, and distillation.
 
     Distillation pulls the click probabilities towards a teacher's (the last
     published model) at temperature ``T``: BCE(sigmoid(s/T), sigmoid(t/T)) * T^2.
+
+    ``ipw_clip > 0`` multiplies each example's click-loss weight by :func:`ipw_weights` of its logged
+    propensity (``STREAMREC_TRAINER_IPW_CLIP``; the service sets the attribute after building the
+    learner, see :func:`trainer.configure.build_learner`).  The weighted loss is normalised by the
+    sum of the weights, as the downsampling weights are.
     """
 
-    def __init__(self, model: RecModel, *, distill_weight: float = 0.0, distill_temperature: float = 1.0) -> None:
+    def __init__(
+        self, model: RecModel, *, distill_weight: float = 0.0, distill_temperature: float = 1.0,
+        ipw_clip: float = 0.0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
+        self.ipw_clip = ipw_clip
 
     def forward(
         self, batch: Batch, teacher_logits: Tensor | None = None, id_mask: Tensor | None = None
@@ -49,6 +75,8 @@ class RecTrain(nn.Module):
         tw = self.model.config.task_weights
         logits = out.click_logits.float()
         w = batch.weights.to(logits.dtype)
+        if self.ipw_clip > 0 and batch.propensity is not None:
+            w = w * ipw_weights(batch.propensity.to(w), self.ipw_clip)
         norm = w.sum().clamp_min(1e-12)
         bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none") * w
         click = bce.sum() / norm

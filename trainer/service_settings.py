@@ -160,6 +160,41 @@ class TrainerSettings(BaseSettings):
         "it trains on); keep it equal to STREAMREC_SERVING_POPULARITY_HALF_LIFE_S.",
     )
 
+    # --- logged exploration: off-policy evaluation and learning (trainer/ope.py) -------------
+    ope_gate: Literal["off", "report", "on"] = Field(
+        default="off",
+        description="Off-policy evaluation of each candidate's top-1 policy (its best item over the "
+        "catalog) on held-back exploration examples at position 0 (those with a propensity): report = "
+        "estimates in the manifest (ope_*); on = also refuse a candidate that is worse than the live "
+        "version by more than ope_margin + ope_z standard errors of the paired estimate (worse_by_ope).",
+    )
+    ope_estimator: Literal["snips", "dr", "ips"] = Field(
+        default="snips",
+        description="Estimator the OPE gate compares (dr: the live version's predictions are the reward model).",
+    )
+    ope_margin: float = Field(
+        default=0.0, ge=0.0, description="Click-rate slack the OPE gate allows a candidate below the live version..."
+    )
+    ope_z: float = Field(
+        default=1.64, ge=0.0, description="...plus this many standard errors of the paired difference."
+    )
+    ope_min_examples: int = Field(
+        default=200, ge=1,
+        description="Held-back exploration examples (position 0, with a propensity) the OPE gate needs "
+        "before it judges (fewer: estimates only, never a refusal).",
+    )
+    ope_holdout_size: int = Field(
+        default=5000, ge=1, description="Most recent held-back exploration examples the OPE gate keeps."
+    )
+    ope_clip: float = Field(
+        default=0.0, ge=0.0, description="Importance-weight cap of the OPE estimates (0 = none; else >= 1)."
+    )
+    ipw_clip: float = Field(
+        default=0.0, ge=0.0,
+        description="Inverse-propensity weighting of the click loss: each example with a logged propensity "
+        "p weighs min(1/p, this) (examples without one weigh 1); 0 = off, else >= 1.",
+    )
+
     # --- checkpoints ----------------------------------------------------------------------
     checkpoint_every_steps: int = Field(
         default=100, ge=1, description="Checkpoint after this many steps (and at every publish)."
@@ -263,6 +298,9 @@ class TrainerSettings(BaseSettings):
             raise ValueError(
                 f"freeze_layers: {self.freeze_layers} exceeds encoder_layers ({self.encoder_layers})"
             )
+        for name in ("ipw_clip", "ope_clip"):
+            if 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} caps every weight below 1; use 0 (off) or >= 1")
         if self.holdout_fraction > 0 and self.guardrail_min_examples > self.holdout_size:
             raise ValueError(
                 f"guardrail_min_examples: {self.guardrail_min_examples} exceeds holdout_size "

@@ -263,3 +263,29 @@ def test_example_ids_are_unambiguous_and_always_valid() -> None:
     ):
         with pytest.raises(RecordError):
             bad()
+
+
+def test_exploration_fields_are_optional_and_checked() -> None:
+    """Impression.request_id/model_version and Labeled.propensity/model_version (issue 13): optional,
+    left out when unset, and a propensity outside (0, 1] or an empty id is refused by name."""
+    imp = Impression.from_dict({**VALID[Impression], "request_id": "r1", "model_version": "3"})
+    assert (imp.request_id, imp.model_version) == ("r1", "3")
+    assert Impression.from_json(imp.to_json()) == imp
+    lab = Labeled.from_dict({**VALID[Labeled], "propensity": 0.25, "model_version": "fallback:popularity"})
+    assert (lab.propensity, lab.model_version) == (0.25, "fallback:popularity")
+    assert Labeled.from_json(lab.to_json()) == lab
+    assert Labeled.from_dict({**VALID[Labeled], "propensity": 1}).propensity == 1.0  # a JSON int is a number
+    for cls in (Impression, Labeled):
+        plain = json.loads(cls.from_dict(VALID[cls]).to_json())
+        assert "model_version" not in plain and "request_id" not in plain and "propensity" not in plain
+    for cls, change, field in [
+        (Labeled, {"propensity": 0.0}, "propensity"),
+        (Labeled, {"propensity": 1.5}, "propensity"),
+        (Labeled, {"propensity": "0.5"}, "propensity"),
+        (Labeled, {"model_version": ""}, "model_version"),
+        (Impression, {"request_id": ""}, "request_id"),
+        (Impression, {"model_version": 3}, "model_version"),
+    ]:
+        with pytest.raises(RecordError) as info:
+            cls.from_dict({**VALID[cls], **change})
+        assert info.value.field == field

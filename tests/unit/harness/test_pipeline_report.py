@@ -110,3 +110,24 @@ def test_report_prints_the_same_request_comparison_bytes_and_refusals() -> None:
     assert "same 2 measured requests" in text and "model 0.500" in text and "popularity fallback 0.000" in text
     assert "0.7100" in text and "0.6400" in text
     assert "the fallback answered itself" in text
+
+
+def test_report_shows_the_ope_estimate_only_when_a_version_has_one() -> None:
+    import dataclasses
+
+    base = PipelineReport(
+        events={"items": 5, "impressions": 10, "clicks": 4}, labeled_positives=4, labeled_negatives=6,
+        labeled_late=0, labeled_duplicates=0, labels_match_reference=True, reference_positives=4,
+        reference_negatives=6, labels_missing=0, labels_unexpected=0, dead_letters=0,
+        versions=[{"version": 1, "kind": "full", "created_ts": 1, "event_ts": 0, "trained_examples": 9,
+                   "metrics": {"holdout_auc": 0.71}}],
+        versions_after_start=1, requests_sent=0, recommendations=0, recommendations_by_version={},
+        hit_rate={}, hit_requests={}, same_requests=SameRequests(k=10, model_hits=[], fallback_hits=[]),
+        version_bytes={}, versions_unreadable=0, refusals={}, freshness_trained_s=[], freshness_served_s=[],
+        clicks_total=0, trainer_caught_up=True, labeled_rate=1.0, trainer_rate=1.0, elapsed_s=1.0,
+    )
+    assert "OPE" not in base.format()
+    with_ope = dataclasses.replace(base, versions=[
+        {**base.versions[0], "metrics": {"holdout_auc": 0.71, "ope_snips": 0.1234, "ope_snips_se": 0.0101}}])
+    text = with_ope.format()
+    assert "OPE top-1 (SNIPS ± se)" in text and "0.1234 ± 0.0101" in text
