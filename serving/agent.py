@@ -46,6 +46,7 @@ from serving.answers import Outbox, ScoreLoop
 from serving.consumers import AgentError, RequestLoop, StateReader
 from serving.loader import ModelLoader
 from serving.metrics import ServingMetrics
+from serving.query import QueryIndex
 from serving.scoring import ExplorePolicy, Scorer
 from serving.settings import FALLBACK_VERSION, ServingSettings, check_runtime
 from serving.snapshot import ModelHolder, fallback_snapshot
@@ -98,11 +99,16 @@ class ServingAgent:
             model_name=s.model_name, device=self.device, encode_batch=s.encode_batch,
             prefix_cache_items=s.prefix_cache_items, nice=s.loader_nice, fallback_version=FALLBACK_VERSION,
         )  # fmt: skip
+        self.query_index = QueryIndex(
+            self.catalog.lookup, generation=lambda: self.catalog.generation, cache_size=s.query_cache_size,
+            device=self.device,
+        )  # fmt: skip
         self.scorer = Scorer(
             self.popularity, fallback_version=FALLBACK_VERSION, history_length=s.history_length,
             trending=s.trending_items, blend=s.cold_start_blend, refresh_s=s.popularity_refresh_s,
             policy=ExplorePolicy(kind=s.explore, epsilon=s.explore_epsilon, temperature=s.explore_temperature,
                                  pool=s.explore_pool, seed=s.explore_seed),
+            query=self.query_index, query_weight=s.query_model_weight,
         )  # fmt: skip
         self.ledger = OffsetLedger()
         self.queue = RequestQueue()

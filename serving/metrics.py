@@ -8,7 +8,9 @@ Exported (prefix ``streamrec_serving_``):
 
 * ``requests_total{path}`` — requests answered; path = ``model`` (live model),
   ``cold`` (new user: popularity blended with text similarity), ``fallback``
-  (no model yet, or none of the candidates known).
+  (no model yet, or none of the candidates known), ``query`` (a request with a
+  free-text query, ranked by it alone: a new user, or no model yet),
+  ``query_model`` (a query blended with the live model for a user with history).
 * ``latency_seconds`` — from the request's arrival at the agent to its
   recommendation being handed to the producer.
 * ``batch_size`` — requests per micro-batch.

@@ -25,6 +25,16 @@ Cold start (a user with no known history, when a model is live)
     all there is nothing trending, and the model scores the user with its
     learned "no history" user vector.
 
+Free-text queries (a request with ``query``; :mod:`serving.query`)
+    Ranked by the query's cosine with each candidate's text and categories
+    (path ``query``: a new user, or no version yet, when ``model_version`` is
+    ``"fallback:query"``), or, for a user with a known history while a
+    version is live, by ``(1 - w) * z(cosine) + w * z(model score)`` (path
+    ``query_model``; ``w`` = ``query_weight``).  A query request none of whose
+    candidates is known is ranked over the whole catalog.  Without a
+    :class:`~serving.query.QueryIndex`, or for ``QUERY_RETRY_S`` after encoding
+    failed (logged), the query is ignored and the request takes the paths above.
+
 Exploration (off by default)
     Among the top ``max(k, explore_pool)`` candidates, positions are filled
     one at a time: *epsilon*-greedy takes the best remaining item with
@@ -42,6 +52,7 @@ Exploration (off by default)
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -52,10 +63,16 @@ import numpy as np
 import torch
 
 from contract.records import RecRequest, ScoredItem
+from serving.query import QueryIndex, QueryScores, blend
+from serving.settings import QUERY_FALLBACK_VERSION
 from serving.snapshot import ServingModel
 from trainer.popularity import Popularity
 
-Path = Literal["model", "cold", "fallback"]
+log = logging.getLogger(__name__)
+
+Path = Literal["model", "cold", "fallback", "query", "query_model"]
+QUERY_RETRY_S = 60.0
+"""After queries failed to encode (an encoder that cannot load), they are ignored this long before a retry."""
 _FULL_SCORING_CELLS = 4_000_000
 """Score a batch against the whole catalog when batch x catalog is at most this (16 MB of float32)."""
 
@@ -237,8 +254,9 @@ class _Plan:
     candidates: np.ndarray | None  # rows of the serving model, None = the whole catalog
     unknown: int
     path: Path
-    use_model: bool  # scored by the user tower (else: popularity or the cold-start blend)
+    use_model: bool  # scored by the user tower (else: popularity, the cold-start blend or the query alone)
     row: int = -1  # row in the user-tower batch
+    text: str | None = None  # the request's query, when it is scored by it
 
 
 class Scorer:
@@ -260,8 +278,17 @@ class Scorer:
         policy: ExplorePolicy | None = None,
         refresh_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        query: QueryIndex | None = None,
+        query_weight: float = 0.5,
+        query_version: str = QUERY_FALLBACK_VERSION,
     ) -> None:
+        if not 0.0 <= query_weight <= 1.0:
+            raise ValueError("query_weight must lie in [0, 1]")
         self.popularity = popularity
+        self.query = query
+        self.query_weight = query_weight
+        self.query_version = query_version
+        self._query_failed_at = -math.inf
         self.fallback_version = fallback_version
         self.history_length = history_length
         self.trending = trending
@@ -290,19 +317,26 @@ class Scorer:
         pop, cold = self._vectors(sm)
         has_model = sm.model is not None and sm.item_vecs is not None
         index = sm.index
+        texts = self._prepare_queries(sm, queries)
         plans: list[_Plan] = []
         for q in queries:
             rows: np.ndarray | None = None
             unknown = 0
+            text = q.request.query.strip() if texts is not None and q.request.query else None
             if q.request.candidates is not None:
                 found = list(map(index.get, q.request.candidates))
                 known = [r for r in found if r is not None]
                 unknown = len(found) - len(known)
-                if not known:  # nothing scorable: popularity over the whole catalog
-                    plans.append(_Plan(q, None, unknown, "fallback", use_model=False))
+                if not known:  # nothing scorable: the query (or popularity) over the whole catalog
+                    path: Path = "fallback" if text is None else "query"
+                    plans.append(_Plan(q, None, unknown, path, use_model=False, text=text))
                     continue
                 rows = np.asarray(known, dtype=np.int64)
-            if not has_model:
+            if text is not None:
+                with_model = has_model and any(h in index for h in q.history)
+                path = "query_model" if with_model else "query"
+                plans.append(_Plan(q, rows, unknown, path, use_model=with_model, text=text))
+            elif not has_model:
                 plans.append(_Plan(q, rows, unknown, "fallback", use_model=False))
             elif any(h in index for h in q.history):
                 plans.append(_Plan(q, rows, unknown, "model", use_model=True))
@@ -314,17 +348,41 @@ class Scorer:
 
         out: list[Scored] = []
         for p in plans:
-            if p.use_model:
+            if p.text is not None:
+                assert texts is not None
+                relevance = texts.scores(p.text, p.candidates)
+                scores = blend(relevance, model_scores[id(p)], self.query_weight) if p.use_model else relevance
+            elif p.use_model:
                 scores = model_scores[id(p)]
             else:
                 base = pop if p.path == "fallback" else cold
                 assert base is not None
                 scores = base if p.candidates is None else base[p.candidates]
             ids = sm.item_ids if p.candidates is None else _RowIds(sm.item_ids, p.candidates)
-            version = self.fallback_version if p.path == "fallback" else sm.version
+            if p.path == "fallback":
+                version = self.fallback_version
+            elif not has_model:  # a query answered by the pretrained encoder alone
+                version = self.query_version
+            else:
+                version = sm.version
             items = self._pick(scores, ids, p.query.request)
             out.append(Scored(p.query.request, items, version, p.path, p.unknown))
         return out
+
+    def _prepare_queries(self, sm: ServingModel, queries: Sequence[Query]) -> QueryScores | None:
+        """Encode the batch's queries (and, once, the catalog's documents); None: none, or ignored."""
+        if self.query is None:
+            return None
+        texts = [q.request.query.strip() for q in queries if q.request.query]
+        if not texts or self._clock() - self._query_failed_at < QUERY_RETRY_S:
+            return None
+        try:
+            return self.query.prepare(sm, texts)
+        except Exception:  # an encoder that cannot load must not fail the other requests of the batch
+            log.exception("cannot encode %d request queries under %s: answering queries without them for %.0f s",
+                          len(texts), sm.version, QUERY_RETRY_S)  # fmt: skip
+            self._query_failed_at = self._clock()
+            return None
 
     def _model_scores(self, sm: ServingModel, plans: list[_Plan]) -> dict[int, np.ndarray]:
         """Model scores per plan (id(plan) -> scores over its candidates or the catalog)."""

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 ENV_PREFIX = "STREAMREC_SERVING_"
 FALLBACK_VERSION = "fallback:popularity"
 """``model_version`` of recommendations made without a model (popularity over recent clicks)."""
+QUERY_FALLBACK_VERSION = "fallback:query"
+"""``model_version`` of a query request answered without a model (the pretrained encoder alone)."""
 
 
 def _default_weights_root() -> str:
@@ -123,6 +125,19 @@ class ServingSettings(BaseSettings):
         default=0.5, ge=0.0, le=1.0,
         description="New users: score = (1 - blend) * popularity + blend * text similarity "
         "to the trending items (both scaled to [0, 1]).",
+    )
+
+    # --- free-text queries ----------------------------------------------------------------------
+    query_model_weight: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Requests with a query from a user with history: score = (1 - w) * z(query-item "
+        "cosine) + w * z(model score), each z-scored over the request's candidates (0 = the query "
+        "alone, 1 = the model alone; 0.5 chosen by measurement on MovieLens, benchmarks/zero_shot.py).",
+    )
+    query_cache_size: int = Field(
+        default=10_000, ge=1, le=10_000_000,
+        description="Encoded queries kept (least recently used forgotten first; each holds one "
+        "encoder-width float vector).",
     )
 
     # --- exploration ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,13 +70,15 @@ class ServingTopics:
 class CatalogState:
     """The catalog as read from ``items``, and which items changed since the loader last looked.
 
-    Written by the state thread, read by the loader thread (locked).
+    Written by the state thread, read by the loader thread and the query index (locked).
     """
 
     def __init__(self) -> None:
         self._catalog = Catalog()
         self._changed: dict[str, None] = {}  # insertion-ordered set
         self._lock = threading.Lock()
+        self.generation = 0
+        """Bumped by every change (text, categories, removal): what the query index compares."""
         self.wakeup: Callable[[], None] = lambda: None
 
     def upsert(self, item: Item) -> bool:
@@ -84,6 +86,7 @@ class CatalogState:
             changed = self._catalog.upsert(item)
             if changed:
                 self._changed[item.item_id] = None
+                self.generation += 1
         if changed:
             self.wakeup()
         return changed
@@ -93,6 +96,7 @@ class CatalogState:
             removed = self._catalog.remove(item_id)
             if removed:
                 self._changed[item_id] = None
+                self.generation += 1
         if removed:
             self.wakeup()
         return removed
@@ -111,6 +115,12 @@ class CatalogState:
 
     def has_changes(self) -> bool:
         return bool(self._changed)
+
+    def lookup(self, item_ids: Sequence[str]) -> list[CatalogEntry | None]:
+        """The current entry of each item (None when unknown), without touching the change set."""
+        with self._lock:
+            get = self._catalog.get
+            return [get(i) for i in item_ids]
 
     def __len__(self) -> int:
         return len(self._catalog)
