@@ -6,6 +6,14 @@
                                        [--limit N] [--click-delay-ms 5000]
     python -m streams.replay synthetic [--users 200] [--items 300] [--events 5000]
                                        [--shift-at 0.5|none] [--seed 0] [--speed 10000|max]
+    python -m streams.replay simulate [--users 200] [--items 300] [--requests 3000] [--k 10]
+                                      [--position-bias 1.0] [--rate 25|max] [--window 250]
+
+``simulate`` is a closed loop (:mod:`streams.replay.simulate`): simulated users send
+``rec-requests`` to the scoring agent already running on the cluster, are shown its
+answers and click by the synthetic ground truth; it prints click rate / optimal per
+window of requests and a summary (a JSON last line).  ``make loop`` runs it for four
+arms, each with a pipeline of its own (:mod:`harness.loop`).
 
 The cluster comes from the environment (``STREAMREC_BOOTSTRAP_SERVERS``,
 ``STREAMREC_TOPIC_PREFIX``, ...; see :mod:`contract.settings`).  The topics are
@@ -104,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay a dataset as items, impressions and clicks into Kafka, in event-time order. "
         "The cluster comes from STREAMREC_* environment variables.",
     )
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{movielens,synthetic}")
+    sub = parser.add_subparsers(
+        dest="dataset", required=True, metavar="{movielens,synthetic,simulate}"
+    )
 
     ml = sub.add_parser(
         "movielens",
@@ -173,7 +183,160 @@ def build_parser() -> argparse.ArgumentParser:
         default=1_000.0,
         help="mean event time between impressions (default 1000)",
     )
+    add_simulate_parser(sub)
     return parser
+
+
+def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    """The closed loop's world and pacing flags (shared with ``python -m harness.loop``)."""
+    from streams.replay.simulate import LoopConfig
+
+    d = LoopConfig()
+    p.add_argument(
+        "--users", type=int, default=d.users, help=f"simulated users (default {d.users})"
+    )
+    p.add_argument(
+        "--items", type=int, default=d.items, help=f"items at the start (default {d.items})"
+    )
+    p.add_argument(
+        "--new-items",
+        type=int,
+        default=d.new_items,
+        help=f"items produced to `items` during the run, on schedule (default {d.new_items})",
+    )
+    p.add_argument(
+        "--requests", type=int, default=d.requests, help=f"requests (default {d.requests})"
+    )
+    p.add_argument(
+        "--topics", type=int, default=d.topics, help=f"latent topics (default {d.topics})"
+    )
+    p.add_argument("--k", type=int, default=d.k, help=f"items per recommendation (default {d.k})")
+    p.add_argument(
+        "--shift-at",
+        type=_fraction_or_none,
+        default=d.shift_at,
+        metavar="FRACTION|none",
+        help=f"fraction of the requests after which interests shift (default {d.shift_at})",
+    )
+    p.add_argument(
+        "--shift-fraction",
+        type=float,
+        default=d.shift_fraction,
+        help=f"fraction of users whose interests are re-drawn (default {d.shift_fraction})",
+    )
+    p.add_argument(
+        "--mean-gap-ms",
+        type=float,
+        default=d.mean_gap_ms,
+        help=f"simulation clock: mean event time between requests (default {d.mean_gap_ms:g})",
+    )
+    p.add_argument(
+        "--position-bias",
+        type=float,
+        default=d.position_bias,
+        help="click probability at position j is p * FACTOR**j (default 1: no position effect)",
+    )
+    p.add_argument(
+        "--rate",
+        type=_speed,
+        default=d.rate,
+        metavar="REQ_PER_S|max",
+        help=f"requests per wall-clock second (default {d.rate:g}; max = as fast as answered)",
+    )
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        default=d.in_flight,
+        help=f"requests outstanding at most (default {d.in_flight})",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=d.window,
+        help=f"requests per report window (default {d.window})",
+    )
+    p.add_argument(
+        "--recover-to",
+        type=float,
+        default=d.recover_to,
+        help=f"recovery threshold, share of optimal (default {d.recover_to})",
+    )
+    p.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=d.answer_timeout_s,
+        help=f"longest wait for one answer, s (default {d.answer_timeout_s:g})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of the world and the clicks (default 0)"
+    )
+
+
+def loop_config(args: argparse.Namespace) -> Any:
+    from streams.replay.simulate import LoopConfig
+
+    return LoopConfig(
+        users=args.users, items=args.items, new_items=args.new_items, requests=args.requests,
+        topics=args.topics, k=args.k, shift_at=args.shift_at, shift_fraction=args.shift_fraction,
+        mean_gap_ms=args.mean_gap_ms, position_bias=args.position_bias, rate=args.rate,
+        in_flight=args.in_flight, window=args.window, recover_to=args.recover_to,
+        answer_timeout_s=args.answer_timeout, seed=args.seed,
+    )  # fmt: skip
+
+
+def add_simulate_parser(sub: Any) -> None:
+    sim = sub.add_parser(
+        "simulate",
+        help="a closed loop: simulated users ask the running scoring agent and click by a known truth",
+        description="Simulated users (the synthetic world) send rec-requests, are shown the answers read from "
+        "recommendations, and produce the impressions (with the agent's propensities and model_version) and "
+        "the clicks the ground truth draws. Prints click rate / optimal per window and a JSON last line. "
+        "The join's window must exceed the click delay (10 s of event time) and should be short: with the "
+        "default 30 minutes, negatives follow 1,800 requests later (make loop uses STREAMREC_JOIN_WINDOW_MS=30000).",
+    )
+    add_simulate_arguments(sim)
+    sim.add_argument(
+        "--no-create-topics", action="store_true", help="do not create missing topics first"
+    )
+    sim.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from streams.replay.simulate import (
+        LoopWorld,
+        format_summary,
+        format_window_details,
+        json_line,
+        produce_catalog,
+        run_closed_loop,
+    )
+
+    try:
+        settings = load(KafkaSettings)
+        cfg = loop_config(args)
+        if not args.no_create_topics:
+            from infra.admin import ensure_topics
+
+            ensure_topics(settings)
+        world = LoopWorld(cfg)
+        produce_catalog(settings, world)
+        run = run_closed_loop(settings, cfg, world=world, catalog_done=True)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StreamrecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    summary = run.summary()
+    print(f"closed loop: {cfg.requests:,} requests in {run.elapsed_s:.0f} s; shift at request {run.shift_index}; "
+          f"records produced {run.produced}")  # fmt: skip
+    print(format_window_details(run.windows()))
+    print(format_summary({"run": summary}))
+    print(json_line({"config": cfg.__dict__, "summary": summary, "elapsed_s": run.elapsed_s}))
+    return EXIT_OK
 
 
 def _build_stream(args: argparse.Namespace) -> Any:
@@ -219,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.dataset == "simulate":
+        return _simulate(args)
     try:
         settings: KafkaSettings | None = None if args.dry_run else load(KafkaSettings)
         replay = _build_stream(args)

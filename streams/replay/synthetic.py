@@ -336,6 +336,15 @@ class SyntheticStream:
             raise KeyError(f"unknown synthetic user or item {exc.args[0]!r}") from None
         return float(self._probability(np.array(u), np.array(i), np.array(ts)))
 
+    def click_probabilities(self, user_id: str, ts: int) -> np.ndarray:
+        """``p(u, i, ts)`` of ``user_id`` for every item of the world (arrived by ``ts`` or not), in
+        :attr:`item_ids` order: what :meth:`probability` gives item by item, in one vectorised call."""
+        try:
+            u = self._user_index[user_id]
+        except KeyError:
+            raise KeyError(f"unknown synthetic user {user_id!r}") from None
+        return self._probability(np.array(u), np.arange(len(self.item_ids)), np.array(ts))
+
     def true_probability(self, impression_id: str, item_id: str) -> float:
         """The true click probability of ``item_id`` in impression ``impression_id``."""
         try:
