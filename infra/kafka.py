@@ -252,12 +252,48 @@ class TopicMissing(Exception):
 
 
 def partitions_of(consumer: ConsumerLike, topic: str, timeout: float = 30.0) -> list[int]:
-    """The partitions of ``topic``; :class:`TopicMissing` when it does not exist or has an error."""
-    meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+    """The partitions of ``topic``; :class:`TopicMissing` when it does not exist or has an error.
+
+    A leader not elected yet (a broker that has just restarted) is waited for, up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        error = meta.error if meta is not None else None
+        retriable = error is not None and error.code() in _RETRIABLE_METADATA - {KafkaError.UNKNOWN_TOPIC_OR_PART}
+        if not retriable or time.monotonic() + 0.5 >= deadline:
+            break
+        log.info("metadata of %s: %s; retrying", topic, error)
+        time.sleep(0.5)
     if meta is None or meta.error is not None or not meta.partitions:
         reason = meta.error if meta is not None and meta.error is not None else "no such topic"
         raise TopicMissing(f"topic {topic} is not usable ({reason}); create the topics first (make topics)")
     return sorted(meta.partitions)
+
+
+_RETRIABLE_METADATA = frozenset({
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN, KafkaError._WAIT_COORD,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_COORDINATOR, KafkaError.BROKER_NOT_AVAILABLE,
+})  # fmt: skip
+"""Errors of a watermark query that a broker just (re)started answers with for a while."""
+
+
+def watermarks(consumer: ConsumerLike, tp: TopicPartition, *, deadline: float) -> tuple[int, int]:
+    """``(low, high)`` of a partition, retried (with backoff) on the errors of a broker that has just
+    restarted or moved a leader (``NOT_LEADER_FOR_PARTITION``, ...) until ``deadline`` (monotonic)."""
+    delay = 0.1
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=max(left, 1.0))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            code = err.code() if isinstance(err, KafkaError) else None
+            if code not in _RETRIABLE_METADATA or time.monotonic() + delay >= deadline:
+                raise
+            log.info("watermarks of %s[%d]: %s; retrying in %.1f s", tp.topic, tp.partition, exc, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 def read_to_end(
@@ -289,7 +325,7 @@ def read_to_end(
     ends: dict[tuple[str, int], int] = {}
     positions: dict[tuple[str, int], int] = {}
     for topic, p in pairs:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+        low, high = watermarks(consumer, TopicPartition(topic, p), deadline=started + timeout_s)
         positions[(topic, p)] = OFFSET_BEGINNING if high <= low else low
         if high > low:
             ends[(topic, p)] = high

@@ -87,9 +87,9 @@ class JoinSettings(BaseSettings):
         default=20_000,
         ge=0,
         description=(
-            "An impression or early click that arrives behind the watermark by more than its window "
-            "(a backfill) is kept for this many further events of its partition, so its clicks still "
-            "join (as late positives) instead of becoming orphans."
+            "A closed impression is forgotten only once its event-time retention has passed and this "
+            "many further events arrived on its partition (an early click already past its grace waits "
+            "as long), so a backfill's or a lagging producer's clicks join as late positives, not orphans."
         ),
     )
     early_per_impression_max: int = Field(

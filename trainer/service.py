@@ -48,6 +48,7 @@ from trainer.checkpoint import Checkpoint, load_checkpoint, remove_stale_temp_fi
 from trainer.checkpointer import Checkpointer, TrainedIdsLog, trained_ids
 from trainer.configure import build_learner, check_settings
 from trainer.dedupe import DedupeWindow, dedupe_key
+from trainer.distributed import check_world_size
 from trainer.feed import Feed
 from trainer.guardrail import Refusal
 from trainer.holdout import Holdout, held_back
@@ -176,6 +177,8 @@ class TrainerService:
         self.source.load_catalog(self.catalog, self._stop)
         remove_stale_temp_files(s.checkpoint_dir)  # one trainer per checkpoint dir
         ckpt = load_checkpoint(s.checkpoint_dir)
+        if ckpt is not None:  # one written by a data-parallel group (trainer/distributed.py) is refused
+            check_world_size(ckpt.service_state, 1, where=str(s.checkpoint_dir))
         self._build_learner(ckpt)
         self._resume(ckpt)
         self.publisher.retry_pending()  # checkpointed before its announcement was acknowledged
@@ -223,9 +226,11 @@ class TrainerService:
         for partition, offset, example in self.source.fetch(self.feed.poll_timeout(now), self.catalog):
             self.feed.add(partition, offset, example, time.monotonic())
         now = time.monotonic()
+        if self._stop.is_set():
+            return  # stopping: the shutdown checkpoint covers what was trained; no new version
         if self.feed.due(now):
             self._train_batch(now)
-        if self._publish_due(now):
+        if self._publish_due(now) and not self._stop.is_set():
             self._publish(now)
         reason = self.checkpointer.due(now, self.feed.offsets, idle=self.feed.queued() == 0)
         if reason is not None:
@@ -303,7 +308,15 @@ class TrainerService:
             return
         self.holdout.promote(update.version, verdict, self.model, self.store, self._device())
         self.learner.set_teacher(self.model.trainable_state_dict())
-        self._checkpoint(reason=f"version {update.version}")  # before the announcement (publisher doc)
+        try:
+            self._checkpoint(reason=f"version {update.version}")  # before the announcement (publisher doc)
+        except BaseException:
+            # No checkpoint descends from this version: never announce it (the restart resumes
+            # before it and numbers past it, since the store has it).
+            log.error("checkpoint after version %d failed: the version stays unannounced", update.version)
+            if self.publisher.pending is not None and self.publisher.pending.version == update.version:
+                self.publisher.pending = None
+            raise
         self.publisher.announce(update)
         log.info("published version %d (%s%s) after %d examples: auc %s, logloss %s; offsets %s",
                  update.version, update.kind, f" on {update.base_version}" if update.base_version else "",

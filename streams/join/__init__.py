@@ -22,9 +22,10 @@ Semantics (all times are event time in ms unless they say wall clock):
   wall clock close, without moving the watermark: a quiet live partition keeps
   its window, a finished replay of the past closes at once.
 * **Behind the watermark.**  An impression whose window ended before the
-  watermark on arrival (a backfill) closes at once and is held for
-  ``late_hold_events`` arrivals (its clicks are late positives); an early click
-  already past its grace waits as long for its impression.
+  watermark on arrival (a backfill) closes at once (its clicks are late
+  positives).  A closed impression is forgotten once its event-time retention
+  has passed and ``late_hold_events`` more events have arrived; an early click
+  already past its grace on arrival waits as many arrivals for its impression.
 * **Window.**  An impression at ``T`` attributes clicks with ``ts <= T + window``:
   the window end is **inclusive**.  The window closes when the watermark
   passes the end (``watermark > T + window``); every shown item not clicked
@@ -40,7 +41,7 @@ Semantics (all times are event time in ms unless they say wall clock):
 * **Duplicates.**  At most one negative and one positive per ``example_id``;
   a repeated impression id or click changes nothing.  Closed impressions are
   remembered until the watermark passes ``T + window + closed_retention_ms``
-  (so memory is bounded by event time, not by count); after that a click for
+  and ``late_hold_events`` more events arrived (bounded by event time and count); after that a click for
   them is an orphan and a replayed impression would be joined afresh.
 * **History.**  Every accepted click (the first one per example_id) goes into
   the user's history.  An example carries the user's last ``history_length``

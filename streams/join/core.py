@@ -47,10 +47,11 @@ class JoinCore:
         self._early_keys: dict[str, set[tuple[Any, ...]]] = {}  # to drop a repeated early click
         self._early_heap: list[tuple[int, int, str]] = []  # (expiry, seq, impression_id)
         self._early_count = 0
-        # events that arrived behind the watermark by more than their deadline, in arrival
-        # order (seq, impression_id): held for late_hold_events arrivals instead of being
-        # forgotten (impressions) or dead-lettered (early clicks) at once
-        self._held: deque[tuple[int, str]] = deque()
+        # (arrival, impression_id): closed impressions past their event-time retention, kept
+        # until late_hold_events more events have arrived (a lagging click or a backfill's
+        # click still finds them); and, in arrival order, early clicks already past their grace
+        # on arrival, waiting as long for their impression instead of being orphaned at once
+        self._held: list[tuple[int, str]] = []
         self._held_early: deque[tuple[int, str]] = deque()
         self._histories = Histories(config.history_length, config.history_cap)
         self._max_ts: list[int | None] = [None, None]
@@ -80,12 +81,11 @@ class JoinCore:
             end = rec.ts + self.config.window_ms
             heapq.heappush(self._deadlines, (end, iid))
             self._dirty.add("i/" + iid)
+            rec.arrival = self._seq
             if end < self._watermark:
-                # behind the watermark by more than the window (a backfill): it closes now, and is
-                # remembered by arrival so that its clicks, arriving next, are late positives
+                # behind the watermark by more than the window (a backfill): it closes now and is
+                # remembered by arrival, so that its clicks, arriving next, are late positives
                 self.counts["behind_impressions"] += 1
-                rec.held = self._seq
-                self._held.append((self._seq, iid))
             early = self._early.pop(iid, None)
             if early is not None:
                 self._early_keys.pop(iid, None)
@@ -205,7 +205,6 @@ class JoinCore:
     ) -> JoinCore:
         """Rebuild a core from state keys (as written by :meth:`drain_changes`)."""
         core = cls(config, clock, wall)
-        held: list[tuple[int, str]] = []
         early_entries: list[tuple[int, int, str]] = []
         for key, value in state:
             if value is None:
@@ -219,8 +218,6 @@ class JoinCore:
             elif kind == "i":
                 rec = ImpressionState.from_state(ident, value)
                 core._imps[ident] = rec
-                if rec.held is not None:
-                    held.append((rec.held, ident))
                 if rec.closed:
                     deadline = rec.ts + config.window_ms + config.closed_retention_ms
                 else:
@@ -243,7 +240,6 @@ class JoinCore:
             core._early_keys.pop(iid, None)
             core._dirty.add("o/" + iid)
         heapq.heapify(core._deadlines)
-        core._held.extend(sorted(held))
         for expiry, seq, iid in sorted(early_entries, key=lambda e: e[1]):
             if iid not in core._early:
                 continue
@@ -318,8 +314,11 @@ class JoinCore:
                 continue
             if not rec.closed:
                 self._close(rec, out)
-            elif deadline == rec.ts + window + keep and rec.held is None:
-                self._forget(iid)
+            elif deadline == rec.ts + window + keep:
+                if self._seq - rec.arrival >= self.config.late_hold_events:
+                    self._forget(iid)
+                else:
+                    heapq.heappush(self._held, (rec.arrival, iid))
         early_heap = self._early_heap
         while early_heap and early_heap[0][0] < wm:
             _expiry, seq, iid = heapq.heappop(early_heap)
@@ -361,19 +360,13 @@ class JoinCore:
 
     def _release_held(self, out: list[Output]) -> None:
         """Forget held impressions and dead-letter held early clicks late_hold_events arrivals on."""
-        cfg = self.config
-        oldest = self._seq - cfg.late_hold_events
+        oldest = self._seq - self.config.late_hold_events
         held = self._held
         while held and held[0][0] <= oldest:
-            seq, iid = held.popleft()
+            arrival, iid = heapq.heappop(held)
             rec = self._imps.get(iid)
-            if rec is None or rec.held != seq:
-                continue
-            if rec.ts + cfg.window_ms + cfg.closed_retention_ms < self._watermark:
-                self._forget(iid)
-            else:  # its event-time retention is not over: its deadline, still queued, forgets it
-                rec.held = None
-                self._dirty.add("i/" + iid)
+            if rec is not None and rec.closed and rec.arrival == arrival:
+                self._forget(iid)  # its event-time retention had passed when it was held
         held_early = self._held_early
         while held_early and held_early[0][0] <= oldest:
             seq, iid = held_early.popleft()

@@ -44,7 +44,7 @@ class ImpressionState:
     """One remembered impression: open until its window closes, then closed until evicted."""
 
     __slots__ = (
-        "impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "held", "_items_json",
+        "impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "arrival", "_items_json",
         "propensities", "model_version",
     )  # fmt: skip
 
@@ -64,9 +64,9 @@ class ImpressionState:
         self.positives: set[str] = set()  # items whose positive was emitted
         self.beyond: dict[str, tuple[int, float | None]] = {}  # clicks after the window end, while open
         self.closed = False
-        # the arrival seq of an impression that arrived closed (behind the watermark by more
-        # than the window): it is remembered for a number of arrivals, not by event time
-        self.held: int | None = None
+        # the partition's arrival count when it arrived: a closed impression is remembered until
+        # its event-time retention has passed *and* late_hold_events more events have arrived
+        self.arrival = 0
         self._items_json: str | None = None
         self.propensities = propensities  # the logging policy's, copied into each example
         self.model_version = model_version
@@ -91,8 +91,8 @@ class ImpressionState:
             ) + "}"
         if self.closed:
             s += ',"closed":true'
-        if self.held is not None:
-            s += f',"held":{self.held}'
+        if self.arrival:
+            s += f',"a":{self.arrival}'
         return (s + "}").encode()
 
     def state(self) -> dict[str, Any]:
@@ -107,8 +107,8 @@ class ImpressionState:
             s["beyond"] = {k: list(v) for k, v in self.beyond.items()}
         if self.closed:
             s["closed"] = True
-        if self.held is not None:
-            s["held"] = self.held
+        if self.arrival:
+            s["a"] = self.arrival
         return s
 
     @classmethod
@@ -121,8 +121,7 @@ class ImpressionState:
         rec.positives = set(s.get("pos", ()))
         rec.beyond = {k: (int(v[0]), v[1]) for k, v in s.get("beyond", {}).items()}
         rec.closed = bool(s.get("closed", False))
-        held = s.get("held")
-        rec.held = None if held is None else int(held)
+        rec.arrival = int(s.get("a", 0))
         return rec
 
 

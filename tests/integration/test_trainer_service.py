@@ -26,6 +26,7 @@ from contract.settings import PROJECT_ROOT, KafkaSettings
 from contract.topics import DEAD_LETTERS, ITEMS, LABELED, MODEL_UPDATES
 from tests.kafka_utils import consume, produce, produce_raw
 from trainer.checkpoint import load_checkpoint
+from trainer.dedupe import dedupe_key
 from trainer.service import TrainerService, offsets_key
 from trainer.service_settings import TrainerSettings
 from trainer.weights import WeightStore
@@ -209,7 +210,7 @@ def test_labeled_examples_become_a_loadable_version(kafka_settings: KafkaSetting
     assert ckpt is not None
     assert ckpt.offsets == ends
     assert ckpt.examples_trained == len(seen) - len(held)
-    assert set(ckpt.recent_example_ids) >= {e.example_id for e in examples}
+    assert set(ckpt.recent_example_ids) >= {dedupe_key(e) for e in examples}
 
     # the group's committed offsets follow the checkpoint (for lag monitoring)
     topic = LABELED.real_name(kafka_settings)

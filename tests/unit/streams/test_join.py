@@ -333,11 +333,13 @@ def test_history_is_capped() -> None:
 
 
 def test_closed_impressions_are_forgotten_after_retention() -> None:
-    core, _ = make(window_ms=100, closed_retention_ms=1_000)
+    core, _ = make(window_ms=100, closed_retention_ms=1_000, late_hold_events=10)
     for n in range(50):
         t = 1_000 * n
         feed(core, [imp(f"i{n}", t, ["a"], user=f"u{n}"), clk(f"i{n}", "a", t, user=f"u{n}")])
-    assert core.remembered_impressions <= 3
+    # past their event-time retention *and* the last 10 arrivals (5 impressions and their clicks)
+    assert core.remembered_impressions <= 3 + 5
+    assert "i40" not in core.snapshot() and "i/i40" not in core.snapshot() and "i/i49" in core.snapshot()
     # a click for a forgotten impression is an orphan; a replayed one is joined afresh
     assert core.on_click(clk("i0", "a", 49_000, user="u0")) == []
     assert core.early_clicks == 1

@@ -227,3 +227,21 @@ def test_join_config_rejects_impossible_new_values() -> None:
             JoinConfig(**{name: -1})
     with pytest.raises(ConfigError, match="early_per_impression_max"):
         JoinConfig(early_per_impression_max=0)
+
+
+def test_clicks_of_a_lagging_producer_whose_stream_idled_are_late_positives_not_orphans() -> None:
+    """Found by the chaos run: a clicks stream quiet past the idle timeout lets the impressions'
+    watermark close and pass the retention of every window; its clicks, arriving next, must still
+    find their (closed) impressions, remembered by arrival."""
+    core, clocks = make()
+    old = NOW_MS - 30 * 24 * HOUR  # a replay at high speed: hours of event time per second
+    for i in range(20):
+        core.on_impression(imp(f"i{i}", old + i * HOUR, ["a", "b"]))
+    clocks.advance(11)  # the clicks producer lags: its stream idles, the impressions' watermark rules
+    out = core.tick()
+    out += core.on_impression(imp("later", old + 40 * HOUR, ["a"]))
+    assert core.watermark > old + 21 * HOUR
+    for i in range(20):
+        out += core.on_click(clk(f"i{i}", "a", old + i * HOUR + 60_000))
+    assert not orphans(out)
+    assert {(f"i{i}:a", 1, True) for i in range(20)} <= examples(out)

@@ -461,3 +461,33 @@ def test_dead_letters_are_flushed_before_a_checkpoint_moves_past_their_offsets(t
     # still queued, not failed: librdkafka keeps retrying it; a failure would be counted at a later barrier
     assert service.metrics.registry.get_sample_value("streamrec_trainer_dead_letter_failures_total") == 0
     assert [t for t, _ in dead.sent] == [service.source.dead_topic]
+
+
+def test_a_version_whose_checkpoint_failed_is_never_announced(tmp_path: Path) -> None:
+    """No checkpoint descends from it: announcing it (even from the close's retry) would fork the lineage."""
+    settings = _settings(tmp_path, publish_kind="full", keep_versions=0, holdout_fraction=0.0)
+    producer = _WatchedProducer(lambda topic, value: None)
+    service = _service(settings, producer)
+    service._steps_since_attempt = 1
+
+    def broken(*, reason: str) -> None:
+        raise OSError("disk full")
+
+    service._checkpoint = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        service._publish(time.monotonic())
+    assert service.publisher is not None and service.publisher.pending is None
+    service.publisher.retry_pending()  # what _close does
+    assert not [v for t, v in producer.sent if t == "model-updates"]
+
+
+def test_a_stop_asked_during_an_iteration_publishes_nothing_more(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, publish_kind="full", keep_versions=0, holdout_fraction=0.0)
+    producer = _WatchedProducer(lambda topic, value: None)
+    service = _service(settings, producer)
+    service.source.fetch = lambda timeout, catalog: []  # type: ignore[method-assign]
+    service._steps_since_attempt = settings.publish_every_steps  # a publish is due
+    service.stop()  # SIGTERM arrives while the pass fetches
+    service._iterate()
+    assert not [v for t, v in producer.sent if t == "model-updates"]
+    assert service.publisher is not None and service.publisher.next_version == 1
