@@ -7,12 +7,13 @@ BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.streamrec-installed
 KAFKA_PORT  ?= 9092
+NPROC       ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help setup assets jars kafka-up kafka-down kafka-status topics test test-unit \
-        test-integration demo bench lint worker trainer serve evaluate clean
+        test-integration demo loop bench chaos lint worker trainer serve evaluate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -60,12 +61,20 @@ bench: setup  ## run every benchmark on a local broker it starts (each prints fi
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/freshness.py --local
 	$(PY) benchmarks/serving_latency.py --local
+	$(PY) benchmarks/ope_coverage.py
+
+chaos: setup  ## SIGKILL the services, restart the broker, inject bad input during a MovieLens run; print what held (JSON last line)
+	$(PY) benchmarks/chaos.py --local $(CHAOS_ARGS)
 
 worker: setup  ## run one streams (join) worker against $$STREAMREC_BOOTSTRAP_SERVERS
 	$(PY) -m streams.worker --create-topics
 
-trainer: setup  ## run the trainer service
+trainer: setup  ## run the trainer service (NPROC=N: N data-parallel ranks under torchrun, one GPU each on CUDA)
+ifeq ($(NPROC),1)
 	$(PY) -m trainer
+else
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m trainer
+endif
 
 serve: setup  ## run one scoring agent
 	$(PY) -m serving
@@ -79,6 +88,9 @@ lint: $(STAMP)  ## ruff
 
 demo: setup  ## replay MovieLens-100k through the pipeline on a local broker and report
 	$(PY) -m harness.demo
+
+loop: setup  ## closed loop: simulated users vs four arms (explore, greedy, frozen, popularity) on a local broker
+	$(PY) -m harness.loop $(LOOP_ARGS)
 
 clean:  ## remove the venv and caches (the broker data in .cache goes too)
 	-$(PY) -m infra.broker down

@@ -40,14 +40,26 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("STREAMREC_LOG_LEVEL", "INFO").upper(),
                         help="DEBUG, INFO, WARNING, ERROR (default INFO or $STREAMREC_LOG_LEVEL)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # under torchrun (WORLD_SIZE > 1) each rank is one trainer of a data-parallel group
+    ranked = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+    rank_tag = f"[rank {os.environ.get('RANK', '?')}] " if ranked else ""
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {rank_tag}%(name)s: %(message)s")
     # lazy (start-up cost): torch and the model are imported only once --help and argv are handled
     from trainer.service import TrainerService
 
     try:
         kafka = load(KafkaSettings)
         settings = load(TrainerSettings)
-        service = TrainerService(settings, kafka)
+        if ranked:
+            from trainer.distributed import rank_from_env
+            from trainer.distributed_service import DistributedTrainerService
+
+            info = rank_from_env()
+            service: TrainerService = (
+                TrainerService(settings, kafka) if info is None else DistributedTrainerService(settings, kafka, info)
+            )
+        else:
+            service = TrainerService(settings, kafka)
     except StreamrecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -62,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         service.run()
     except StreamrecError as exc:
         log.error("trainer failed: %s", exc)
+        if ranked:  # the threads of a broken process group can abort a normal interpreter exit
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     return 0
 

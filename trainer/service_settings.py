@@ -269,7 +269,13 @@ class TrainerSettings(BaseSettings):
     trained_ids_log: Path | None = Field(
         default=None,
         description="Debug: append every trained (T) and held-back (H) example_id to this file; "
-        "rolled back to the checkpoint on restart, so it lists exactly the checkpointed lineage.",
+        "rolled back to the checkpoint on restart, so it lists exactly the checkpointed lineage "
+        "(rank r of a data-parallel trainer writes <path>.rank<r>).",
+    )
+    ddp_timeout_s: float = Field(
+        default=300.0, gt=0, le=86_400,
+        description="Data-parallel trainer (torchrun --nproc-per-node N -m trainer): how long a rank waits "
+        "in a collective for the others before the group stops (a rank that dies stops it at once).",
     )
 
     @field_validator("weights_root")
