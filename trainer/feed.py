@@ -182,6 +182,8 @@ class Feed:
 
     def _expire(self, p: int, q: PartitionQueue, now: float, advanced: dict[int, int]) -> None:
         """Start, or end, the wait of a partition whose head's item is not in the catalog."""
+        if q.entries and self._ready(q.entries[0]):
+            q.blocked_since = None
         while q.entries and not self._ready(q.entries[0]):
             head = q.entries[0]
             assert head.example is not None
@@ -189,10 +191,11 @@ class Feed:
                 q.blocked_since = now
                 log.info("%s[%d]@%d: item %s not in the catalog yet; the partition waits up to %.0fs",
                          self.topic, p, head.offset, head.example.item_id, self.missing_item_wait_s)
-            if now - q.blocked_since < self.missing_item_wait_s:
+            # each example waits missing_item_wait_s from the later of its arrival and the start of
+            # the block, so a slate of unknown items queued together expires together (not N waits)
+            if now - max(q.blocked_since, head.arrived) < self.missing_item_wait_s:
                 return
             q.entries.popleft()
-            q.blocked_since = None
             advanced[p] = head.offset + 1
             self.on_expired(p, head.offset, head.example,
                             f"item {head.example.item_id} not in the catalog after {self.missing_item_wait_s:.0f}s")

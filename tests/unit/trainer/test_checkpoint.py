@@ -284,6 +284,24 @@ def test_feed_waits_for_a_missing_item_then_dead_letters_it_while_others_go_on()
     assert taken.advanced == {0: 13} and feed.queued() == 0
 
 
+def test_a_slate_of_missing_items_waits_once_not_once_per_item() -> None:
+    """Found in the chaos review: after one expiry the next missing item waited a full period again."""
+    catalog, expired = _catalog(), []
+    feed = _feed(catalog, expired, batch_size=8)
+    base = _examples(1, 5)[0]
+    for n in range(4):
+        feed.add(0, n, base.model_copy(update={"item_id": f"gone{n}", "example_id": f"s:gone{n}"}), now=0.0)
+    late = base.model_copy(update={"item_id": "gone9", "example_id": "s:gone9"})
+    feed.add(0, 4, late, now=4.0)  # queued later: waits its own period
+    assert feed.take(1.0).examples == []  # the wait starts
+    taken = feed.take(6.5)
+    assert [e[1] for e in expired] == [0, 1, 2, 3] and taken.advanced == {0: 4}
+    feed.take(8.0)
+    assert len(expired) == 4
+    feed.take(9.5)
+    assert [e[1] for e in expired] == [0, 1, 2, 3, 4]
+
+
 def test_feed_backpressure_pauses_full_partitions_and_resumes_below_half() -> None:
     feed = _feed(_catalog(), [])
     for off, ex in enumerate(_examples(4, 4)):
