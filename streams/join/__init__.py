@@ -17,7 +17,8 @@ Semantics (all times are event time in ms unless they say wall clock):
   event moves its stream's max at most ``watermark_lead_ms`` past the wall
   clock (injectable ``wall``), so one clock ahead cannot close the partition.
   A stream with no arrival for ``idle_timeout_s`` (wall clock, injectable
-  ``clock``) stops holding it back; when both are idle, the windows (and early
+  ``clock``) holds it back only to its newest ts advanced at the wall-clock
+  rate since (one never seen not at all); when both are idle, the windows (and early
   clicks' grace) that ended before the later of (newest ts + idle time) and the
   wall clock close, without moving the watermark: a quiet live partition keeps
   its window, a finished replay of the past closes at once.

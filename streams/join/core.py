@@ -296,9 +296,9 @@ class JoinCore:
         if imp_idle and clk_idle:
             candidate = max(wm_imp, wm_clk)
         elif imp_idle:
-            candidate = wm_clk
+            candidate = min(wm_clk, self._idle_stream_watermark(_IMP, now))
         elif clk_idle:
-            candidate = wm_imp
+            candidate = min(wm_imp, self._idle_stream_watermark(_CLK, now))
         else:
             candidate = min(wm_imp, wm_clk)
         if candidate > self._watermark:
@@ -326,6 +326,20 @@ class JoinCore:
         self._release_held(out)
         if imp_idle and clk_idle:
             self._close_idle(now, out)
+
+    def _idle_stream_watermark(self, stream: int, now: float) -> float:
+        """What an idle stream still holds the watermark back to: its newest event time advanced by
+        the wall time it has been idle (event time at the wall-clock rate), minus the lateness.
+
+        On a live stream that is about the wall clock, so the other stream rules as if the idle one
+        were not there; in a replay running many times faster than the wall clock, a clicks producer
+        that lags (or pauses) does not let the impressions close every window it has not caught up
+        with.  A stream never seen does not hold the watermark back."""
+        seen = self._max_ts[stream]
+        if seen is None:
+            return float("inf")
+        idle_ms = int((now - self._last_arrival[stream]) * 1000)
+        return seen + idle_ms - self.config.allowed_lateness_ms
 
     def _close_idle(self, now: float, out: list[Output]) -> None:
         """Both streams idle: close the windows that have ended by now, without moving the watermark.

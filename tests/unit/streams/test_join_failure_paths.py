@@ -245,3 +245,34 @@ def test_clicks_of_a_lagging_producer_whose_stream_idled_are_late_positives_not_
         out += core.on_click(clk(f"i{i}", "a", old + i * HOUR + 60_000))
     assert not orphans(out)
     assert {(f"i{i}:a", 1, True) for i in range(20)} <= examples(out)
+
+
+def test_an_idle_clicks_stream_of_a_fast_replay_holds_the_windows_it_has_not_caught_up_with() -> None:
+    """Found by the chaos run: a clicks producer lagging a 20,000x replay by a few seconds went idle
+    on one partition, and the impressions' watermark closed every window its clicks had not reached
+    (fake negatives, then late positives).  An idle stream advances at the wall-clock rate."""
+    core, clocks = make()
+    old = NOW_MS - 30 * 24 * HOUR
+    core.on_impression(imp("i0", old, ["a", "b"]))
+    core.on_click(clk("i0", "a", old + 1000))  # the clicks stream has been seen
+    for i in range(1, 40):  # the replay runs on: hours of event time a second
+        clocks.advance(0.5)
+        core.on_impression(imp(f"i{i}", old + i * HOUR, ["a", "b"]))
+    out = core.tick()
+    assert not examples(out) and core.open_impressions == 40  # nothing closed while clicks lag
+    out = []
+    for i in range(1, 40):  # the lagging clicks arrive
+        out += core.on_click(clk(f"i{i}", "a", old + i * HOUR + 60_000))
+    assert {(f"i{i}:a", 1, False) for i in range(1, 40)} <= examples(out)
+    assert not {e for e in examples(out) if e[1] == 0 and e[0].endswith(":a")}
+
+
+def test_a_quiet_live_clicks_stream_still_lets_live_impressions_close() -> None:
+    core, clocks = make(window_ms=60_000)
+    core.on_impression(imp("i0", NOW_MS, ["a", "b"]))
+    core.on_click(clk("i0", "a", NOW_MS + 1000))
+    out = []
+    for s in range(1, 90):  # live traffic: event time moves with the wall clock
+        clocks.advance(1)
+        out += core.on_impression(imp(f"i{s}", NOW_MS + s * 1000, ["x"], user="u2"))
+    assert ("i0:b", 0, False) in examples(out)  # closed about 65 s after it, clicks idle or not
