@@ -324,7 +324,7 @@ def empty_update(learner: ContinualLearner) -> float:
 
 def attach(learner: ContinualLearner, group: Group) -> GradientAverager:
     """Make the learner average its gradients over the group at every update."""
-    if learner.user_posterior is not None:
+    if getattr(learner, "user_posterior", None) is not None:
         raise ConfigError("STREAMREC_TRAINER_LEARNER_OPTIONS",
                           "user_posterior_dims > 0 is not supported by the data-parallel trainer (the "
                           "per-user posterior's Newton step is not averaged over ranks); set it to 0")

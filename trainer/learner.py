@@ -27,7 +27,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,11 @@ class LearnerError(StreamrecError):
 class ContinualLearner:
     """Test-then-train multi-task learner over :class:`~contract.records.Labeled` batches."""
 
+    # --- data-parallel hook (trainer/distributed.py): None in a single process -------------------
+    grad_hook: Callable[[list[Tensor]], None] | None = None
+    """Called at every optimizer update with the parameters, before clipping: a data-parallel rank
+    replaces their gradients by the group's average there (trainer/distributed.py)."""
+
     def __init__(self, model: RecModel, config: LearnerConfig | None = None, catalog: Catalog | None = None) -> None:
         self.config = config or LearnerConfig()
         self.catalog = catalog if catalog is not None else Catalog()
@@ -82,7 +87,10 @@ class ContinualLearner:
         self.optimizer = self._make_optimizer()
         self.id_optimizer = self._make_id_optimizer()
         self.metrics = PrequentialMetrics(self.config.window, threshold=self.config.threshold)
-        self.replay: ReservoirBuffer[Labeled] = ReservoirBuffer(self.config.replay_size, seed=self.config.seed)
+        # keyed by example_id: a positive replaces its example's fake negative (DESIGN.md §3.3)
+        self.replay: ReservoirBuffer[Labeled] = ReservoirBuffer(
+            self.config.replay_size, seed=self.config.seed, key=_example_id
+        )
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self._seen = DedupeWindow(self.config.dedup_window)
         """Redelivered examples are dropped here only when the learner is fed directly; the trainer
@@ -321,6 +329,8 @@ class ContinualLearner:
             for p, g in zip(id_params, id_grads, strict=True):
                 p.grad = g
         params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        if self.grad_hook is not None:  # data parallel: the group's average gradient (trainer/distributed.py)
+            self.grad_hook(params)
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if math.isfinite(grad_norm):
@@ -454,3 +464,7 @@ def iter_batches(examples: Sequence[Labeled], batch_size: int) -> Iterator[list[
     """Consecutive batches of a sequence of examples (the last one may be short)."""
     for start in range(0, len(examples), batch_size):
         yield list(examples[start : start + batch_size])
+
+
+def _example_id(example: Labeled) -> str:
+    return example.example_id
