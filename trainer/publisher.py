@@ -84,11 +84,24 @@ class Publisher:
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:
-        """Continue the numbering (past anything in the store) and the delta base of a checkpoint."""
+        """Continue the numbering (past anything in the store) and the delta base of a checkpoint.
+
+        Versions in the store from the checkpoint's ``next_version`` on are **orphans**: written by
+        a trainer that died before the checkpoint that would have owned them (or put there by
+        someone else).  No checkpoint descends from them, so they are removed (an agent starting
+        up must not pick one from the store), and the numbering continues past them (a number
+        never names two different versions)."""
         self.next_version = self.store.next_version()
         if state is None:
             return
-        self.next_version = max(self.next_version, int(state.get("next_version", 1)))
+        owned = int(state.get("next_version", 1))
+        orphans = [v for v in self.store.versions() if v >= owned]
+        for v in orphans:
+            log.warning("removing version %d from the store: no checkpoint descends from it (a trainer "
+                        "that died between writing it and checkpointing, or not this trainer's)", v)
+            self.store.remove(v)
+        self.metrics.orphans_removed(len(orphans))
+        self.next_version = max(self.next_version, owned)
         self.last_full_version = state.get("last_full_version")
         self.publishes_since_full = int(state.get("publishes_since_full", 0))
         pending = state.get("pending_announcement")

@@ -44,6 +44,8 @@ class TrainerMetrics:
             self.publish_failures.labels(reason=str(code))
         self.announce_failures = Counter(p + "announce_failures", "Announcements on model-updates that were "
                                          "not delivered (retried at the next publish attempt)", registry=r)
+        self.orphans = Counter(p + "orphan_versions_removed", "Versions in the store no checkpoint descends "
+                               "from, removed at start-up", registry=r)
         self.unannounced = Gauge(p + "unannounced_version", "Newest published version whose announcement "
                                  "failed and awaits its retry (0 = none)", registry=r)
         self.dead_letters = Counter(p + "dead_letters", "Records sent to dead-letters", ["topic"], registry=r)
@@ -61,7 +63,7 @@ class TrainerMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
         )
         self.counts = {"trained": 0, "held_back": 0, "duplicates": 0, "dead": 0, "consumed": 0,
-                       "announce_failures": 0}
+                       "announce_failures": 0, "orphan_versions_removed": 0}
         """The same counts as plain numbers (for :meth:`TrainerService.progress` and the progress log)."""
         self.refusals = {reason.value: 0 for reason in Refusal}
 
@@ -96,6 +98,11 @@ class TrainerMetrics:
     def refused(self, reason: Refusal) -> None:
         self.rejections.labels(reason=reason.value).inc()
         self.refusals[reason.value] += 1
+
+    def orphans_removed(self, n: int) -> None:
+        if n:
+            self.orphans.inc(n)
+            self.counts["orphan_versions_removed"] += n
 
     def announce_failed(self, version: int) -> None:
         self.announce_failures.inc()

@@ -361,16 +361,19 @@ class WeightStore:
         for v in versions:
             if v in kept:
                 continue
-            # Manifest first: the version stops existing before its weights go.
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self._join(version_dir(v), MANIFEST_FILE))
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self._vdir(v), recursive=True)
+            self.remove(v)
             deleted.append(v)
         if deleted:
             log.info("pruned %d old version(s) from %s: %s", len(deleted), self.url, deleted)
         self._remove_abandoned(versions)
         return deleted
+
+    def remove(self, version: int) -> None:
+        """Delete one version: its manifest first, so it stops existing before its weights go."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._join(version_dir(version), MANIFEST_FILE))
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._vdir(version), recursive=True)
 
     def _remove_abandoned(self, versions: list[int]) -> None:
         """Remove directories of publishes that crashed before their manifest (older than the newest)."""

@@ -491,3 +491,22 @@ def test_a_stop_asked_during_an_iteration_publishes_nothing_more(tmp_path: Path)
     service._iterate()
     assert not [v for t, v in producer.sent if t == "model-updates"]
     assert service.publisher is not None and service.publisher.next_version == 1
+
+
+def test_a_restart_removes_versions_no_checkpoint_descends_from(tmp_path: Path) -> None:
+    """Found by the chaos run: a trainer SIGKILLed between writing version N and its checkpoint left
+    N in the store, and an agent starting up served it from there (a version never announced, off
+    the lineage).  The restart removes it and numbers past it."""
+    settings = _settings(tmp_path, publish_kind="full", keep_versions=0, holdout_fraction=0.0)
+    producer = _WatchedProducer(lambda topic, value: None)
+    service = _service(settings, producer)
+    service._steps_since_attempt = 1
+    service._publish(time.monotonic())  # version 1, checkpointed and announced
+    assert service.publisher is not None
+    orphan = service.publisher.publish(service.model, metrics={}, trained_examples=0,
+                                       source_offsets={}, announce=False)  # then a SIGKILL
+    assert orphan is not None and service.store.versions() == [1, 2]
+    restarted = _service(settings, _WatchedProducer(lambda topic, value: None), load_checkpoint(settings.checkpoint_dir))
+    assert restarted.store.versions() == [1]
+    assert restarted.publisher is not None and restarted.publisher.next_version == 3
+    assert restarted.metrics.counts["orphan_versions_removed"] == 1
