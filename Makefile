@@ -62,6 +62,7 @@ bench: setup  ## run every benchmark on a local broker it starts (each prints fi
 	$(PY) benchmarks/freshness.py --local
 	$(PY) benchmarks/serving_latency.py --local
 	$(PY) benchmarks/scaling.py --local
+	$(PY) benchmarks/zero_shot.py
 	$(PY) benchmarks/ope_coverage.py
 
 chaos: setup  ## SIGKILL the services, restart the broker, inject bad input during a MovieLens run; print what held (JSON last line)
