@@ -244,7 +244,10 @@ def run_faust_floor(settings: KafkaSettings, n: int, partitions: int, batch: int
 
 
 def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
-    bench = settings.model_copy(update={"topic_prefix": f"bench-{uuid.uuid4().hex[:8]}-"})
+    update: dict[str, Any] = {"topic_prefix": f"bench-{uuid.uuid4().hex[:8]}-"}
+    if args.partitions:  # STREAMREC_PARTITIONS for the worker too (kafka_env)
+        update["partitions"] = args.partitions
+    bench = settings.model_copy(update=update)
     ensure_topics(bench, TOPICS, partitions=args.partitions)
     try:
         imps, clicks, expected = make_events(
@@ -256,7 +259,7 @@ def run(settings: KafkaSettings, args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="join-bench-") as tmp:
             (metrics_port,) = free_ports(1)
             env = service_env(
-                bench, "join", inherit=False, partitions=args.partitions or bench.partitions, window_ms=WINDOW_MS,
+                bench, "join", inherit=False, window_ms=WINDOW_MS,
                 allowed_lateness_ms=1000, data_dir=tmp, batch_max=args.batch, metrics_port=metrics_port,
             )  # fmt: skip
             cmd = [sys.executable, "-m", SERVICE_MODULES["join"], "--log-level", args.worker_log_level]
