@@ -46,18 +46,14 @@ from infra.admin import ensure_topics
 from infra.broker import LIBRDKAFKA_LOGGER, BrokerError
 from infra.processes import Service, ServiceGroup
 from streams.replay.cli import add_simulate_arguments, loop_config
-from streams.replay.simulate import (
-    LoopConfig,
-    LoopRun,
-    LoopWorld,
+from streams.replay.loop_figures import (
     format_summary,
     format_windows,
     json_line,
     paired_difference,
-    produce_catalog,
-    run_closed_loop,
     trailing_ratio,
 )
+from streams.replay.simulate import LoopConfig, LoopRun, LoopWorld, produce_catalog, run_closed_loop
 
 log = logging.getLogger(__name__)
 

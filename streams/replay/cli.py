@@ -302,14 +302,8 @@ def add_simulate_parser(sub: Any) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from streams.replay.simulate import (
-        LoopWorld,
-        format_summary,
-        format_window_details,
-        json_line,
-        produce_catalog,
-        run_closed_loop,
-    )
+    from streams.replay.loop_figures import format_summary, format_window_details, json_line
+    from streams.replay.simulate import LoopWorld, produce_catalog, run_closed_loop
 
     try:
         settings = load(KafkaSettings)

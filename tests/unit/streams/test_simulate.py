@@ -7,16 +7,14 @@ import pytest
 
 from contract.errors import ConfigError
 from contract.records import Recommendation, ScoredItem
-from streams.replay.simulate import (
-    LoopConfig,
-    LoopWorld,
+from streams.replay.loop_figures import (
     Outcome,
     paired_difference,
-    shown,
     summarize,
     trailing_ratio,
     window_rows,
 )
+from streams.replay.simulate import LoopConfig, LoopWorld, shown
 
 SMALL = LoopConfig(users=20, items=40, new_items=10, requests=200, k=5, window=50, seed=3)
 
