@@ -73,10 +73,9 @@ from trainer.distributed import (
 from trainer.guardrail import Refusal
 from trainer.metrics import finite
 from trainer.publisher import Publisher
-from trainer.service import PARTITION_CHECK_S, TrainerService, _fmt, offsets_key
+from trainer.service import PARTITION_CHECK_S, TrainerService, _fmt
 from trainer.service_metrics import TrainerMetrics
 from trainer.service_settings import TrainerSettings
-from trainer.source import TrainerServiceError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ class DistributedTrainerService(TrainerService):
             announcer = KafkaProducer.create(self.kafka, f"{s.group_id}-updates")
             self.publisher = Publisher(s, self.store, announcer, MODEL_UPDATES.real_name(self.kafka), self.metrics)
         labeled_parts = self.source.partitions(self.labeled_topic)
-        mine = share(labeled_parts, info.rank, info.world)
+        mine = self._own_partitions(labeled_parts)
         if not mine:
             log.warning("rank %d owns none of the %d partitions of %s (more ranks than partitions): it "
                         "takes part in every update with no examples", info.rank, len(labeled_parts),
@@ -414,17 +413,5 @@ class DistributedTrainerService(TrainerService):
             pub.pending = None
         super()._close()
 
-    def _check_new_partitions(self) -> None:
-        self._last_partition_check = time.monotonic()
-        try:
-            parts = self.source.partitions(self.labeled_topic)
-        except TrainerServiceError as exc:
-            log.warning("partition check failed: %s", exc)
-            return
-        new = [p for p in share(parts, self.info.rank, self.info.world) if p not in self.feed.queues]
-        if new:
-            self.source.add_partitions({p: self._start_offset(p) for p in new})
-            log.info("%s gained partitions %s; rank %d consumes them", self.labeled_topic, new, self.info.rank)
-
-    def _source_offsets(self) -> dict[str, int]:
-        return {offsets_key(self.labeled_topic, p): o for p, o in sorted(dict(self.feed.offsets).items())}
+    def _own_partitions(self, partitions: list[int]) -> list[int]:
+        return share(partitions, self.info.rank, self.info.world)  # partitions added later too

@@ -354,10 +354,15 @@ class TrainerService:
         except TrainerServiceError as exc:
             log.warning("partition check failed: %s", exc)
             return
-        new = [p for p in parts if p not in self.feed.queues]
+        new = [p for p in self._own_partitions(parts) if p not in self.feed.queues]
         if new:
             self.source.add_partitions({p: self._start_offset(p) for p in new})
             log.info("%s gained partitions %s; consuming them too", self.labeled_topic, new)
+
+    def _own_partitions(self, partitions: list[int]) -> list[int]:
+        """The partitions of ``labeled`` this process trains on: all of them (a data-parallel rank
+        takes its share, trainer/distributed_service.py)."""
+        return partitions
 
     def _log_progress(self, now: float) -> None:
         elapsed, self._last_log = now - self._last_log, now
