@@ -394,6 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr-encoder", type=float, default=None)
     p.add_argument("--lr-ids", type=float, default=None)
     p.add_argument("--updates-per-batch", type=int, default=None)
+    p.add_argument(
+        "--model-set", action="append", default=[], metavar="FIELD=JSON",
+        help="set any ModelConfig field, e.g. --model-set user_category_cross=false (repeatable)",
+    )
+    p.add_argument(
+        "--learner-set", action="append", default=[], metavar="FIELD=JSON",
+        help="set any LearnerConfig field, e.g. --learner-set cross_decay=0.98 (repeatable)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", type=Path, default=None, help="PNG plot path (default: .cache/evaluate/auc_<dataset>.png)")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
@@ -432,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             embed_dim=args.embed_dim, user_buckets=args.user_buckets, item_buckets=args.item_buckets,
             freeze_layers=args.freeze_layers,
         ),
+        **_overrides(p, args.model_set),
     )
     learner_config = LearnerConfig(
         seed=args.seed,
@@ -439,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr_towers=args.lr_towers, lr_heads=args.lr_heads, lr_encoder=args.lr_encoder, lr_ids=args.lr_ids,
             updates_per_batch=args.updates_per_batch,
         ),
+        **_overrides(p, args.learner_set),
     )
     settings = EvalSettings(batch_size=args.batch_size, periods=args.periods, holdout=args.holdout, publish_every=args.publish_every)
     summary, results, bounds = evaluate(
@@ -455,6 +465,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(_no_nan(summary), indent=2))
     return 0
+
+
+def _overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, object]:
+    """``FIELD=JSON`` pairs -> keyword arguments (a bare word that is not JSON is a string)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        field, sep, raw = pair.partition("=")
+        if not sep or not field:
+            parser.error(f"expected FIELD=VALUE, got {pair!r}")
+        try:
+            out[field.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[field.strip()] = raw
+    return out
 
 
 def given(**kw: object) -> dict[str, object]:

@@ -130,7 +130,9 @@ class TrainerSettings(BaseSettings):
         description="Fraction of examples held back from training for the guardrail (0 = no guardrail).",
     )
     holdout_size: int = Field(
-        default=500, ge=1, description="Most recent held-back examples the guardrail evaluates on."
+        default=2000, ge=1,
+        description="Most recent held-back examples the guardrail evaluates on (500 held a first version "
+        "that beat popularity by 0.07 AUC back for half of the closed loop's run: its paired se was 0.06).",
     )
     guardrail_min_examples: int = Field(
         default=32, ge=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -52,3 +53,25 @@ def test_cli_help() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_cli_sets_any_model_and_learner_field(tmp_path) -> None:
+    from harness.evaluate import _overrides
+
+    parser = argparse.ArgumentParser()
+    assert _overrides(parser, ["history_scale=3", "user_tower=attention", "center_text=false"]) == {
+        "history_scale": 3, "user_tower": "attention", "center_text": False,
+    }
+    with pytest.raises(SystemExit):
+        _overrides(parser, ["no-equals-sign"])
+    js = tmp_path / "summary.json"
+    rc = main([
+        "--dataset", "synthetic", "--events", "120", "--periods", "2", "--batch-size", "100", "--strategies", "default",
+        "--baselines", "none", "--encoder-layers", "1", "--max-text-len", "16", "--embed-dim", "16",
+        "--model-set", "history_scale=2.5", "--learner-set", "updates_per_batch=1",
+        "--out", str(tmp_path / "auc.png"), "--json", str(js),
+    ])
+    assert rc == 0
+    default = json.loads(js.read_text())["strategies"]["default"]
+    # one step per batch: fresh examples plus at most half as many replayed (two steps would be >= 2x)
+    assert default["trained_examples"] <= default["example_updates"] <= 1.5 * default["trained_examples"] + 1
