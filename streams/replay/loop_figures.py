@@ -73,7 +73,7 @@ class WindowRow:
         return ratio(self.realised, self.optimal)
 
     @property
-    def expectedratio(self) -> float:
+    def expected_ratio(self) -> float:
         return ratio(self.expected, self.optimal)
 
 

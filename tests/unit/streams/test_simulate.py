@@ -9,6 +9,9 @@ from contract.errors import ConfigError
 from contract.records import Recommendation, ScoredItem
 from streams.replay.loop_figures import (
     Outcome,
+    format_summary,
+    format_window_details,
+    format_windows,
     paired_difference,
     summarize,
     trailing_ratio,
@@ -93,6 +96,11 @@ def test_summary_recovery_and_windows() -> None:
     assert [r.phase for r in rows] == ["before", "before", "after", "after"]
     assert rows[2].ratio == pytest.approx((30 * 3 + 20 * 9) / 500)
     assert np.isnan(trailing_ratio(np.ones(3), np.ones(3), 5)).all()
+    # the printed tables: one line per window, each arm's realised (expected) ratio
+    table = format_windows({"arm a": rows, "arm b": rows})
+    assert "arm a" in table and f"{rows[2].ratio:.3f} ({rows[2].expected_ratio:.3f})" in table
+    assert len(format_window_details(rows).splitlines()) >= len(rows)
+    assert "arm a" in format_summary({"arm a": s})
 
 
 def test_paired_difference() -> None:
