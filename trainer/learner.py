@@ -50,8 +50,9 @@ from trainer.replay_buffer import ReservoirBuffer
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
-"""2: the projection has its own AdamW group and the id rows a row-wise Adagrad (1 cannot be resumed)."""
+STATE_VERSION = 3
+"""2: the projection has its own AdamW group and the id rows a row-wise Adagrad (1 cannot be resumed);
+3: the history cosine's weight has its own AdamW group (``lr_scale``; 2 cannot be resumed)."""
 CENTER_ITEMS = 4096
 """Catalog items whose mean text vector centres a fresh model (the first ids in sorted order)."""
 
@@ -113,6 +114,7 @@ class ContinualLearner:
             "projection": self.config.lr_projection,
             "towers": self.config.lr_towers,
             "heads": self.config.lr_heads,
+            "scale": self.config.lr_scale,
             "item_ids": self.config.lr_item_ids,
         }
         by_group = self.model.parameter_groups()
@@ -319,7 +321,7 @@ class ContinualLearner:
             warm = self.config.warmup_examples
             factor = min(1.0, (self.examples_trained + 1) / warm) if warm else 1.0
             for g in self.optimizer.param_groups:
-                g["lr"] = g["base_lr"] * (1.0 if g["name"].startswith("heads") else factor)
+                g["lr"] = g["base_lr"] * (1.0 if g["name"].startswith(("heads", "scale")) else factor)
         id_grads = None
         if id_loss is not None and self.id_optimizer is not None:
             id_params = self.model.user_row_parameters()

@@ -29,6 +29,12 @@ class LearnerConfig(BaseModel):
     lr_heads: float = Field(
         default=1e-2, ge=0.0, description="AdamW lr of the click/category/value heads (a few scalars and vectors)."
     )
+    lr_scale: float = Field(
+        default=1e-2,
+        ge=0.0,
+        description="AdamW lr of the log of the history cosine's weight in the click logit "
+        "(ModelConfig.history_scale is where it starts).",
+    )
     lr_ids: float = Field(
         default=0.2,
         ge=0.0,

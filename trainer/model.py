@@ -281,11 +281,12 @@ class RecModel(nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group: ``encoder`` (unfrozen layers / LoRA), ``projection`` (the text
-        projection), ``towers`` (the rest of the towers: the user tower), ``heads``,
+        projection), ``towers`` (the rest of the towers: the user tower), ``heads``, ``scale`` (the
+        weight of the history cosine in the click logit),
         ``ids`` (the per-id biases and user embeddings: added to the logit, learned like counters) and
         ``item_ids`` (the item-id and category embeddings, inside the item vector)."""
         groups: dict[str, list[nn.Parameter]] = {
-            "encoder": [], "projection": [], "towers": [], "heads": [], "ids": [], "item_ids": []
+            "encoder": [], "projection": [], "towers": [], "heads": [], "scale": [], "ids": [], "item_ids": []
         }
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -300,6 +301,8 @@ class RecModel(nn.Module):
                 groups["projection"].append(p)
             elif name.startswith(("item_tower.", "user_tower.")):
                 groups["towers"].append(p)
+            elif name == "click_head.log_scale":
+                groups["scale"].append(p)
             else:
                 groups["heads"].append(p)
         return groups
