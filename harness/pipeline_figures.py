@@ -59,7 +59,7 @@ class RunRecords:
 
 
 def fallback_hits(
-    requests: Iterable[tuple[int, int, set[str]]],
+    requests: Iterable[tuple[int, int, set[str]] | tuple[int, int, set[str], str]],
     history: Iterable[tuple[int, UserHistory]],
     catalog: list[str],
     *,
@@ -74,7 +74,8 @@ def fallback_hits(
     (:class:`serving.scoring.Popularity` fed by
     :func:`serving.scoring.appended_items`) from the records produced up to
     each recommendation, and the catalog ranked by :func:`serving.scoring.top_k`
-    (ties to the smaller item_id).  Answers in the order of ``requests``.
+    (ties broken as serving breaks them: by the request_id, a request's optional fourth field;
+    without one, to the smaller item_id).  Answers in the order of ``requests``.
     """
     reqs = sorted(enumerate(requests), key=lambda e: e[1][0])
     hist = sorted(history, key=lambda h: h[0])
@@ -82,14 +83,15 @@ def fallback_hits(
     users: dict[str, tuple[str, ...]] = {}
     out: dict[int, bool] = {}
     j = 0
-    for idx, (wall, k, later) in reqs:
+    for idx, (wall, k, later, *rest) in reqs:
+        salt = rest[0] if rest else ""
         while j < len(hist) and hist[j][0] <= wall:
             rec = hist[j][1]
             old = users.get(rec.user_id, ())
             pop.add(appended_items(old, rec.items, history_length), rec.ts)
             users[rec.user_id] = tuple(rec.items[-history_length:])
             j += 1
-        ranked = top_k(pop.vector(catalog), catalog, k)
+        ranked = top_k(pop.vector(catalog), catalog, k, salt)
         out[idx] = any(catalog[i] in later for i in ranked)
     return [out[i] for i in range(len(out))]
 
@@ -252,7 +254,7 @@ def _hit_rates(
             counted[path] += 1
             hits[path] += hit
         if kind == "model":
-            by_model.append((rm.timestamp_ms, len(r.items), later))
+            by_model.append((rm.timestamp_ms, len(r.items), later, r.request_id))
             model_hits.append(hit)
     history = [(m.timestamp_ms, UserHistory.from_json(m.value)) for m in run.topics["user-history"] if m.value]
     same = SameRequests(

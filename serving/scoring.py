@@ -1,10 +1,15 @@
 """What the scoring agent computes, without Kafka: top-k, the fallback, cold start, exploration.
 
 Ranking
-    :func:`top_k` orders by score, highest first; **ties go to the smaller
-    item_id** (plain string order), so a ranking is the same in every agent
-    and every run.  NaN scores rank last.  ``k`` larger than the candidate
-    list returns them all.
+    :func:`top_k` orders by score, highest first.  **Ties go by a hash of
+    the request_id and the item_id**: the same request gets the same
+    answer in every agent and every run (a redelivered request is answered
+    the same), while requests differ in how they break ties, so the items
+    nobody has clicked yet (all tied at popularity 0) are spread over the
+    users instead of every user being shown the smallest item_ids (the
+    closed loop's fallback phase did that).  Without a salt, ties go to
+    the smaller item_id.  NaN scores rank last.  ``k`` larger than the
+    candidate list returns them all.
 
 Fallback (no model yet, or none of a request's candidates is known)
     :class:`Popularity`: each click (an item newly appended to a user's
@@ -78,8 +83,17 @@ _FULL_SCORING_CELLS = 4_000_000
 
 
 # --------------------------------------------------------------------------- ranking
-def top_k(scores: np.ndarray, item_ids: Sequence[str], k: int) -> list[int]:
-    """Positions of the ``k`` best scores, best first; ties to the smaller item_id; NaN last."""
+def tie_key(salt: str, item_id: str) -> bytes | str:
+    """How :func:`top_k` orders items of equal score: by a hash of ``salt`` and the item, or, with no
+    salt, by the item_id itself."""
+    if not salt:
+        return item_id
+    return hashlib.blake2b(f"{salt}\x1f{item_id}".encode(), digest_size=8).digest()
+
+
+def top_k(scores: np.ndarray, item_ids: Sequence[str], k: int, salt: str = "") -> list[int]:
+    """Positions of the ``k`` best scores, best first; ties by :func:`tie_key` (``salt``: the
+    request_id; none: the smaller item_id); NaN last."""
     n = len(scores)
     if len(item_ids) != n:
         raise ValueError(f"{n} scores but {len(item_ids)} item ids")
@@ -95,7 +109,7 @@ def top_k(scores: np.ndarray, item_ids: Sequence[str], k: int) -> list[int]:
     else:
         pool = np.arange(n)
     positions, values = pool.tolist(), s[pool].tolist()
-    order = sorted(range(len(positions)), key=lambda j: (-values[j], item_ids[positions[j]]))
+    order = sorted(range(len(positions)), key=lambda j: (-values[j], tie_key(salt, item_ids[positions[j]])))
     return [positions[j] for j in order[:k]]
 
 
@@ -440,11 +454,12 @@ class Scorer:
         # model_construct: ids come from the catalog, scores are made finite, propensities lie in (0, 1].
         make = ScoredItem.model_construct
         k = request.k
+        salt = request.request_id
         if not self.policy.on:
-            ranked = top_k(scores, ids, k)
+            ranked = top_k(scores, ids, k, salt)
             values = scores[ranked].tolist() if len(ranked) else []
             return [make(item_id=ids[i], score=_finite(v)) for i, v in zip(ranked, values, strict=True)]
-        ranked = top_k(scores, ids, max(k, self.policy.pool))
+        ranked = top_k(scores, ids, max(k, self.policy.pool), salt)
         pool_scores = [float(scores[i]) for i in ranked]
         chosen, props = explore(pool_scores, k, self.policy, self.policy.rng(request.request_id))
         return [

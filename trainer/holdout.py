@@ -280,8 +280,9 @@ def catalog_top1(
     model: RecModel, catalog: Catalog, contexts: list[Labeled], *, max_history: int,
     device: torch.device | str, ask: list[list[str]] | None = None, chunk: int = 256,
 ) -> tuple[list[str | None], list[dict[str, float]]]:
-    """Each context's top-1 item over the whole catalog under ``model`` (ties: the smaller item_id,
-    as serving breaks them), and the click probabilities of its ``ask`` items (and of the top-1).
+    """Each context's top-1 item over the whole catalog under ``model`` (ties: the smaller item_id;
+    serving breaks exact ties by a hash of the request_id, which a logged example does not carry,
+    and a model's scores rarely tie), and the click probabilities of its ``ask`` items (and of the top-1).
 
     A context is an example's (user, history); one without a known history item gets None (serving
     answers such a user by its cold-start blend, not by the model's ranking).  Uses the model's

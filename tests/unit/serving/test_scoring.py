@@ -73,6 +73,28 @@ def test_top_k_ties_go_to_the_smaller_item_id() -> None:
     assert top_k(np.array([1.0, 1.0, 1.0, 2.0]), ids, 3) == [3, 2, 0]  # d, then a < b among the ties
 
 
+def test_top_k_breaks_ties_by_the_request_and_keeps_the_score_order() -> None:
+    ids = [f"i{n:03d}" for n in range(200)]
+    scores = np.zeros(200)
+    scores[[5, 77]] = [2.0, 1.0]  # two clicked items lead, the rest tie at 0
+    a, again, b = top_k(scores, ids, 10, "req-1"), top_k(scores, ids, 10, "req-1"), top_k(scores, ids, 10, "req-2")
+    assert a == again  # a redelivered request gets the same answer
+    assert a[:2] == b[:2] == [5, 77]  # scores first
+    assert a[2:] != b[2:]  # the ties differ between requests...
+    fill = {i for n in range(50) for i in top_k(scores, ids, 10, f"r{n}")[2:]}
+    assert len(fill) > 100  # ...and spread over the tied items, not the smallest ids
+    assert top_k(scores, ids, 10) == [5, 77, 0, 1, 2, 3, 4, 6, 7, 8]  # no salt: the smaller item_id
+
+
+def test_the_fallback_before_any_click_shows_users_different_items_and_a_request_the_same() -> None:
+    scorer = Scorer(Popularity(3600), fallback_version=FALLBACK_VERSION)
+    sm = _fallback_sm([f"i{n:03d}" for n in range(100)])
+    first, second, again = scorer.score(sm, [Query(_req("r1", 5), ()), Query(_req("r2", 5), ()),
+                                             Query(_req("r1", 5), ())])
+    ids = [[s.item_id for s in r.items] for r in (first, second, again)]
+    assert ids[0] == ids[2] and ids[0] != ids[1] and len(set(ids[0])) == 5
+
+
 def test_top_k_larger_than_the_catalog_returns_everything_ranked() -> None:
     ids = ["x", "y", "z"]
     assert top_k(np.array([0.1, 0.3, 0.2]), ids, 10) == [1, 2, 0]
@@ -207,7 +229,8 @@ def test_fallback_ranks_by_recent_clicks_and_skips_unknown_candidates() -> None:
         Query(_req("r2", 5, ["i4", "nope", "i3"]), ("i1",)),
         Query(_req("r3", 2, ["nope", "gone"]), ()),
     ])
-    assert [s.item_id for s in out[0].items] == ["i2", "i3", "i1"]  # i1 before i4: tie -> item_id
+    top = [s.item_id for s in out[0].items]
+    assert top[:2] == ["i2", "i3"] and top[2] in ("i1", "i4")  # i1 and i4 tie: broken by the request
     assert [s.score for s in out[0].items] == [1.0, 0.5, 0.0]
     assert out[0].model_version == FALLBACK_VERSION and out[0].path == "fallback"
     assert [s.item_id for s in out[1].items] == ["i3", "i4"] and out[1].unknown_candidates == 1
