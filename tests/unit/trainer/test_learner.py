@@ -185,12 +185,12 @@ def test_the_history_cosines_weight_starts_at_history_scale_and_learns_at_lr_sca
     moved = {}
     for lr in (0.0, 1e-3, 0.1):
         model = build_model(tiny_model(catalog, history_scale=4.0))
-        assert float(model.click_head.scale()) == pytest.approx(4.0)
+        assert float(model.click_head.scale().detach()) == pytest.approx(4.0)
         learner = ContinualLearner(model, LearnerConfig(device="cpu", lr_scale=lr), catalog)
         assert [p for g in learner.optimizer.param_groups if g["name"].startswith("scale") for p in g["params"]] == [
             model.click_head.log_scale
         ]
         for batch in iter_batches(examples[:300], 100):
             learner.step(batch)
-        moved[lr] = abs(float(model.click_head.scale()) - 4.0)
+        moved[lr] = abs(float(model.click_head.scale().detach()) - 4.0)
     assert moved[0.0] == 0.0 and 0.0 < moved[1e-3] < moved[0.1]
