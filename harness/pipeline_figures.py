@@ -59,7 +59,7 @@ class RunRecords:
 
 
 def fallback_hits(
-    requests: Iterable[tuple[int, int, set[str]] | tuple[int, int, set[str], str]],
+    requests: Iterable[tuple[int, int, set[str], str]],
     history: Iterable[tuple[int, UserHistory]],
     catalog: list[str],
     *,
@@ -74,8 +74,8 @@ def fallback_hits(
     (:class:`serving.scoring.Popularity` fed by
     :func:`serving.scoring.appended_items`) from the records produced up to
     each recommendation, and the catalog ranked by :func:`serving.scoring.top_k`
-    (ties broken as serving breaks them: by the request_id, a request's optional fourth field;
-    without one, to the smaller item_id).  Answers in the order of ``requests``.
+    (ties broken as serving breaks them, by the request_id: each request's fourth field; "" =
+    to the smaller item_id).  Answers in the order of ``requests``.
     """
     reqs = sorted(enumerate(requests), key=lambda e: e[1][0])
     hist = sorted(history, key=lambda h: h[0])
@@ -83,15 +83,14 @@ def fallback_hits(
     users: dict[str, tuple[str, ...]] = {}
     out: dict[int, bool] = {}
     j = 0
-    for idx, (wall, k, later, *rest) in reqs:
-        salt = rest[0] if rest else ""
+    for idx, (wall, k, later, request_id) in reqs:
         while j < len(hist) and hist[j][0] <= wall:
             rec = hist[j][1]
             old = users.get(rec.user_id, ())
             pop.add(appended_items(old, rec.items, history_length), rec.ts)
             users[rec.user_id] = tuple(rec.items[-history_length:])
             j += 1
-        ranked = top_k(pop.vector(catalog), catalog, k, salt)
+        ranked = top_k(pop.vector(catalog), catalog, k, request_id)
         out[idx] = any(catalog[i] in later for i in ranked)
     return [out[i] for i in range(len(out))]
 
@@ -236,7 +235,7 @@ def _hit_rates(
         clicks_by_user[c.user_id].append((c.ts, c.item_id, m.timestamp_ms))
     hits: dict[str, int] = defaultdict(int)
     counted: dict[str, int] = defaultdict(int)
-    by_model: list[tuple[int, int, set[str]]] = []
+    by_model: list[tuple[int, int, set[str], str]] = []
     model_hits: list[bool] = []
     for rm, r in recs:
         if r.request_id not in run.sent:

@@ -20,7 +20,7 @@ class ClickHead(nn.Module):
     when it builds the item vector.  Pairwise or all pairs, the same formula.
     """
 
-    def __init__(self, dim: int, init_ctr: float = 0.5, init_scale: float = 5.0) -> None:
+    def __init__(self, dim: int, init_ctr: float, init_scale: float) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.item_bias = nn.Linear(dim, 1)

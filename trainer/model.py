@@ -417,7 +417,7 @@ def build_model(config: ModelConfig) -> RecModel:
                 user_buckets=config.user_buckets,
                 dropout=config.dropout,
             ),
-            click_head=ClickHead(dim, config.init_ctr, config.history_scale),
+            click_head=ClickHead(dim, init_ctr=config.init_ctr, init_scale=config.history_scale),
             category_head=CategoryHead(dim, len(config.categories), config.dropout)
             if config.categories
             else None,

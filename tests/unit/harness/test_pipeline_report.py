@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 import torch
 
-from contract.records import UserHistory
+from contract.records import RecRequest, UserHistory
 from harness.pipeline_figures import fallback_hits, refusals_in_log, version_sizes
 from harness.pipeline_report import PipelineReport, SameRequests
-from serving.scoring import appended_items
+from serving.scoring import Query, Scorer, appended_items
+from serving.snapshot import ServingModel
 from trainer.model import ModelConfig, build_model
 from trainer.popularity import Popularity
 from trainer.weights import WeightStore, changed_tensors, cpu_state
@@ -31,10 +33,10 @@ def test_fallback_ranks_from_the_history_seen_before_each_request() -> None:
         (300, _h("u3", ["e", "e2"], 2_000)),  # produced after the first request: not seen by it
     ]
     requests = [
-        (200, 1, {"c"}),  # top-1 then: c (2 clicks) -> hit
-        (250, 2, {"a"}),  # top-2: c, d -> miss
-        (50, 2, {"a"}),  # before any click: all zero, ties to the smaller id -> a, b -> hit
-        (400, 1, {"c"}),  # after u3's history: c still first
+        (200, 1, {"c"}, "r1"),  # top-1 then: c (2 clicks) -> hit
+        (250, 2, {"a"}, "r2"),  # top-2: c, d -> miss
+        (50, 2, {"a"}, ""),  # before any click: all zero; no request salt: ties to the smaller id -> a, b -> hit
+        (400, 1, {"c"}, "r4"),  # after u3's history: c still first
     ]
     got = fallback_hits(requests, history, CATALOG, half_life_s=3600, history_length=50)
     assert got == [True, False, True, True]
@@ -49,7 +51,7 @@ def test_fallback_popularity_is_the_serving_agents() -> None:
         users[r.user_id] = tuple(r.items)
     top = list(pop.vector(CATALOG)).index(max(pop.vector(CATALOG)))
     # one request after everything: the fallback's top-1 is the argmax of serving's popularity
-    hits = fallback_hits([(10**6, 1, {CATALOG[top]})], [(i, r) for i, r in enumerate(recs)], CATALOG,
+    hits = fallback_hits([(10**6, 1, {CATALOG[top]}, "r")], [(i, r) for i, r in enumerate(recs)], CATALOG,
                          half_life_s=60, history_length=50)
     assert hits == [True]
 
@@ -131,3 +133,18 @@ def test_report_shows_the_ope_estimate_only_when_a_version_has_one() -> None:
         {**base.versions[0], "metrics": {"holdout_auc": 0.71, "ope_snips": 0.1234, "ope_snips_se": 0.0101}}])
     text = with_ope.format()
     assert "OPE top-1 (SNIPS ± se)" in text and "0.1234 ± 0.0101" in text
+
+
+def test_fallback_breaks_ties_by_the_request_as_serving_does() -> None:
+    catalog = [f"i{n:03d}" for n in range(100)]
+    scorer = Scorer(Popularity(3600), fallback_version="fallback:popularity")
+    sm = ServingModel(version="fallback:popularity", number=None, model=None, item_ids=tuple(catalog),
+                      index=MappingProxyType({i: r for r, i in enumerate(catalog)}), item_vecs=None,
+                      text_hashes=tuple("h" for _ in catalog))
+    for rid in ("a", "b", "c"):
+        served = scorer.score(sm, [Query(RecRequest(request_id=rid, user_id="u", k=2, ts=1), ())])[0]
+        shown = {s.item_id for s in served.items}
+        # before any click every item ties: the recomputed fallback hits exactly when serving's slate would
+        assert fallback_hits([(10, 2, shown, rid)], [], catalog, half_life_s=3600, history_length=50) == [True]
+        assert fallback_hits([(10, 2, set(catalog) - shown, rid)], [], catalog, half_life_s=3600,
+                             history_length=50) == [False]
