@@ -10,8 +10,9 @@ learns from it):
   frozen prefixes (+ LoRA with ``--lora-rank``), reservoir replay, and
   distillation from the last published model (published every
   ``--publish-every`` batches, as the trainer service does);
-- ``retrain``: periodic full retraining: at the end of each period a fresh
-  model is trained on everything so far, then serves the next period frozen.
+- ``retrain``: periodic full retraining: at the end of each period (or every
+  ``--retrain-every`` batches) a fresh model is trained on everything so far
+  (``--retrain-epochs`` passes), then serves frozen until the next retrain.
 
 Beside them, on the same batches and split, the baselines of
 :mod:`harness.baselines` (``--baselines``): item click rate so far, user x
@@ -78,6 +79,10 @@ class EvalSettings:
     periods: int = 4
     holdout: float = 0.1
     publish_every: int = 20
+    retrain_every: int = 0
+    """Batches between the retrain strategy's full retrains; 0 = at the end of each period."""
+    retrain_epochs: int = 1
+    """Passes of each full retrain over everything so far."""
 
 
 class _Feed:
@@ -143,6 +148,7 @@ def run_strategy(
     b_out: list[np.ndarray] = []
     for n, batch in enumerate(tqdm(batches, desc=name, unit="batch", leave=False, file=sys.stderr)):
         start_ts = batch[0].impression_ts
+        retrain_at: int | None = None
         while period < len(bounds) - 1 and start_ts >= bounds[period]:
             # a period ended: the first period's end is where forgetting is measured from
             if period == 0:
@@ -150,14 +156,18 @@ def run_strategy(
             period += 1
             if name == "static":
                 frozen = True
-            elif name == "retrain":
-                if period == 1:  # the first model learned continually during the first period
-                    trained += learner.examples_trained
-                    updates += learner.example_updates
-                learner = _retrain(model_config, learner_config, replay, stream, bounds[period - 1], settings, catalog)
+            elif name == "retrain" and not settings.retrain_every:
+                retrain_at = bounds[period - 1]
+        if name == "retrain" and settings.retrain_every and n and n % settings.retrain_every == 0:
+            retrain_at = start_ts
+        if retrain_at is not None:
+            if not frozen:  # the first model learned continually until the first retrain
                 trained += learner.examples_trained
                 updates += learner.example_updates
-                frozen = True
+            learner = _retrain(model_config, learner_config, replay, stream, retrain_at, settings, catalog)
+            trained += learner.examples_trained
+            updates += learner.example_updates
+            frozen = True
         feed.until(max(e.impression_ts for e in batch))
         if frozen:
             probs, kept = learner.predict(batch)
@@ -281,14 +291,25 @@ def _retrain(
     settings: EvalSettings,
     live: Catalog,
 ) -> ContinualLearner:
-    """A fresh model trained (one pass, in order) on every example before ``until_ts``."""
+    """A fresh model trained on every example before ``until_ts``: ``settings.retrain_epochs`` passes.
+
+    The first pass is in event-time order (items join the catalog as they
+    arrive); later passes shuffle the batches (fixed seed), as an offline
+    retrain over a finished log would.
+    """
     catalog = Catalog()
     feed = _Feed(replay.items, catalog)
+    if settings.retrain_epochs > 1:  # the later passes see the same example ids on purpose
+        learner_config = learner_config.model_copy(update={"dedup_window": 0})
     learner = ContinualLearner(build_model(model_config), learner_config, catalog)
     past = [e for e in stream if e.impression_ts < until_ts]
-    for batch in tqdm(_batches(past, settings.batch_size), desc="retrain", unit="batch", leave=False, file=sys.stderr):
-        feed.until(max(e.impression_ts for e in batch))
-        learner.step(batch)
+    batches = _batches(past, settings.batch_size)
+    rng = np.random.default_rng(model_config.seed)
+    for epoch in range(settings.retrain_epochs):
+        order = range(len(batches)) if epoch == 0 else rng.permutation(len(batches))
+        for k in tqdm(order, desc=f"retrain {epoch + 1}/{settings.retrain_epochs}", unit="batch", leave=False, file=sys.stderr):
+            feed.until(max(e.impression_ts for e in batches[k]))
+            learner.step(batches[k])
     learner.catalog = live  # from now on it scores with the catalog of the running replay
     return learner
 
@@ -371,6 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--periods", type=int, default=4)
     p.add_argument("--holdout", type=float, default=0.1, help="share of first-period impressions held out")
     p.add_argument("--publish-every", type=int, default=10, help="batches between teacher updates (default strategy)")
+    p.add_argument(
+        "--retrain-every", type=int, default=0,
+        help="batches between the retrain strategy's full retrains (0 = at the end of each period)",
+    )
+    p.add_argument("--retrain-epochs", type=int, default=1, help="passes of each full retrain over everything so far")
     p.add_argument("--encoder", default=None, help="encoder folder or HF name (default: offline all-MiniLM-L6-v2)")
     p.add_argument(
         "--encoder-layers", type=int, default=1,
@@ -450,7 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         **_overrides(p, args.learner_set),
     )
-    settings = EvalSettings(batch_size=args.batch_size, periods=args.periods, holdout=args.holdout, publish_every=args.publish_every)
+    if args.retrain_every < 0 or args.retrain_epochs < 1:
+        p.error("--retrain-every must be >= 0 and --retrain-epochs >= 1")
+    settings = EvalSettings(
+        batch_size=args.batch_size, periods=args.periods, holdout=args.holdout, publish_every=args.publish_every,
+        retrain_every=args.retrain_every, retrain_epochs=args.retrain_epochs,
+    )
     summary, results, bounds = evaluate(
         replay, strategies=strategies, model_config=model_config, learner_config=learner_config, settings=settings,
         baselines=baselines,
@@ -458,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or default_cache_dir() / "evaluate" / f"auc_{replay.name}.png"
     plot(replay, results, bounds, out)
     summary["plot"] = str(out)
+    if "retrain" in strategies:
+        when = f"every {settings.retrain_every} batches" if settings.retrain_every else "at the end of each period"
+        summary["retrain_schedule"] = f"a fresh model {when}, {settings.retrain_epochs} pass(es) over everything so far"
     summary["seconds"] = time.perf_counter() - t0
     print(format_table(summary))
     print(f"\nplot: {out}  ({summary['seconds']:.0f}s)")

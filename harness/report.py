@@ -247,6 +247,8 @@ def format_table(summary: dict) -> str:
             f"{cont['example_updates']:,}, retrain {full['example_updates']:,} "
             f"(default = {cont['example_updates'] / full['example_updates']:.2f} x retrain)"
         )
+        if "retrain_schedule" in summary:
+            footer.append(f"retrain: {summary['retrain_schedule']}")
     lines += footer
 
     def ll_row(name: str, s: dict) -> str:

@@ -54,6 +54,9 @@ class Batch:
     propensity: Tensor | None = None
     """[b] float: each example's logged propensity (``Labeled.propensity``), 1 where none was
     logged; the click loss's inverse-propensity weights (:func:`trainer.losses.ipw_weights`)."""
+    position: Tensor | None = None
+    """[b] long: each example's slate position (``Labeled.position``); the train-time position term
+    (:meth:`trainer.model.RecModel.position_logits`)."""
 
     def __len__(self) -> int:
         return len(self.example_ids)
@@ -173,6 +176,7 @@ def build_batch(
         propensity=torch.tensor(
             [ex.propensity if ex.propensity is not None else 1.0 for ex in kept_ex], dtype=torch.float32
         ),
+        position=torch.tensor([ex.position for ex in kept_ex], dtype=torch.long),
     )
     return batch, kept
 

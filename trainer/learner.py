@@ -120,7 +120,7 @@ class ContinualLearner:
         by_group = self.model.parameter_groups()
         groups = []
         for name, params in by_group.items():
-            if name == "ids":  # Adagrad's (see _make_id_optimizer)
+            if name in ("ids", "position"):  # Adagrad's (see _make_id_optimizer)
                 continue
             # weight decay on id rows would shrink every row at every step, seen or not
             decay = [p for p in params if p.ndim >= 2 and name != "item_ids"]
@@ -130,7 +130,7 @@ class ContinualLearner:
                     groups.append(
                         {"name": name + suffix, "params": ps, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": wd}
                     )
-        if not groups and not by_group["ids"]:
+        if not groups and not by_group["ids"] and not by_group["position"]:
             raise LearnerError("the model has no trainable parameters")
         if not groups:
             return None
@@ -138,13 +138,18 @@ class ContinualLearner:
         return torch.optim.AdamW(groups, fused=fused) if fused else torch.optim.AdamW(groups)
 
     def _make_id_optimizer(self) -> torch.optim.Optimizer | None:
-        params = self.model.parameter_groups()["ids"]
-        if not params:
+        by_group = self.model.parameter_groups()
+        groups = [
+            {"name": name, "params": by_group[name], "lr": lr}
+            for name, lr in (("ids", self.config.lr_ids), ("position", self.config.lr_position))
+            if by_group[name]
+        ]
+        if not groups:
             return None
         # no weight decay: it would shrink every row at every step, seen or not
         if self.config.id_optimizer == "row_adagrad":
-            return RowAdagrad([{"name": "ids", "params": params}], lr=self.config.lr_ids, decay=self.config.id_decay)
-        return torch.optim.Adagrad([{"name": "ids", "params": params, "lr": self.config.lr_ids}])
+            return RowAdagrad(groups, lr=self.config.lr_ids, decay=self.config.id_decay)
+        return torch.optim.Adagrad(groups, lr=self.config.lr_ids)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

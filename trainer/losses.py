@@ -44,6 +44,10 @@ class RecTrain(nn.Module):
     Distillation pulls the click probabilities towards a teacher's (the last
     published model) at temperature ``T``: BCE(sigmoid(s/T), sigmoid(t/T)) * T^2.
 
+    With ``ModelConfig.position_slots`` the click loss fits ``logit + position_bias[position]`` (a
+    shallow position tower, used in training only): the model's own logit, which scoring and serving
+    use, is left to explain what the position does not.  Distillation compares the logits without it.
+
     ``ipw_clip > 0`` multiplies each example's click-loss weight by :func:`ipw_weights` of its logged
     propensity (``STREAMREC_TRAINER_IPW_CLIP``; the service sets the attribute after building the
     learner, see :func:`trainer.configure.build_learner`).  The weighted loss is normalised by the
@@ -78,7 +82,11 @@ class RecTrain(nn.Module):
         if self.ipw_clip > 0 and batch.propensity is not None:
             w = w * ipw_weights(batch.propensity.to(w), self.ipw_clip)
         norm = w.sum().clamp_min(1e-12)
-        bce = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none") * w
+        fit = logits  # what the click loss fits: + the position's term when the model has one
+        pos = self.model.position_logits(batch.position) if batch.position is not None else None
+        if pos is not None:
+            fit = logits + pos.float()
+        bce = F.binary_cross_entropy_with_logits(fit, batch.labels, reduction="none") * w
         click = bce.sum() / norm
         id_loss = None
         if id_mask is not None:  # the same normalisation: the rows' steps keep their scale

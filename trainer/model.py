@@ -121,6 +121,11 @@ class RecModel(nn.Module):
             nn.Embedding(len(config.categories), dim) if config.category_features and config.categories else None
         )
         self._category_index = {c: n for n, c in enumerate(config.categories)}
+        self.position_bias = nn.Embedding(config.position_slots, 1) if config.position_slots else None
+        """Train-time-only logit per slate position (ModelConfig.position_slots); scores never include
+        it.  A row per position, learned like the per-id rows (Adagrad, LearnerConfig.lr_position)."""
+        if self.position_bias is not None:
+            nn.init.zeros_(self.position_bias.weight)
         if self.item_embedding is not None:
             nn.init.normal_(self.item_embedding.weight, std=ID_INIT_STD)
         if self.category_embedding is not None:
@@ -133,6 +138,12 @@ class RecModel(nn.Module):
     @property
     def dim(self) -> int:
         return self.config.embed_dim
+
+    def position_logits(self, position: Tensor) -> Tensor | None:
+        """The train-time position term of each example's click logit (None when off)."""
+        if self.position_bias is None:
+            return None
+        return self.position_bias(position.clamp(0, self.position_bias.num_embeddings - 1)).squeeze(-1)
 
     @property
     def vector_width(self) -> int:
@@ -283,15 +294,19 @@ class RecModel(nn.Module):
         """Trainable parameters by group: ``encoder`` (unfrozen layers / LoRA), ``projection`` (the text
         projection), ``towers`` (the rest of the towers: the user tower), ``heads``, ``scale`` (the
         weight of the history cosine in the click logit),
-        ``ids`` (the per-id biases and user embeddings: added to the logit, learned like counters) and
+        ``ids`` (the per-id biases and user embeddings: added to the logit, learned like counters),
+        ``position`` (the train-time position term, also learned like a counter) and
         ``item_ids`` (the item-id and category embeddings, inside the item vector)."""
         groups: dict[str, list[nn.Parameter]] = {
-            "encoder": [], "projection": [], "towers": [], "heads": [], "scale": [], "ids": [], "item_ids": []
+            "encoder": [], "projection": [], "towers": [], "heads": [], "scale": [], "ids": [], "position": [],
+            "item_ids": [],
         }
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.startswith(("item_id_bias.", "user_id_bias.", "user_tower.user_embedding.")):
+            if name.startswith("position_bias."):
+                groups["position"].append(p)
+            elif name.startswith(("item_id_bias.", "user_id_bias.", "user_tower.user_embedding.")):
                 groups["ids"].append(p)
             elif name.startswith(("item_embedding.", "category_embedding.")):
                 groups["item_ids"].append(p)

@@ -118,6 +118,15 @@ class ModelConfig(BaseModel):
         "loop the explore arm's first version passed the guardrail at request ~400 and ~900 (two runs) where "
         "with 10 it did at ~1,600 (two runs).",
     )
+    position_slots: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Position as a train-time-only input (a shallow position tower): the click loss adds a "
+        "learned logit per slate position (positions >= N-1 share the last) to the model's, so that "
+        "what the position explains (users look at the top) is not learned as relevance; scoring and "
+        "serving leave it out.  0 = off.  Measured in benchmarks/logged_feedback.py.",
+    )
     encode_chunk: int = Field(default=256, ge=1, le=65_536, description="Items per encoder call (length-sorted).")
     seed: int = Field(default=0, description="Seeds the initialisation of the new parameters.")
 

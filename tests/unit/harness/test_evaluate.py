@@ -75,3 +75,25 @@ def test_cli_sets_any_model_and_learner_field(tmp_path) -> None:
     default = json.loads(js.read_text())["strategies"]["default"]
     # one step per batch: fresh examples plus at most half as many replayed (two steps would be >= 2x)
     assert default["trained_examples"] <= default["example_updates"] <= 1.5 * default["trained_examples"] + 1
+
+
+def test_retrain_cadence_and_epochs_scale_its_compute(tmp_path) -> None:
+    def updates(*extra: str) -> dict:
+        js = tmp_path / "summary.json"
+        rc = main([
+            "--dataset", "synthetic", "--events", "120", "--periods", "2", "--batch-size", "50", "--strategies", "retrain",
+            "--baselines", "none", "--encoder-layers", "1", "--max-text-len", "16", "--embed-dim", "16",
+            "--learner-set", "updates_per_batch=1", "--out", str(tmp_path / "auc.png"), "--json", str(js), *extra,
+        ])
+        assert rc == 0
+        return json.loads(js.read_text())["strategies"]["retrain"]
+
+    at_periods = updates()
+    every, twice = updates("--retrain-every", "2"), updates("--retrain-every", "2", "--retrain-epochs", "2")
+    # retraining every 2 batches from scratch costs more than once at the period's end
+    assert every["example_updates"] > at_periods["example_updates"]
+    # a second pass doubles each retrain's updates; the continual start before the first retrain is the same
+    first = 2 * every["example_updates"] - twice["example_updates"]
+    assert 0 < first < every["example_updates"]
+    with pytest.raises(SystemExit):
+        main(["--retrain-epochs", "0"])

@@ -37,7 +37,7 @@ def _grad(clip: float, downsample: list[float] | None = None) -> torch.Tensor:
     logits = torch.tensor([0.3, -0.2, 1.0, 0.1], requires_grad=True)
     out = ModelOutput(click_logits=logits, item_vecs=torch.zeros(4, 2), user_vecs=torch.zeros(4, 2),
                       category_logits=None, value_pred=None)
-    stub = SimpleNamespace(config=SimpleNamespace(task_weights=TaskWeights()))
+    stub = SimpleNamespace(config=SimpleNamespace(task_weights=TaskWeights()), position_logits=lambda position: None)
     train = RecTrain.__new__(RecTrain)  # the losses only, without a model to build
     torch.nn.Module.__init__(train)
     train.model, train.distill_weight, train.distill_temperature, train.ipw_clip = stub, 0.0, 1.0, clip

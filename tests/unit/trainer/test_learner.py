@@ -194,3 +194,36 @@ def test_the_history_cosines_weight_starts_at_history_scale_and_learns_at_lr_sca
             learner.step(batch)
         moved[lr] = abs(float(model.click_head.scale().detach()) - 4.0)
     assert moved[0.0] == 0.0 and 0.0 < moved[1e-3] < moved[0.1]
+
+
+def test_the_position_term_takes_what_the_position_explains_out_of_the_relevance(world) -> None:
+    """Clicks that only the position drives (favoured items mostly on top, as an old policy would put
+    them; some exploration moves every item) are learned as position by the train-time position term,
+    and as relevance of the favoured items without it."""
+    catalog, examples, _ = world
+    rng = np.random.default_rng(0)
+    items = sorted({e.item_id for e in examples})
+    favoured = set(items[::2])
+    logged = []
+    for e in examples[:900]:
+        top = rng.random() < (0.8 if e.item_id in favoured else 0.1)
+        pos = 0 if top else 1 + int(rng.integers(4))
+        logged.append(e.model_copy(update={"position": pos, "label": int(rng.random() < (0.6 if pos == 0 else 0.05))}))
+    gaps, bias = {}, None
+    for slots in (0, 5):
+        model = build_model(tiny_model(catalog, position_slots=slots))
+        learner = ContinualLearner(model, LearnerConfig(device="cpu", dedup_window=0, replay_size=0), catalog)
+        for _ in range(4):
+            for batch in iter_batches(logged, 100):
+                learner.step(batch)
+        probs, kept = learner.predict(examples[900:1100])
+        fav = np.array([examples[900 + i].item_id in favoured for i in kept])
+        gaps[slots] = float(probs[fav].mean() - probs[~fav].mean())
+        if slots:
+            bias = model.position_bias.weight.detach().numpy()[:, 0]
+            assert any(p is model.position_bias.weight for g in learner.id_optimizer.param_groups for p in g["params"])
+        else:
+            assert model.position_bias is None
+    assert gaps[0] > 0.1  # without it the favoured items look relevant
+    assert abs(gaps[5]) < 0.4 * gaps[0]  # 0.07 against 0.26 when written
+    assert bias[0] > bias[1] + 1.0  # position 0 carries the clicks

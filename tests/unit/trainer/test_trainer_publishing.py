@@ -231,7 +231,7 @@ def test_individual_model_and_learner_variables_override_the_json_objects(
     monkeypatch.setenv("STREAMREC_TRAINER_EMBED_DIM", "48")
     monkeypatch.setenv("STREAMREC_TRAINER_HISTORY_LENGTH", "7")
     monkeypatch.setenv("STREAMREC_TRAINER_LEARNER_OPTIONS", '{"lr_ids": 0.5, "lr_heads": 0.003}')
-    monkeypatch.setenv("STREAMREC_TRAINER_LR_IDS", "0.1")
+    monkeypatch.setenv("STREAMREC_TRAINER_LR_IDS", "0.15")
     monkeypatch.setenv("STREAMREC_TRAINER_UPDATES_PER_BATCH", "3")
     monkeypatch.setenv("STREAMREC_TRAINER_REPLAY_SIZE", "0")
     monkeypatch.setenv("STREAMREC_TRAINER_DISTILL_WEIGHT", "0.25")
@@ -241,7 +241,7 @@ def test_individual_model_and_learner_variables_override_the_json_objects(
     model = model_config_from(s, s.model_overrides())
     assert (model.embed_dim, model.max_history, model.freeze_layers) == (48, 7, 1)
     learner = learner_config_from(s)
-    assert (learner.lr_ids, learner.lr_heads, learner.updates_per_batch) == (0.1, 0.003, 3)
+    assert (learner.lr_ids, learner.lr_heads, learner.updates_per_batch) == (0.15, 0.003, 3)
     assert (learner.replay_size, learner.distill_weight, learner.lr_towers) == (0, 0.25, 0.001)
     assert learner.dedup_window == 0  # the feed dedupes, not the learner
 
