@@ -53,7 +53,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from contract.records import Labeled, example_id
+from benchmarks.world_examples import Histories, candidate_examples, react, slate_examples
+from contract.records import Labeled
 from serving.scoring import ExplorePolicy, explore
 from streams.replay.simulate import LoopConfig, LoopWorld
 from trainer.catalog import Catalog
@@ -86,30 +87,17 @@ class Log:
         self.logging_rank = np.argsort(-self.logging_score, kind="stable")
         policy = ExplorePolicy(kind="epsilon", epsilon=args.epsilon, seed=seed)
         self.examples: list[Labeled] = []
-        self.history: dict[str, list[str]] = {}
+        self.history = Histories(args.max_history)
         self.logging_clicks = 0
         for e in range(args.requests):
-            user, ts = w.request_user[e], int(w.request_ts[e])
-            truth = w.truth(e)
-            uniform, _delay = w.draws(e)
             chosen, props = explore(self.logging_score[self.logging_rank].tolist(), self.k, policy, policy.rng(f"r{e}"))
-            hist = list(self.history.get(user, [])[-args.max_history :])
-            clicked = []
-            for j, (c, prop) in enumerate(zip(chosen, props, strict=True)):
-                i = int(self.logging_rank[c])
-                item = w.item_ids[i]
-                label = int(uniform[i] < truth[i] * w.position_factor[j])
-                self.examples.append(Labeled(
-                    example_id=example_id(f"r{e}", item), impression_id=f"r{e}", user_id=user, item_id=item,
-                    position=j, label=label, history=hist, impression_ts=ts, label_ts=ts, ts=ts, propensity=prop,
-                    model_version="old-policy",
-                ))  # fmt: skip
-                if label:
-                    clicked.append(item)
-            self.logging_clicks += len(clicked)
-            self.history.setdefault(user, []).extend(clicked)
+            rows = [int(self.logging_rank[c]) for c in chosen]
+            labels, _expected = react(w, e, rows)
+            user = w.request_user[e]
+            self.examples += slate_examples(w, e, rows, labels, self.history.of(user), props, "old-policy")
+            self.history.add(user, [w.item_ids[r] for r, y in zip(rows, labels, strict=True) if y])
+            self.logging_clicks += int(labels.sum())
         self.eval = list(range(args.requests, args.requests + args.eval_requests))
-        self.max_history = args.max_history
 
     def value(self, e: int, items: Sequence[int]) -> float:
         """Expected clicks of showing ``items`` (catalog rows, in order) at request ``e``, over optimal."""
@@ -118,15 +106,9 @@ class Log:
         return float(p.sum() / w.optimal()[e])
 
     def candidates(self, e: int) -> list[Labeled]:
-        """Request ``e``'s user against every item (position 0: scoring ignores it)."""
+        """Request ``e``'s user against every item, with the user's logged history."""
         w = self.world
-        user, ts = w.request_user[e], int(w.request_ts[e])
-        hist = list(self.history.get(user, [])[-self.max_history :])
-        return [
-            Labeled(example_id=example_id(f"q{e}", item), impression_id=f"q{e}", user_id=user, item_id=item,
-                    position=0, label=0, history=hist, impression_ts=ts, label_ts=ts, ts=ts)
-            for item in w.item_ids
-        ]  # fmt: skip
+        return candidate_examples(w, e, range(len(w.item_ids)), self.history.of(w.request_user[e]))
 
 
 def train(log: Log, arm: str, args: argparse.Namespace, catalog: Catalog) -> ContinualLearner:

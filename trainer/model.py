@@ -140,10 +140,20 @@ class RecModel(nn.Module):
         return self.config.embed_dim
 
     def position_logits(self, position: Tensor) -> Tensor | None:
-        """The train-time position term of each example's click logit (None when off)."""
+        """The train-time position term of each example's click logit (None when off): its row minus
+        row 0's.  Row 0 is in every score (:meth:`_top_logit`), so a score is the click logit at the
+        top of the slate, calibrated there, and the fast-learning rows carry the click level quickly
+        (with row 0 fixed at 0, the slow global bias left that level to the item biases, which then
+        took up part of the position effect again)."""
         if self.position_bias is None:
             return None
-        return self.position_bias(position.clamp(0, self.position_bias.num_embeddings - 1)).squeeze(-1)
+        slot = position.clamp(0, self.position_bias.num_embeddings - 1)
+        w = self.position_bias.weight[:, 0]
+        return w[slot] - w[0]
+
+    def _top_logit(self) -> Tensor | float:
+        """The position term of the top of the slate, part of every score (0 when off)."""
+        return 0.0 if self.position_bias is None else self.position_bias.weight[0, 0]
 
     @property
     def vector_width(self) -> int:
@@ -234,11 +244,11 @@ class RecModel(nn.Module):
 
     def click_logits(self, user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
         """Click logit of each (user, item) row pair: ``[b]``."""
-        return self.click_head(user_vecs, item_vecs)
+        return self.click_head(user_vecs, item_vecs) + self._top_logit()
 
     def score_matrix(self, user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
         """Click logits of every user against every item: ``[b, n]`` (same formula as click_logits)."""
-        return self.click_head.matrix(user_vecs, item_vecs)
+        return self.click_head.matrix(user_vecs, item_vecs) + self._top_logit()
 
     def category_logits(self, item_vecs: Tensor) -> Tensor:
         """Category logits from item vectors (the text and id part, not the bias column)."""

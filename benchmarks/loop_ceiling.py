@@ -1,0 +1,229 @@
+"""The closed loop without Kafka: how close to the optimal policy can a learner get, and how fast?
+
+``make loop`` runs the real pipeline (join, trainer, guardrail, hot swaps, scoring agent) in the
+synthetic world; what it reaches mixes what the learner can learn with the pipeline's delays (the
+first version has to beat the popularity fallback on held-back data before it serves).  This
+benchmark runs the same world (``streams.replay.simulate.LoopWorld``, the loop's defaults: its
+users, items, arrivals, interest shift and common random numbers) in-process, each **policy**
+answering every request greedily with its top-k over the items arrived by then, the user reacting
+by the ground truth, and the policy learning from all of its own earlier requests' labeled
+examples every ``--learn-every`` requests (no guardrail, no publishing delay):
+
+* ``oracle``: the learnable reference of ``make evaluate`` (``harness.baselines.LearnableOracle``:
+  knows every item's topic mixture and the generator's prior, learns each user's interests from
+  the labels by Bayes' rule): the ceiling for a learner that sees only these labels;
+* ``learner``: the trainer's default model and learner (``ModelConfig``/``LearnerConfig``
+  defaults, one pass, batches of ``--batch-size``), scoring as serving does;
+* ``learner+eps``: the same, exploring as serving does with ``STREAMREC_SERVING_EXPLORE=epsilon``
+  (``--epsilon`` per position);
+* ``user-cat-ctr`` and ``item-ctr``: the counters of ``make evaluate``, greedy (item-ctr is a
+  popularity policy);
+* ``random``: a uniform slate.
+
+Printed per arm as ``make loop`` prints it (realised clicks over the optimal policy's expected
+clicks, before and after the shift, the last window of each phase, the requests until a trailing
+window is back at ``--recover-to`` of optimal), over ``--seeds`` seeds, then the mean and standard
+error over seeds of the before/after ratios and their last windows, and a JSON last line.
+
+    .venv/bin/python -m benchmarks.loop_ceiling                     # 3 seeds, the loop's world
+    .venv/bin/python -m benchmarks.loop_ceiling --requests 6000     # twice as long
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks.world_examples import Histories, candidate_examples, react, slate_examples
+from contract.records import Labeled
+from harness.baselines import KnownGenerator, make_baseline
+from serving.scoring import ExplorePolicy, explore
+from streams.replay.loop_figures import Outcome, format_summary, format_windows, json_line, summarize, window_rows
+from streams.replay.simulate import LoopConfig, LoopWorld
+from trainer.catalog import Catalog
+from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
+from trainer.model import ModelConfig, build_model
+
+ARMS = ("oracle", "learner", "learner+eps", "user-cat-ctr", "item-ctr", "random")
+
+
+class _Policy:
+    """Scores a request's candidates; learns from labeled examples."""
+
+    def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
+        raise NotImplementedError
+
+    def learn(self, examples: Sequence[Labeled]) -> None:
+        raise NotImplementedError
+
+
+class _Baseline(_Policy):
+    def __init__(self, name: str, world: LoopWorld, catalog: Catalog, seed: int) -> None:
+        w = world.world
+        gen = KnownGenerator(
+            item_topics=dict(zip(w.item_ids, w.item_topics, strict=True)), sharpness=w.config.sharpness,
+            bias=w.config.bias, user_concentration=w.config.user_concentration,
+        )  # fmt: skip
+        self.model = make_baseline(name, [world.item(j) for j in range(len(world.item_ids))], gen, seed=seed)
+
+    def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
+        return np.asarray(self.model.predict(candidates), dtype=np.float64)
+
+    def learn(self, examples: Sequence[Labeled]) -> None:
+        self.model.learn(examples)
+
+
+class _Learner(_Policy):
+    def __init__(self, catalog: Catalog, args: argparse.Namespace) -> None:
+        model = build_model(ModelConfig(categories=catalog.category_names(), max_history=args.max_history))
+        self.learner = ContinualLearner(model, LearnerConfig(device=args.device), catalog)
+        self.batch_size = args.batch_size
+
+    def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
+        probs, kept = self.learner.predict(candidates)
+        out = np.full(len(candidates), -np.inf)
+        out[np.asarray(kept, dtype=np.int64)] = probs
+        return out
+
+    def learn(self, examples: Sequence[Labeled]) -> None:
+        for batch in iter_batches(list(examples), self.batch_size):
+            self.learner.step(batch)
+
+
+class _Random(_Policy):
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng([seed, 0x7A4D])
+
+    def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
+        return self.rng.random(len(candidates))
+
+    def learn(self, examples: Sequence[Labeled]) -> None:
+        pass
+
+
+def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> list[Outcome]:
+    """One policy through every request of the world; the outcomes as ``make loop`` records them."""
+    catalog = Catalog()
+    policy: _Policy
+    if arm in ("learner", "learner+eps"):
+        policy = _Learner(catalog, args)
+    elif arm == "random":
+        policy = _Random(seed)
+    else:
+        policy = _Baseline(arm, world, catalog, seed)
+    explorer = ExplorePolicy(kind="epsilon" if arm.endswith("+eps") else "off", epsilon=args.epsilon, seed=seed)
+    histories = Histories(args.max_history)
+    tie = np.random.default_rng([seed, 0x71E])
+    known = 0
+    pending: list[Labeled] = []
+    outcomes: list[Outcome] = []
+    optimal = world.optimal()
+    for e in tqdm(range(world.cfg.requests), desc=arm, unit="req", leave=False, file=sys.stderr):
+        ts = int(world.request_ts[e])
+        while known < world.arrived(ts):
+            catalog.upsert(world.item(known))
+            known += 1
+        if e and e % args.learn_every == 0 and pending:
+            policy.learn(pending)
+            pending = []
+        user = world.request_user[e]
+        history = histories.of(user)
+        scores = policy.scores(candidate_examples(world, e, range(known), history))
+        order = np.lexsort((tie.random(known), -scores))  # best first, ties in random order
+        chosen, props = explore(scores[order].tolist(), world.cfg.k, explorer, explorer.rng(f"r{e}"))
+        rows = [int(order[c]) for c in chosen]
+        labels, expected = react(world, e, rows)
+        pending += slate_examples(world, e, rows, labels, history, props if explorer.on else None, arm)
+        histories.add(user, [world.item_ids[r] for r, y in zip(rows, labels, strict=True) if y])
+        outcomes.append(Outcome(
+            index=e, request_id=f"r{e}", user_id=user, ts=ts, model_version=arm,
+            items=tuple(world.item_ids[r] for r in rows), propensities=tuple(props) if explorer.on else None,
+            clicked=tuple(int(j) for j in np.flatnonzero(labels)), expected=expected, optimal=float(optimal[e]),
+            latency_s=0.0,
+        ))  # fmt: skip
+    return outcomes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = LoopConfig()
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {','.join(ARMS)}")
+    p.add_argument("--users", type=int, default=d.users)
+    p.add_argument("--items", type=int, default=d.items)
+    p.add_argument("--new-items", type=int, default=d.new_items)
+    p.add_argument("--requests", type=int, default=d.requests)
+    p.add_argument("--k", type=int, default=d.k)
+    p.add_argument("--position-bias", type=float, default=d.position_bias)
+    p.add_argument("--learn-every", type=int, default=100, help="requests between a policy's updates (100 s of event time)")
+    p.add_argument("--epsilon", type=float, default=0.1, help="learner+eps: serving's epsilon")
+    p.add_argument("--window", type=int, default=d.window)
+    p.add_argument("--recover-to", type=float, default=d.recover_to)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = set(arms) - set(ARMS)
+    if bad:
+        p.error(f"unknown arms {sorted(bad)}; choose from {', '.join(ARMS)}")
+    if args.seeds < 1 or args.learn_every < 1:
+        p.error("--seeds and --learn-every must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    per_seed: dict[str, list[dict]] = {a: [] for a in arms}
+    for seed in range(args.seeds):
+        cfg = LoopConfig(
+            users=args.users, items=args.items, new_items=args.new_items, requests=args.requests, k=args.k,
+            position_bias=args.position_bias, window=args.window, recover_to=args.recover_to, rate=None, seed=seed,
+        )  # fmt: skip
+        world = LoopWorld(cfg)
+        rows, summaries = {}, {}
+        for arm in arms:
+            outcomes = run_arm(arm, world, args, seed)
+            rows[arm] = window_rows(outcomes, cfg.window, world.shift_index)
+            summaries[arm] = summarize(outcomes, shift_index=world.shift_index, window=cfg.window, recover_to=cfg.recover_to)
+            per_seed[arm].append(summaries[arm])
+        print(f"\n== seed {seed}: {cfg.requests:,} requests, {cfg.users} users, {cfg.items} + {cfg.new_items} items, k={cfg.k}, "
+              f"optimal {float(np.mean(world.optimal())):.2f} clicks per request")  # fmt: skip
+        print(format_windows(rows))
+        print(format_summary(summaries))
+        sys.stdout.flush()
+
+    def mean_se(xs: list[float | None]) -> tuple[float, float]:
+        v = np.array([x for x in xs if x is not None], dtype=np.float64)
+        if not len(v):
+            return math.nan, math.nan
+        return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+
+    def get(s: dict, key: str) -> float | None:
+        part = s.get(key)
+        return None if part is None else part["ratio"]
+
+    table: dict[str, dict] = {}
+    print(f"\nover {args.seeds} seeds (mean ± se): realised clicks / optimal")
+    print(f"{'arm':<14}{'before':>15}{'bef.last':>15}{'after':>15}{'aft.last':>15}{'recovered':>11}")
+    for arm, ss in per_seed.items():
+        row = {k: mean_se([get(s, k) for s in ss]) for k in ("before", "before_last_window", "after", "after_last_window")}
+        rec = [s["recovery_requests"] for s in ss]
+        table[arm] = {**{k: {"mean": m, "se": e} for k, (m, e) in row.items()}, "recovery_requests": rec}
+        cells = "".join(f"{m:>8.3f} ± {e:.3f}" if math.isfinite(e) else f"{m:>15.3f}" for m, e in row.values())
+        print(f"{arm:<14}{cells}{sum(r is not None for r in rec):>8}/{len(rec)}")
+    secs = time.perf_counter() - t0
+    print(f"({secs:.0f} s)")
+    print(json_line({"seeds": args.seeds, "requests": args.requests, "learn_every": args.learn_every, "arms": table,
+                     "seconds": secs}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
