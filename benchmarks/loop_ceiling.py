@@ -44,8 +44,16 @@ from tqdm import tqdm
 from benchmarks.world_examples import Histories, candidate_examples, react, slate_examples
 from contract.records import Labeled
 from harness.baselines import KnownGenerator, make_baseline
+from harness.evaluate import field_overrides
 from serving.scoring import ExplorePolicy, explore
-from streams.replay.loop_figures import Outcome, format_summary, format_windows, json_line, summarize, window_rows
+from streams.replay.loop_figures import (
+    Outcome,
+    format_summary,
+    format_windows,
+    json_line,
+    summarize,
+    window_rows,
+)
 from streams.replay.simulate import LoopConfig, LoopWorld
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
@@ -82,8 +90,8 @@ class _Baseline(_Policy):
 
 class _Learner(_Policy):
     def __init__(self, catalog: Catalog, args: argparse.Namespace) -> None:
-        model = build_model(ModelConfig(categories=catalog.category_names(), max_history=args.max_history))
-        self.learner = ContinualLearner(model, LearnerConfig(device=args.device), catalog)
+        model = build_model(ModelConfig(categories=catalog.category_names(), max_history=args.max_history, **args.model_options))
+        self.learner = ContinualLearner(model, LearnerConfig(device=args.device, **args.learner_options), catalog)
         self.batch_size = args.batch_size
 
     def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
@@ -168,9 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recover-to", type=float, default=d.recover_to)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--model-set", action="append", default=[], metavar="FIELD=JSON", help="the learner arms' ModelConfig field")
+    p.add_argument("--learner-set", action="append", default=[], metavar="FIELD=JSON", help="the learner arms' LearnerConfig field")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
+    args.model_options, args.learner_options = field_overrides(p, args.model_set), field_overrides(p, args.learner_set)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = set(arms) - set(ARMS)
     if bad:
@@ -221,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secs = time.perf_counter() - t0
     print(f"({secs:.0f} s)")
     print(json_line({"seeds": args.seeds, "requests": args.requests, "learn_every": args.learn_every, "arms": table,
+                     "model_options": args.model_options, "learner_options": args.learner_options,
                      "seconds": secs}))  # fmt: skip
     return 0
 

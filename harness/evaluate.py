@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             embed_dim=args.embed_dim, user_buckets=args.user_buckets, item_buckets=args.item_buckets,
             freeze_layers=args.freeze_layers,
         ),
-        **_overrides(p, args.model_set),
+        **field_overrides(p, args.model_set),
     )
     learner_config = LearnerConfig(
         seed=args.seed,
@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr_towers=args.lr_towers, lr_heads=args.lr_heads, lr_encoder=args.lr_encoder, lr_ids=args.lr_ids,
             updates_per_batch=args.updates_per_batch,
         ),
-        **_overrides(p, args.learner_set),
+        **field_overrides(p, args.learner_set),
     )
     if args.retrain_every < 0 or args.retrain_epochs < 1:
         p.error("--retrain-every must be >= 0 and --retrain-epochs >= 1")
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, object]:
+def field_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, object]:
     """``FIELD=JSON`` pairs -> keyword arguments (a bare word that is not JSON is a string)."""
     out: dict[str, object] = {}
     for pair in pairs:

@@ -50,9 +50,10 @@ from trainer.replay_buffer import ReservoirBuffer
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 """2: the projection has its own AdamW group and the id rows a row-wise Adagrad (1 cannot be resumed);
-3: the history cosine's weight has its own AdamW group (``lr_scale``; 2 cannot be resumed)."""
+3: the history cosine's weight has its own AdamW group (``lr_scale``; 2 cannot be resumed);
+4: the Adagrad of the rows has a group per kind (item ids, user rows, positions; 3 cannot be resumed)."""
 CENTER_ITEMS = 4096
 """Catalog items whose mean text vector centres a fresh model (the first ids in sorted order)."""
 
@@ -120,7 +121,7 @@ class ContinualLearner:
         by_group = self.model.parameter_groups()
         groups = []
         for name, params in by_group.items():
-            if name in ("ids", "position"):  # Adagrad's (see _make_id_optimizer)
+            if name in ("ids", "user_ids", "position"):  # Adagrad's (see _make_id_optimizer)
                 continue
             # weight decay on id rows would shrink every row at every step, seen or not
             decay = [p for p in params if p.ndim >= 2 and name != "item_ids"]
@@ -130,7 +131,7 @@ class ContinualLearner:
                     groups.append(
                         {"name": name + suffix, "params": ps, "lr": lrs[name], "base_lr": lrs[name], "weight_decay": wd}
                     )
-        if not groups and not by_group["ids"] and not by_group["position"]:
+        if not groups and not any(by_group[n] for n in ("ids", "user_ids", "position")):
             raise LearnerError("the model has no trainable parameters")
         if not groups:
             return None
@@ -141,7 +142,11 @@ class ContinualLearner:
         by_group = self.model.parameter_groups()
         groups = [
             {"name": name, "params": by_group[name], "lr": lr}
-            for name, lr in (("ids", self.config.lr_ids), ("position", self.config.lr_position))
+            for name, lr in (
+                ("ids", self.config.lr_ids),
+                ("user_ids", self.config.lr_ids if self.config.lr_user_ids is None else self.config.lr_user_ids),
+                ("position", self.config.lr_position),
+            )
             if by_group[name]
         ]
         if not groups:

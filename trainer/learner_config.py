@@ -44,6 +44,11 @@ class LearnerConfig(BaseModel):
         "MovieLens-20k +0.002 AUC (0.05-0.3: 0.869, 0.870, 0.870, 0.869, 0.866), synthetic the same "
         "(mean of 4 seeds 0.665 at 0.05-0.2) with log loss 0.290 -> 0.277.",
     )
+    lr_user_ids: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Adagrad lr of the per-user rows (user embeddings and biases); None = lr_ids.",
+    )
     lr_position: float = Field(
         default=0.5,
         ge=0.0,

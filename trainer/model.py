@@ -304,19 +304,22 @@ class RecModel(nn.Module):
         """Trainable parameters by group: ``encoder`` (unfrozen layers / LoRA), ``projection`` (the text
         projection), ``towers`` (the rest of the towers: the user tower), ``heads``, ``scale`` (the
         weight of the history cosine in the click logit),
-        ``ids`` (the per-id biases and user embeddings: added to the logit, learned like counters),
+        ``ids`` (the item-id biases) and ``user_ids`` (the user embeddings and biases): added to the
+        logit, learned like counters,
         ``position`` (the train-time position term, also learned like a counter) and
         ``item_ids`` (the item-id and category embeddings, inside the item vector)."""
         groups: dict[str, list[nn.Parameter]] = {
-            "encoder": [], "projection": [], "towers": [], "heads": [], "scale": [], "ids": [], "position": [],
-            "item_ids": [],
+            "encoder": [], "projection": [], "towers": [], "heads": [], "scale": [], "ids": [], "user_ids": [],
+            "position": [], "item_ids": [],
         }
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             if name.startswith("position_bias."):
                 groups["position"].append(p)
-            elif name.startswith(("item_id_bias.", "user_id_bias.", "user_tower.user_embedding.")):
+            elif name.startswith(("user_id_bias.", "user_tower.user_embedding.")):
+                groups["user_ids"].append(p)
+            elif name.startswith("item_id_bias."):
                 groups["ids"].append(p)
             elif name.startswith(("item_embedding.", "category_embedding.")):
                 groups["item_ids"].append(p)

@@ -56,14 +56,14 @@ def test_cli_help() -> None:
 
 
 def test_cli_sets_any_model_and_learner_field(tmp_path) -> None:
-    from harness.evaluate import _overrides
+    from harness.evaluate import field_overrides
 
     parser = argparse.ArgumentParser()
-    assert _overrides(parser, ["history_scale=3", "user_tower=attention", "center_text=false"]) == {
+    assert field_overrides(parser, ["history_scale=3", "user_tower=attention", "center_text=false"]) == {
         "history_scale": 3, "user_tower": "attention", "center_text": False,
     }
     with pytest.raises(SystemExit):
-        _overrides(parser, ["no-equals-sign"])
+        field_overrides(parser, ["no-equals-sign"])
     js = tmp_path / "summary.json"
     rc = main([
         "--dataset", "synthetic", "--events", "120", "--periods", "2", "--batch-size", "100", "--strategies", "default",
