@@ -47,7 +47,9 @@ class LearnerConfig(BaseModel):
     lr_user_ids: float | None = Field(
         default=None,
         ge=0.0,
-        description="Adagrad lr of the per-user rows (user embeddings and biases); None = lr_ids.",
+        description="Adagrad lr of the per-user rows (user embeddings and biases); None = lr_ids.  Faster "
+        "suits clicks that follow personal taste (0.3: synthetic +0.006 AUC, the closed loop +0.03-0.11 of "
+        "optimal), slower popularity-driven ones (0.3: MovieLens-20k -0.008); see README, the per-id rates.",
     )
     lr_position: float = Field(
         default=0.5,

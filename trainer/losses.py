@@ -44,9 +44,10 @@ class RecTrain(nn.Module):
     Distillation pulls the click probabilities towards a teacher's (the last
     published model) at temperature ``T``: BCE(sigmoid(s/T), sigmoid(t/T)) * T^2.
 
-    With ``ModelConfig.position_slots`` the click loss fits ``logit + position_bias[position]`` (a
-    shallow position tower, used in training only): the model's own logit, which scoring and serving
-    use, is left to explain what the position does not.  Distillation compares the logits without it.
+    With ``ModelConfig.position_slots`` the click loss fits ``logit + r[position] - r[0]`` (a shallow
+    position tower, see :meth:`trainer.model.RecModel.position_logits`; the model's logit, which
+    scoring and serving use, holds ``r[0]``, the top of the slate), so that logit is left to explain
+    what the position does not.  Distillation compares the logits without the term.
 
     ``ipw_clip > 0`` multiplies each example's click-loss weight by :func:`ipw_weights` of its logged
     propensity (``STREAMREC_TRAINER_IPW_CLIP``; the service sets the attribute after building the
