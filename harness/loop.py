@@ -53,7 +53,14 @@ from streams.replay.loop_figures import (
     paired_difference,
     trailing_ratio,
 )
-from streams.replay.simulate import LoopConfig, LoopRun, LoopWorld, produce_catalog, run_closed_loop
+from streams.replay.simulate import (
+    LoopConfig,
+    LoopRun,
+    LoopWorld,
+    produce_catalog,
+    run_closed_loop,
+    shared_namespace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +209,8 @@ def run_arm(
                     trainer_svc.kill()
 
         run = run_closed_loop(settings, cfg, world=world, catalog_done=True, on_tick=tick,
-                              tag=settings.topic_prefix.strip("-") or None)  # fmt: skip
+                              tag=settings.topic_prefix.strip("-") or None,
+                              id_namespace=shared_namespace(cfg))  # fmt: skip
     return ArmResult(arm, run, startup_s, time.monotonic() - started, frozen["version"], out_dir)
 
 

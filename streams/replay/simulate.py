@@ -287,6 +287,25 @@ def _end_offsets(consumer: Consumer, topic: str) -> list[TopicPartition]:
     ]
 
 
+def request_ids(cfg: LoopConfig, namespace: str) -> list[str]:
+    """The request ids of a run: ``<namespace>-<index>``.
+
+    Serving breaks top-k ties and draws its exploration from the request id
+    (``serving.scoring.tie_key``, ``ExplorePolicy.rng``). Arms that share a
+    namespace (``harness.loop`` gives each seed one, and each arm topics of its
+    own) meet the same serving draws for the same request, as they meet the
+    same user draws: common random numbers.  Runs on the same topics need
+    namespaces of their own (the join would take a repeated id for a
+    redelivered impression).
+    """
+    return [f"{namespace}-{e:06d}" for e in range(cfg.requests)]
+
+
+def shared_namespace(cfg: LoopConfig) -> str:
+    """The request-id namespace that the arms of one seed share (each arm on topics of its own)."""
+    return f"loop-s{cfg.seed}"
+
+
 def run_closed_loop(
     settings: KafkaSettings,
     cfg: LoopConfig,
@@ -295,10 +314,12 @@ def run_closed_loop(
     catalog_done: bool = False,
     on_tick: Callable[[], None] | None = None,
     tag: str | None = None,
+    id_namespace: str | None = None,
 ) -> LoopRun:
     """Run the loop of the module doc against the services on ``settings``' topics.
 
     ``catalog_done``: the initial catalog was produced already (:func:`produce_catalog`).
+    ``id_namespace``: of the request ids (:func:`request_ids`); default ``loop-<tag>``, unique per run.
     ``on_tick`` is called about every 50 ms (e.g. to check on the services); what it
     raises ends the run.
     """
@@ -328,7 +349,7 @@ def run_closed_loop(
         items_sent = world.initial_items if catalog_done else 0
         sent_at: dict[int, float] = {}
         answers: dict[int, Recommendation] = {}
-        ids = [f"loop-{tag}-{e:06d}" for e in range(n)]
+        ids = request_ids(cfg, id_namespace or f"loop-{tag}")
         index = {rid: e for e, rid in enumerate(ids)}
         next_send = next_show = 0
         t0 = time.monotonic()

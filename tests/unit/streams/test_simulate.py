@@ -17,7 +17,7 @@ from streams.replay.loop_figures import (
     trailing_ratio,
     window_rows,
 )
-from streams.replay.simulate import LoopConfig, LoopWorld, shown
+from streams.replay.simulate import LoopConfig, LoopWorld, request_ids, shared_namespace, shown
 
 SMALL = LoopConfig(users=20, items=40, new_items=10, requests=200, k=5, window=50, seed=3)
 
@@ -116,3 +116,12 @@ def test_bad_settings_name_the_setting() -> None:
         LoopConfig(position_bias=0.0)
     with pytest.raises(ConfigError, match="k"):
         LoopConfig(items=5, k=10)
+
+
+def test_request_ids_are_shared_by_the_arms_of_a_seed() -> None:
+    # serving's tie-break and exploration draw from the request id: common random numbers need the same ids
+    cfg = LoopConfig(requests=50, seed=3)
+    ids = request_ids(cfg, shared_namespace(cfg))
+    assert ids == request_ids(LoopConfig(requests=50, seed=3), shared_namespace(LoopConfig(seed=3)))
+    assert len(set(ids)) == 50
+    assert set(ids).isdisjoint(request_ids(cfg, shared_namespace(LoopConfig(seed=4))))
