@@ -73,7 +73,7 @@ class _Policy:
 
 
 class _Baseline(_Policy):
-    def __init__(self, name: str, world: LoopWorld, catalog: Catalog, seed: int) -> None:
+    def __init__(self, name: str, world: LoopWorld, seed: int) -> None:
         w = world.world
         gen = KnownGenerator(
             item_topics=dict(zip(w.item_ids, w.item_topics, strict=True)), sharpness=w.config.sharpness,
@@ -125,7 +125,7 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
     elif arm == "random":
         policy = _Random(seed)
     else:
-        policy = _Baseline(arm, world, catalog, seed)
+        policy = _Baseline(arm, world, seed)
     explorer = ExplorePolicy(kind="epsilon" if arm.endswith("+eps") else "off", epsilon=args.epsilon, seed=seed)
     histories = Histories(args.max_history)
     tie = np.random.default_rng([seed, 0x71E])
