@@ -122,8 +122,9 @@ class RecModel(nn.Module):
         )
         self._category_index = {c: n for n, c in enumerate(config.categories)}
         self.position_bias = nn.Embedding(config.position_slots, 1) if config.position_slots else None
-        """Train-time-only logit per slate position (ModelConfig.position_slots); scores never include
-        it.  A row per position, learned like the per-id rows (Adagrad, LearnerConfig.lr_position)."""
+        """A logit per slate position (ModelConfig.position_slots), fitted in training; a score holds
+        row 0's only (the top of the slate).  A row per position, learned like the per-id rows
+        (Adagrad, LearnerConfig.lr_position)."""
         if self.position_bias is not None:
             nn.init.zeros_(self.position_bias.weight)
         if self.item_embedding is not None:
