@@ -8,8 +8,9 @@ An **old policy** serves ``--requests`` requests: it ranks the catalog by a
 global appeal (each item's mean true probability over the users, plus
 fixed noise of sd ``--logging-noise`` on the logit: a popularity model that
 knows nothing of the user) and explores as serving does
-(``serving.scoring.explore``, epsilon-greedy per position at ``--epsilon``,
-each shown item's conditional propensity logged).  Its clicks, drawn from
+(``serving.scoring.choose``: epsilon-greedy per position at ``--epsilon``,
+with the pool widened to the whole catalog; each shown item's conditional
+propensity logged).  Its clicks, drawn from
 the truth, become the labeled examples the trainer would consume
 (position, propensity, the user's clicked history as of the impression).
 
@@ -53,9 +54,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.world_examples import Histories, candidate_examples, react, slate_examples
+from benchmarks.world_examples import (
+    Histories,
+    candidate_examples,
+    click_probabilities,
+    react,
+    slate_examples,
+)
 from contract.records import Labeled
-from serving.scoring import ExplorePolicy, explore
+from serving.scoring import ExplorePolicy, choose
 from streams.replay.simulate import LoopConfig, LoopWorld
 from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
@@ -85,13 +92,13 @@ class Log:
         appeal = np.mean([w.world.click_probabilities(u, int(w.request_ts[0])) for u in users], axis=0)
         self.logging_score = _logit(appeal) + rng.normal(0.0, args.logging_noise, n_items)
         self.logging_rank = np.argsort(-self.logging_score, kind="stable")
-        policy = ExplorePolicy(kind="epsilon", epsilon=args.epsilon, seed=seed)
+        # serving's exploration with its pool widened to the whole catalog: every item can be logged
+        policy = ExplorePolicy(kind="epsilon", epsilon=args.epsilon, pool=n_items, seed=seed)
         self.examples: list[Labeled] = []
         self.history = Histories(args.max_history)
         self.logging_clicks = 0
         for e in range(args.requests):
-            chosen, props = explore(self.logging_score[self.logging_rank].tolist(), self.k, policy, policy.rng(f"r{e}"))
-            rows = [int(self.logging_rank[c]) for c in chosen]
+            rows, props = choose(self.logging_score, w.item_ids, self.k, policy, f"r{e}")
             labels, _expected = react(w, e, rows)
             user = w.request_user[e]
             self.examples += slate_examples(w, e, rows, labels, self.history.of(user), props, "old-policy")
@@ -101,9 +108,7 @@ class Log:
 
     def value(self, e: int, items: Sequence[int]) -> float:
         """Expected clicks of showing ``items`` (catalog rows, in order) at request ``e``, over optimal."""
-        w = self.world
-        p = w.truth(e)[list(items)] * w.position_factor[: len(items)]
-        return float(p.sum() / w.optimal()[e])
+        return float(click_probabilities(self.world, e, items).sum() / self.world.optimal()[e])
 
     def candidates(self, e: int) -> list[Labeled]:
         """Request ``e``'s user against every item, with the user's logged history."""

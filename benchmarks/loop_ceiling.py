@@ -5,7 +5,8 @@ synthetic world; what it reaches mixes what the learner can learn with the pipel
 first version has to beat the popularity fallback on held-back data before it serves).  This
 benchmark runs the same world (``streams.replay.simulate.LoopWorld``, the loop's defaults: its
 users, items, arrivals, interest shift and common random numbers) in-process, each **policy**
-answering every request greedily with its top-k over the items arrived by then, the user reacting
+answering every request greedily with its top-k over the items arrived by then (serving's
+``choose``: ties broken by the request id), the user reacting
 by the ground truth, and the policy learning from all of its own earlier requests' labeled
 examples every ``--learn-every`` requests (no guardrail, no publishing delay):
 
@@ -15,7 +16,7 @@ examples every ``--learn-every`` requests (no guardrail, no publishing delay):
 * ``learner``: the trainer's default model and learner (``ModelConfig``/``LearnerConfig``
   defaults, one pass, batches of ``--batch-size``), scoring as serving does;
 * ``learner+eps``: the same, exploring as serving does with ``STREAMREC_SERVING_EXPLORE=epsilon``
-  (``--epsilon`` per position);
+  (``--epsilon`` per position over the top 50);
 * ``user-cat-ctr`` and ``item-ctr``: the counters of ``make evaluate``, greedy (item-ctr is a
   popularity policy);
 * ``random``: a uniform slate.
@@ -45,7 +46,7 @@ from benchmarks.world_examples import Histories, candidate_examples, react, slat
 from contract.records import Labeled
 from harness.baselines import KnownGenerator, make_baseline
 from harness.evaluate import field_overrides
-from serving.scoring import ExplorePolicy, explore
+from serving.scoring import ExplorePolicy, choose
 from streams.replay.loop_figures import (
     Outcome,
     format_summary,
@@ -128,7 +129,6 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
         policy = _Baseline(arm, world, seed)
     explorer = ExplorePolicy(kind="epsilon" if arm.endswith("+eps") else "off", epsilon=args.epsilon, seed=seed)
     histories = Histories(args.max_history)
-    tie = np.random.default_rng([seed, 0x71E])
     known = 0
     pending: list[Labeled] = []
     outcomes: list[Outcome] = []
@@ -144,15 +144,13 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
         user = world.request_user[e]
         history = histories.of(user)
         scores = policy.scores(candidate_examples(world, e, range(known), history))
-        order = np.lexsort((tie.random(known), -scores))  # best first, ties in random order
-        chosen, props = explore(scores[order].tolist(), world.cfg.k, explorer, explorer.rng(f"r{e}"))
-        rows = [int(order[c]) for c in chosen]
+        rows, props = choose(scores, world.item_ids[:known], world.cfg.k, explorer, f"r{e}")  # as serving does
         labels, expected = react(world, e, rows)
-        pending += slate_examples(world, e, rows, labels, history, props if explorer.on else None, arm)
+        pending += slate_examples(world, e, rows, labels, history, props, arm)
         histories.add(user, [world.item_ids[r] for r, y in zip(rows, labels, strict=True) if y])
         outcomes.append(Outcome(
             index=e, request_id=f"r{e}", user_id=user, ts=ts, model_version=arm,
-            items=tuple(world.item_ids[r] for r in rows), propensities=tuple(props) if explorer.on else None,
+            items=tuple(world.item_ids[r] for r in rows), propensities=None if props is None else tuple(props),
             clicked=tuple(int(j) for j in np.flatnonzero(labels)), expected=expected, optimal=float(optimal[e]),
             latency_s=0.0,
         ))  # fmt: skip

@@ -30,12 +30,18 @@ class Histories:
         self._clicked.setdefault(user, []).extend(items)
 
 
+def click_probabilities(world: LoopWorld, e: int, rows: Sequence[int]) -> np.ndarray:
+    """The true click probability of each item of the slate of catalog ``rows`` at request ``e``
+    (the position effect included)."""
+    return world.truth(e)[list(rows)] * world.position_factor[: len(rows)]
+
+
 def react(world: LoopWorld, e: int, rows: Sequence[int]) -> tuple[np.ndarray, float]:
     """The clicks (0/1 per position) that request ``e``'s user gives the slate of catalog ``rows``
     (common random numbers: :meth:`LoopWorld.draws`), and the slate's expected clicks."""
-    truth = world.truth(e)[list(rows)] * world.position_factor[: len(rows)]
+    p = click_probabilities(world, e, rows)
     uniform, _delay = world.draws(e)
-    return (uniform[list(rows)] < truth).astype(np.int8), float(truth.sum())
+    return (uniform[list(rows)] < p).astype(np.int8), float(p.sum())
 
 
 def slate_examples(

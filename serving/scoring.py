@@ -453,19 +453,27 @@ class Scorer:
     def _pick(self, scores: np.ndarray, ids: Sequence[str], request: RecRequest) -> list[ScoredItem]:
         # model_construct: ids come from the catalog, scores are made finite, propensities lie in (0, 1].
         make = ScoredItem.model_construct
-        k = request.k
-        salt = request.request_id
-        if not self.policy.on:
-            ranked = top_k(scores, ids, k, salt)
-            values = scores[ranked].tolist() if len(ranked) else []
-            return [make(item_id=ids[i], score=_finite(v)) for i, v in zip(ranked, values, strict=True)]
-        ranked = top_k(scores, ids, max(k, self.policy.pool), salt)
-        pool_scores = [float(scores[i]) for i in ranked]
-        chosen, props = explore(pool_scores, k, self.policy, self.policy.rng(request.request_id))
+        rows, props = choose(scores, ids, request.k, self.policy, request.request_id)
+        values = scores[rows].tolist() if len(rows) else []
+        if props is None:
+            return [make(item_id=ids[i], score=_finite(v)) for i, v in zip(rows, values, strict=True)]
         return [
-            make(item_id=ids[ranked[c]], score=_finite(pool_scores[c]), propensity=min(1.0, max(pr, 1e-300)))
-            for c, pr in zip(chosen, props, strict=True)
+            make(item_id=ids[i], score=_finite(v), propensity=min(1.0, max(pr, 1e-300)))
+            for i, v, pr in zip(rows, values, props, strict=True)
         ]
+
+
+def choose(
+    scores: np.ndarray, ids: Sequence[str], k: int, policy: ExplorePolicy, request_id: str
+) -> tuple[list[int], list[float] | None]:
+    """What serving shows for a request: positions in ``ids``, in slate order, and their propensities
+    (None without exploration).  Greedy: :func:`top_k` (ties by the request id).  Exploring:
+    :func:`explore` over the top ``max(k, policy.pool)``, drawn from the request id."""
+    if not policy.on:
+        return top_k(scores, ids, k, request_id), None
+    ranked = top_k(scores, ids, max(k, policy.pool), request_id)
+    chosen, props = explore([float(scores[i]) for i in ranked], k, policy, policy.rng(request_id))
+    return [ranked[c] for c in chosen], props
 
 
 def _finite(x: float) -> float:
