@@ -8,9 +8,9 @@ from trainer.model import RecModel
 
 
 def perturb(model: RecModel, seed: int, scale: float = 0.05) -> None:
-    """Stand-in for training: move every trainable parameter a little (seeded)."""
+    """Stand-in for training: move every trainable tensor a little (seeded): the parameters and the
+    per-user posterior's means (which the learner fits in closed form)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
+        for p in model.trainable_state_dict().values():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)

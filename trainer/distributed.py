@@ -43,6 +43,7 @@ from contract.records import Labeled
 from trainer.checkpoint import CheckpointError
 from trainer.learner import ContinualLearner
 from trainer.model import RecModel
+from trainer.posterior import PosteriorExamples
 from trainer.source import TrainerServiceError
 
 log = logging.getLogger(__name__)
@@ -322,14 +323,36 @@ def empty_update(learner: ContinualLearner) -> float:
     return learner._update(zero)  # noqa: SLF001 - the same update as a step's, hook included
 
 
+class PosteriorGather:
+    """The learner's ``posterior_hook`` in a group: every rank's posterior examples of the step,
+    gathered in rank order, so every replica makes the same closed-form update of the per-user
+    posterior (trainer/posterior.py) and the replicas stay bit-identical."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.calls = 0
+
+    def begin(self) -> None:
+        self.calls = 0
+
+    def __call__(self, examples: PosteriorExamples) -> PosteriorExamples:
+        self.calls += 1
+        parts = self.group.all_gather_object(examples.cpu(), "the posterior's all-gather")
+        return PosteriorExamples.concat(parts)
+
+    def complete(self, learner: ContinualLearner) -> None:
+        """A rank whose step made no posterior update (no examples) takes part in the gather now,
+        and applies the others' examples."""
+        if learner.user_posterior is not None and self.calls == 0:
+            learner.learn_posterior(PosteriorExamples.empty(learner.user_posterior.k))
+
+
 def attach(learner: ContinualLearner, group: Group) -> GradientAverager:
-    """Make the learner average its gradients over the group at every update."""
-    if getattr(learner, "user_posterior", None) is not None:
-        raise ConfigError("STREAMREC_TRAINER_LEARNER_OPTIONS",
-                          "user_posterior_dims > 0 is not supported by the data-parallel trainer (the "
-                          "per-user posterior's Newton step is not averaged over ranks); set it to 0")
+    """Make the learner average its gradients over the group at every update (and gather the
+    per-user posterior's examples of every step)."""
     averager = GradientAverager(group)
     learner.grad_hook = averager
+    learner.posterior_hook = PosteriorGather(group)
     return averager
 
 
@@ -346,8 +369,13 @@ def synced_step(
         sync_centring(learner, group)
     before = learner.examples_trained
     averager.begin(len(examples))
+    gather = learner.posterior_hook if isinstance(learner.posterior_hook, PosteriorGather) else None
+    if gather is not None:
+        gather.begin()
     stats = learner.step(list(examples)) if examples else None
     averager.complete(learner)
+    if gather is not None:
+        gather.complete(learner)
     mine = learner.examples_trained - before
     trained = int(group.all_sum([mine], "the step count")[0])
     learner.examples_trained = before + trained

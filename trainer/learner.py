@@ -45,15 +45,17 @@ from trainer.losses import RecTrain
 from trainer.metrics import PrequentialMetrics, binary_metrics
 from trainer.model import ModelConfig, RecModel
 from trainer.optim import RowAdagrad
+from trainer.posterior import PosteriorExamples, UserPosterior, posterior_examples
 from trainer.prefix_cache import PrefixCache
 from trainer.replay_buffer import ReservoirBuffer
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 4
+STATE_VERSION = 5
 """2: the projection has its own AdamW group and the id rows a row-wise Adagrad (1 cannot be resumed);
 3: the history cosine's weight has its own AdamW group (``lr_scale``; 2 cannot be resumed);
-4: the Adagrad of the rows has a group per kind (item ids, user rows, positions; 3 cannot be resumed)."""
+4: the Adagrad of the rows has a group per kind (item ids, user rows, positions; 3 cannot be resumed).
+5: the per-user posterior's precisions (``posterior``; 4 cannot be resumed)."""
 CENTER_ITEMS = 4096
 """Catalog items whose mean text vector centres a fresh model (the first ids in sorted order)."""
 
@@ -69,6 +71,9 @@ class ContinualLearner:
     grad_hook: Callable[[list[Tensor]], None] | None = None
     """Called at every optimizer update with the parameters, before clipping: a data-parallel rank
     replaces their gradients by the group's average there (trainer/distributed.py)."""
+    posterior_hook: Callable[[PosteriorExamples], PosteriorExamples] | None = None
+    """Called once per step with the examples the per-user posterior learns from: a data-parallel
+    rank returns the whole group's (every replica then makes the same update)."""
 
     def __init__(self, model: RecModel, config: LearnerConfig | None = None, catalog: Catalog | None = None) -> None:
         self.config = config or LearnerConfig()
@@ -88,6 +93,18 @@ class ContinualLearner:
         )
         self.optimizer = self._make_optimizer()
         self.id_optimizer = self._make_id_optimizer()
+        mean = self.model.user_posterior_mean
+        self.user_posterior = (
+            UserPosterior(
+                mean,
+                prior_std=self.config.posterior_prior_std,
+                forgetting=self.config.posterior_forgetting,
+                newton_steps=self.config.posterior_newton_steps,
+                refit_every=self.config.posterior_refit_every,
+            )
+            if mean is not None
+            else None
+        )
         self.metrics = PrequentialMetrics(self.config.window, threshold=self.config.threshold)
         # keyed by example_id: a positive replaces its example's fake negative (DESIGN.md §3.3)
         self.replay: ReservoirBuffer[Labeled] = ReservoirBuffer(
@@ -198,6 +215,10 @@ class ContinualLearner:
         teacher = self.teacher
         if teacher is None or self.config.distill_weight <= 0:
             return None
+        if teacher.user_posterior_mean is not None and self.model.user_posterior_mean is not None:
+            # the posterior is per-user state fitted in closed form, not distilled: the teacher scores
+            # with the current one, so distillation holds back only what gradients learn
+            teacher.user_posterior_mean.copy_(self.model.user_posterior_mean)
         with torch.no_grad(), self._autocast():
             vecs: list[Tensor | None] = [
                 self._teacher_items.get(i, h) for i, h in zip(batch.item_ids, batch.text_hashes, strict=True)
@@ -299,6 +320,14 @@ class ContinualLearner:
             with self._autocast():
                 again = self.train_wrapper(batch, teacher_logits, id_mask)
             grad_norm = self._update(again.loss, again.id_loss)
+        if self.user_posterior is not None:
+            # the offsets after the gradient steps: the user rows have already taken up part of the
+            # batch's evidence, which the posterior must not count a second time
+            with torch.no_grad(), self._autocast():
+                after = self.model(batch)
+            fresh_rows = [k for k, j in enumerate(in_batch) if j < len(train_idx)]
+            late = [update[in_batch[k]].late for k in fresh_rows]
+            self.learn_posterior(posterior_examples(self.model, batch, after, fresh_rows, late))
 
         for ex in fresh:
             self.replay.add(ex)
@@ -319,6 +348,14 @@ class ContinualLearner:
             }
         )
         return stats
+
+    def learn_posterior(self, examples: PosteriorExamples) -> int:
+        """The per-user posterior's step on these examples (the group's, through :attr:`posterior_hook`)."""
+        if self.user_posterior is None:
+            return 0
+        if self.posterior_hook is not None:
+            examples = self.posterior_hook(examples)
+        return self.user_posterior.update(examples)
 
     def _update(self, loss: Tensor, id_loss: Tensor | None = None) -> float:
         """One optimizer step on ``loss``; returns the gradient norm (a non-finite one skips the step).
@@ -421,6 +458,7 @@ class ContinualLearner:
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "id_optimizer": self.id_optimizer.state_dict() if self.id_optimizer is not None else None,
+            "posterior": self.user_posterior.state_dict() if self.user_posterior is not None else None,
             "replay": self.replay.state_dict(encode=lambda ex: ex.to_json().decode("utf-8")),
             "metrics": self.metrics.state_dict(),
             "teacher": self._teacher_state,
@@ -445,6 +483,8 @@ class ContinualLearner:
         for opt, key in ((self.optimizer, "optimizer"), (self.id_optimizer, "id_optimizer")):
             if opt is not None:
                 opt.load_state_dict(state[key])
+        if self.user_posterior is not None:
+            self.user_posterior.load_state_dict(state["posterior"])
         self.replay.load_state_dict(state["replay"], decode=Labeled.from_json)
         self.metrics.load_state_dict(state["metrics"])
         self.set_teacher(state["teacher"])

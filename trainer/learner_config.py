@@ -67,6 +67,27 @@ class LearnerConfig(BaseModel):
         default=1.0, gt=0.0, le=1.0,
         description="row_adagrad only: a touched row's accumulator is multiplied by this first (1 = never forget).",
     )
+    posterior_prior_std: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=100.0,
+        description="Prior standard deviation of each weight of the per-user posterior "
+        "(ModelConfig.user_posterior_dims; trainer/posterior.py).",
+    )
+    posterior_forgetting: float = Field(
+        default=0.97,
+        gt=0.0,
+        le=1.0,
+        description="Per shown example of a user, the user's posterior precision decays towards the prior's "
+        "by this factor (1 = never forget): the weight of a label 100 examples back is 0.97^100 = 5%.",
+    )
+    posterior_refit_every: int = Field(
+        default=10,
+        ge=0,
+        description="Every N posterior updates (batches), empirical Bayes refits the prior variance of each "
+        "posterior weight from the users' posteriors (trainer/posterior.py); 0 = keep posterior_prior_std.",
+    )
+    posterior_newton_steps: int = Field(default=2, ge=1, le=10, description="Newton iterations per batch and user.")
     lr_item_ids: float = Field(
         default=1e-3, ge=0.0, description="AdamW lr of the item-id and category embeddings (no weight decay)."
     )

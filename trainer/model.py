@@ -32,6 +32,7 @@ enough to restore a model.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,18 @@ class RecModel(nn.Module):
             if bias is not None:
                 nn.init.zeros_(bias.weight)
         self._buckets: dict[str, int] = {}
+        # the per-user posterior (trainer/posterior.py): each user's weights on ``posterior_width``
+        # item features, fitted in closed form by the learner (never by a gradient), and the
+        # feature map's text part (the catalog's principal directions, set when the text is centred)
+        k, p, hidden = config.posterior_width, config.user_posterior_dims, item_tower.hidden
+        self.register_buffer("user_posterior_mean", torch.zeros(config.user_buckets, k) if k else None)
+        self.register_buffer("posterior_basis", torch.zeros(p, hidden) if k and p else None)
+        self.register_buffer("posterior_center", torch.zeros(hidden) if k and p else None)
+        self.posterior_weight = nn.Parameter(torch.tensor(1.0)) if k else None
+        """How much of the posterior's term the click logit takes, learned by gradient: the loss of a
+        batch is taken before the posterior has seen it, so this weight learns how well the
+        posterior predicts labels it has not fitted (a stream where the per-user fit is noise drives it
+        towards 0)."""
 
     @property
     def dim(self) -> int:
@@ -158,8 +171,41 @@ class RecModel(nn.Module):
 
     @property
     def vector_width(self) -> int:
-        """Width of the item and user vectors: ``embed_dim`` + the bias column."""
-        return self.config.embed_dim + 1
+        """Width of the item and user vectors: ``embed_dim`` + the posterior's features + the bias column."""
+        return self.config.embed_dim + self.config.posterior_width + 1
+
+    @property
+    def posterior_width(self) -> int:
+        return self.config.posterior_width
+
+    def posterior_features(self, item_vecs: Tensor) -> Tensor:
+        """The per-user posterior's features of item vectors: ``[n, posterior_width]``."""
+        return item_vecs[..., self.dim : self.dim + self.posterior_width]
+
+    def user_rows(self, user_ids: Sequence[str], device: torch.device) -> Tensor:
+        """The hashed user-row index of each user id."""
+        n = self.config.user_buckets
+        return torch.tensor([user_bucket(u, n) for u in user_ids], dtype=torch.long, device=device)
+
+    def _posterior_item_part(self, pooled: Tensor | None, category_hot: Tensor | None, like: Tensor) -> Tensor | None:
+        """``[n, posterior_width]``: the centred text's principal coordinates and the category shares."""
+        if not self.posterior_width:
+            return None
+        n, parts = like.shape[0], []
+        if self.posterior_basis is not None:
+            if pooled is None:
+                parts.append(like.new_zeros((n, self.posterior_basis.shape[0])))
+            else:
+                x = pooled.to(self.posterior_basis.dtype) - self.posterior_center
+                parts.append((x @ self.posterior_basis.T).to(like.dtype))
+        c = self.posterior_width - (0 if self.posterior_basis is None else self.posterior_basis.shape[0])
+        if c:
+            if category_hot is None or not category_hot.numel():
+                parts.append(like.new_zeros((n, c)))
+            else:
+                hot = category_hot.to(like.dtype)
+                parts.append(hot / hot.sum(1, keepdim=True).clamp_min(1.0))
+        return torch.cat(parts, dim=-1)
 
     def _item_rows(self, item_ids: Sequence[str], device: torch.device) -> Tensor:
         n, cache = self.config.item_buckets, self._buckets
@@ -184,9 +230,14 @@ class RecModel(nn.Module):
         return out
 
     def _augment_items(
-        self, text_vecs: Tensor, item_ids: Sequence[str] | None, category_hot: Tensor | None = None
+        self,
+        text_vecs: Tensor,
+        item_ids: Sequence[str] | None,
+        category_hot: Tensor | None = None,
+        pooled: Tensor | None = None,
     ) -> Tensor:
-        """``[n, d]`` projected text vectors -> ``[n, d + 1]`` item vectors (ids and categories added)."""
+        """``[n, d]`` projected text vectors -> ``[n, d + k + 1]`` item vectors (ids and categories added;
+        the posterior's ``k`` features of ``pooled``, the encoder's output, and the categories)."""
         bias = self.click_head.item_bias(F.normalize(text_vecs, dim=-1))
         vecs = text_vecs
         if self.category_embedding is not None and category_hot is not None and category_hot.numel():
@@ -196,22 +247,27 @@ class RecModel(nn.Module):
             rows = self._item_rows(item_ids, text_vecs.device)
             vecs = vecs + self.item_embedding(rows).to(vecs.dtype)
             bias = bias + self.item_id_bias(rows).to(bias.dtype)  # type: ignore[misc]
-        return torch.cat([F.normalize(vecs, dim=-1), bias], dim=-1)
+        post = self._posterior_item_part(pooled, category_hot, text_vecs)
+        parts = [F.normalize(vecs, dim=-1)] + ([post] if post is not None else []) + [bias]
+        return torch.cat(parts, dim=-1)
 
     def _augment_users(self, taste: tuple[Tensor, Tensor | None], user_ids: Sequence[str]) -> Tensor:
-        """(unit taste direction, user embedding) -> ``[b, d + 1]``: ``scale * taste + e_user``, bias."""
+        """(unit taste direction, user embedding) -> ``[b, d + k + 1]``: ``scale * taste + e_user``, the
+        posterior's mean weights (fixed here: the learner fits them in closed form), bias."""
         direction, ue = taste
         user_vecs = self.click_head.scale() * direction
         if ue is not None:
             user_vecs = user_vecs + ue.to(user_vecs.dtype)
-        if self.user_id_bias is None:
+        rows = self.user_rows(user_ids, user_vecs.device) if self.config.user_buckets else None
+        if self.user_id_bias is None or rows is None:
             bias = user_vecs.new_zeros((user_vecs.shape[0], 1))
         else:
-            rows = torch.tensor(
-                [user_bucket(u, self.config.user_buckets) for u in user_ids], dtype=torch.long, device=user_vecs.device
-            )
             bias = self.user_id_bias(rows).to(user_vecs.dtype)
-        return torch.cat([user_vecs, bias], dim=-1)
+        if self.user_posterior_mean is None or rows is None:
+            return torch.cat([user_vecs, bias], dim=-1)
+        post = self.user_posterior_mean[rows].detach().to(user_vecs.dtype)
+        weight = self.posterior_weight.clamp(0.0, 2.0)  # type: ignore[union-attr]
+        return torch.cat([user_vecs, weight.to(post.dtype) * post, bias], dim=-1)
 
     # --- the serving/learning API -------------------------------------------------
     def encode_items(
@@ -226,9 +282,10 @@ class RecModel(nn.Module):
 
         Without ``item_ids`` and ``categories`` an item is scored from its text alone.
         """
-        text = self.item_tower(texts, item_ids, text_hashes)
+        pooled = self.item_tower.encode_pooled(texts, item_ids, text_hashes)
+        text = self.item_tower.project(pooled)
         hot = self.category_multi_hot(categories, text.device) if categories is not None else None
-        return self._augment_items(text, item_ids, hot)
+        return self._augment_items(text, item_ids, hot, pooled)
 
     def encode_users(self, history_vecs: Tensor, history_mask: Tensor, user_ids: Sequence[str]) -> Tensor:
         """User vectors ``[b, embed_dim + 1]`` from history item vectors ``[b, h, embed_dim + 1]``
@@ -264,9 +321,10 @@ class RecModel(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:
         """All heads on one batch, encoding each unique item and each unique context once."""
-        text = self.item_tower(batch.texts, batch.item_ids, batch.text_hashes)
-        hot = batch.category_targets if self.category_embedding is not None else None
-        items = self._augment_items(text, batch.item_ids, hot)
+        pooled = self.item_tower.encode_pooled(batch.texts, batch.item_ids, batch.text_hashes)
+        text = self.item_tower.project(pooled)
+        hot = batch.category_targets if self.category_embedding is not None or self.posterior_width else None
+        items = self._augment_items(text, batch.item_ids, hot, pooled)
         cand = items[batch.candidate]
         contexts = self.encode_users_indexed(items, batch.history, batch.history_mask, batch.user_ids)
         users = contexts[batch.context]
@@ -290,6 +348,10 @@ class RecModel(nn.Module):
         finally:
             self.train(was)
         self.item_tower.center(pooled, principal=self.config.text_basis == "principal")
+        if self.posterior_basis is not None and pooled.shape[0] >= 2:
+            center, basis = posterior_text_basis(pooled.float(), self.posterior_basis.shape[0])
+            self.posterior_center.copy_(center)
+            self.posterior_basis.copy_(basis)
 
     # --- parameters -----------------------------------------------------------------
     def user_row_parameters(self) -> list[nn.Parameter]:
@@ -298,8 +360,12 @@ class RecModel(nn.Module):
         return [m.weight for m in mods if m is not None and m.weight.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The parameters that learn (heads, towers, unfrozen layers, LoRA adapters): a delta snapshot."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """The parameters that learn (heads, towers, unfrozen layers, LoRA adapters) and the per-user
+        posterior's mean weights: a delta snapshot."""
+        out = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        if self.user_posterior_mean is not None:
+            out["user_posterior_mean"] = self.user_posterior_mean
+        return out
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group: ``encoder`` (unfrozen layers / LoRA), ``projection`` (the text
@@ -354,6 +420,21 @@ class RecModel(nn.Module):
 
     def frozen_prefix_parameters(self) -> list[Tensor]:
         return [p for m in self.item_tower.frozen_modules() for p in m.parameters()]
+
+
+def posterior_text_basis(pooled: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(mean, ``[k, hidden]`` basis) of the per-user posterior's text features: the top ``k`` principal
+    directions of the catalog's text vectors, each scaled so that the catalog's coordinates along
+    the first have unit variance (the others keep their smaller spread).  A unit prior on every
+    weight then leaves room where the texts differ most and little in their noise directions:
+    in a per-user Bayesian logistic regression on the synthetic stream (4 seeds) this scaling
+    scored 0.681 AUC against 0.677 for whitened coordinates (16 directions: 0.675, 0.649)."""
+    mean = pooled.mean(0)
+    _, s, vt = torch.linalg.svd(pooled - mean, full_matrices=False)
+    basis = torch.zeros((k, pooled.shape[1]), dtype=pooled.dtype)
+    m = min(k, vt.shape[0])
+    basis[:m] = vt[:m] * (math.sqrt(pooled.shape[0]) / s[0].clamp_min(1e-12))
+    return mean, basis
 
 
 # --------------------------------------------------------------------------- building

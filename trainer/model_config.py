@@ -129,6 +129,19 @@ class ModelConfig(BaseModel):
         "+0.014 of optimal with clicks falling as 0.8^position, a small cost without a position effect; "
         "benchmarks/logged_feedback.py).",
     )
+    user_posterior_dims: int = Field(
+        default=8,
+        ge=0,
+        le=256,
+        description="Per-user posterior over low-dimensional item features (trainer/posterior.py): "
+        "the top N principal directions of the catalog's centred text vectors, plus the item's "
+        "categories with user_posterior_categories; each user's weights on them are a Bayesian "
+        "logistic regression fitted by Newton steps on the user's own labels (a per-user random "
+        "effect, as in GLMix), read by serving as part of the user vector.  0 (and no categories) = off.",
+    )
+    user_posterior_categories: bool = Field(
+        default=True, description="The item's categories (of ``categories``) are features of the per-user posterior."
+    )
     encode_chunk: int = Field(default=256, ge=1, le=65_536, description="Items per encoder call (length-sorted).")
     seed: int = Field(default=0, description="Seeds the initialisation of the new parameters.")
 
@@ -139,9 +152,26 @@ class ModelConfig(BaseModel):
             raise ValueError("category names must be unique")
         return v
 
+    @property
+    def posterior_width(self) -> int:
+        """Features of the per-user posterior (0 = off): text directions + categories; none without user rows."""
+        if not self.user_buckets:
+            return 0
+        cats = len(self.categories) if self.user_posterior_categories else 0
+        return self.user_posterior_dims + cats
+
+    @model_validator(mode="after")
+    def _posterior_needs_centring(self) -> ModelConfig:
+        if self.user_posterior_dims and not self.center_text:
+            raise ValueError(
+                "user_posterior_dims > 0 needs center_text (its text directions are the centred catalog's); "
+                "set user_posterior_dims=0 or center_text=true"
+            )
+        return self
+
     @model_validator(mode="after")
     def _id_tables_fit(self) -> ModelConfig:
-        params = (self.user_buckets + self.item_buckets) * (self.embed_dim + 1)
+        params = (self.user_buckets + self.item_buckets) * (self.embed_dim + 1) + self.user_buckets * self.posterior_width
         if params > MAX_ID_PARAMETERS:
             raise ValueError(
                 f"(user_buckets + item_buckets) x (embed_dim + 1) = {params} id parameters, at most {MAX_ID_PARAMETERS}"

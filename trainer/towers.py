@@ -233,7 +233,10 @@ class ItemTower(nn.Module):
         item_ids: Sequence[str] | None = None,
         text_hashes: Sequence[str] | None = None,
     ) -> Tensor:
-        pooled = self.encode_pooled(texts, item_ids, text_hashes)
+        return self.project(self.encode_pooled(texts, item_ids, text_hashes))
+
+    def project(self, pooled: Tensor) -> Tensor:
+        """The projection of pooled encoder outputs to ``embed_dim``."""
         return self.proj(pooled.to(self.proj.weight.dtype))
 
     @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -163,7 +165,8 @@ def test_continual_learner_recovers_after_drift_and_static_does_not(world) -> No
     for b in iter_batches(pre, 50):
         continual.step(b)
         static.step(b)
-    assert continual.evaluate(pre[-1000:])["auc"] > 0.75  # it learned the world before the shift
+    before = continual.evaluate(pre[-1000:])["auc"]
+    assert before > 0.75  # it learned the world before the shift
 
     continual.set_teacher({k: v.clone() for k, v in continual.model.trainable_state_dict().items()})
     ys, pc, ps = [], [], []
@@ -175,7 +178,7 @@ def test_continual_learner_recovers_after_drift_and_static_does_not(world) -> No
         ps.append(p_static)
     y, c, s = np.concatenate(ys), np.concatenate(pc), np.concatenate(ps)
     first, last = slice(0, 500), slice(len(y) - 1000, len(y))
-    assert auc(y[first], c[first]) < 0.65  # the shift hurt both
+    assert auc(y[first], c[first]) < before - 0.05  # the shift hurt both
     assert auc(y[last], c[last]) > 0.72  # the continual learner recovered within the stream
     assert auc(y[last], s[last]) < 0.62  # the static model did not
 
@@ -230,3 +233,29 @@ def test_the_position_term_takes_what_the_position_explains_out_of_the_relevance
     assert gaps[0] > 1.0  # without it the favoured items look relevant (logit gap)
     assert abs(gaps[5]) < 0.5 * gaps[0]  # 0.49 against 1.53 when written
     assert bias[0] > bias[1] + 1.0  # position 0 carries the clicks
+
+
+def test_the_per_user_posterior_is_fitted_scored_and_checkpointed(world) -> None:
+    catalog, examples, _ = world
+    model = build_model(tiny_model(catalog))
+    learner = ContinualLearner(model, LearnerConfig(device="cpu"), catalog)
+    assert learner.user_posterior is not None and model.posterior_width > 0
+    for batch in iter_batches(examples[:400], 100):
+        learner.step(batch)
+    assert learner.user_posterior.updates == 4
+    assert model.user_posterior_mean.abs().sum() > 0  # users seen have weights
+    assert model.posterior_basis.abs().sum() > 0  # the text directions were set when the text was centred
+    probe = examples[400:500]
+    with_posterior, _ = learner.predict(probe)
+    saved = model.user_posterior_mean.clone()
+    model.user_posterior_mean.zero_()
+    without, _ = learner.predict(probe)
+    assert not np.allclose(with_posterior, without)  # the score reads the posterior
+    model.user_posterior_mean.copy_(saved)
+    again = ContinualLearner(build_model(tiny_model(catalog)), LearnerConfig(device="cpu"), catalog)
+    again.load_state_dict(copy.deepcopy(learner.state_dict()))  # (as from a file: nothing shared)
+    torch.testing.assert_close(again.model.user_posterior_mean, model.user_posterior_mean)
+    torch.testing.assert_close(again.user_posterior.precision, learner.user_posterior.precision)
+    learner.step(examples[500:600])
+    again.step(examples[500:600])
+    torch.testing.assert_close(again.model.user_posterior_mean, model.user_posterior_mean)

@@ -72,12 +72,14 @@ def test_config_round_trips_through_json() -> None:
 
 def test_shapes_of_towers_and_scores(model) -> None:
     items = model.encode_items([t for t, _ in TEXTS.values()], list(TEXTS), None, [c for _, c in TEXTS.values()])
-    assert items.shape == (4, 33) == (4, model.vector_width)  # embed_dim + the bias column
+    width = 32 + model.posterior_width + 1  # embed_dim + the per-user posterior's features + the bias column
+    assert model.posterior_width == 8 + len(CATS)  # 8 text directions and the categories
+    assert items.shape == (4, width) == (4, model.vector_width)
     torch.testing.assert_close(items[:, :32].norm(dim=-1), torch.ones(4))  # unit item directions
-    hist = items[None].expand(3, 4, 33)
+    hist = items[None].expand(3, 4, width)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     users = model.encode_users(hist, mask, ["u1", "u2", "u3"])
-    assert users.shape == (3, 33) and torch.isfinite(users).all()
+    assert users.shape == (3, width) and torch.isfinite(users).all()
     logits = model.click_logits(users, items[:3])
     assert logits.shape == (3,)
     matrix = model.score_matrix(users, items)
@@ -89,8 +91,8 @@ def test_shapes_of_towers_and_scores(model) -> None:
 
 def test_mean_user_tower_and_empty_history() -> None:
     m = build_model(tiny(user_tower="mean", categories=[], value_head=False))
-    users = m.encode_users(torch.zeros(2, 0, 33), torch.zeros(2, 0, dtype=torch.bool), ["a", "b"])
-    assert users.shape == (2, 33) and torch.isfinite(users).all()
+    users = m.encode_users(torch.zeros(2, 0, m.vector_width), torch.zeros(2, 0, dtype=torch.bool), ["a", "b"])
+    assert users.shape == (2, m.vector_width) and torch.isfinite(users).all()
     torch.testing.assert_close(users[0], users[1])  # no history, no user embedding: the same prior
     with pytest.raises(ModelError):
         m.category_logits(users)

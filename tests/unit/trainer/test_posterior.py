@@ -1,0 +1,94 @@
+"""The per-user posterior (trainer/posterior.py): the Newton step by hand, late positives, forgetting,
+empirical Bayes, checkpoints, and a learner that takes a user's taste from a few labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.posterior import PosteriorExamples, UserPosterior
+
+
+def _posterior(k: int = 2, buckets: int = 8, **kw: object) -> UserPosterior:
+    opts = {"prior_std": 1.0, "forgetting": 1.0, "newton_steps": 1} | kw
+    return UserPosterior(torch.zeros(buckets, k), **opts)  # type: ignore[arg-type]
+
+
+def _examples(rows, z, y, *, late=None, offsets=None) -> PosteriorExamples:  # noqa: ANN001
+    n = len(rows)
+    return PosteriorExamples(
+        rows=torch.tensor(rows),
+        features=torch.tensor(z, dtype=torch.float32),
+        offsets=torch.zeros(n) if offsets is None else torch.tensor(offsets, dtype=torch.float32),
+        labels=torch.tensor(y, dtype=torch.float32),
+        late=torch.zeros(n, dtype=torch.bool) if late is None else torch.tensor(late),
+        weights=torch.ones(n),
+    )
+
+
+def test_one_newton_step_by_hand() -> None:
+    post = _posterior()
+    post.update(_examples([3], [[1.0, 0.0]], [1]))
+    # p = sigmoid(0) = 0.5; gradient 0.5 z; precision I + 0.25 z z': the mean is 0.5 / 1.25 = 0.4
+    torch.testing.assert_close(post.mean[3], torch.tensor([0.4, 0.0]))
+    torch.testing.assert_close(post.precision[0], torch.tensor([[1.25, 0.0], [0.0, 1.0]]))
+    assert post.mean[[0, 1, 2, 4]].abs().sum() == 0  # other users untouched
+
+
+def test_a_late_positive_corrects_the_label_without_counting_it_twice() -> None:
+    post = _posterior()
+    post.update(_examples([1], [[1.0, 0.0]], [0]))
+    prec = post.precision[0].clone()
+    mean = post.mean[1].clone()
+    post.update(_examples([1], [[1.0, 0.0]], [1], late=[True]))
+    torch.testing.assert_close(post.precision[0], prec)  # no new curvature: the same observation
+    # the log-likelihood ratio of the two labels has gradient z: the mean moves by precision^-1 z
+    torch.testing.assert_close(post.mean[1], mean + torch.linalg.solve(prec, torch.tensor([1.0, 0.0])))
+
+
+def test_forgetting_decays_the_evidence_towards_the_prior() -> None:
+    post = _posterior(forgetting=0.5)
+    post.update(_examples([0], [[1.0, 0.0]], [1]))
+    first = post.precision[0, 0, 0].item()  # 1 + 0.25
+    post.update(_examples([0], [[0.0, 1.0]], [1]))
+    # before the second example the first one's curvature is halved: 1 + 0.5 * 0.25
+    assert post.precision[0, 0, 0].item() == pytest.approx(1.0 + 0.5 * (first - 1.0))
+
+
+def test_a_user_who_clicks_one_category_learns_it_within_a_few_batches() -> None:
+    post = _posterior(newton_steps=2)
+    for _ in range(5):
+        post.update(_examples([2, 2, 2, 2], [[1, 0], [0, 1], [1, 0], [0, 1]], [1, 0, 1, 0], offsets=[-2.0] * 4))
+    w = post.mean[2]
+    assert w[0] > 1.0 and w[1] < 0.0
+
+
+def test_empirical_bayes_refits_the_prior_and_keeps_each_users_evidence() -> None:
+    post = _posterior(prior_std=0.1)
+    for u in range(4):
+        for _ in range(3):
+            post.update(_examples([u] * 4, [[1.0, 0.0]] * 4, [u % 2] * 4))
+    evidence = post.precision - torch.diag(post.prior_precision)
+    post.refit_prior()
+    assert (1.0 / post.prior_precision[0]) > 0.1**2  # the users' weights on feature 0 spread wider than the prior
+    torch.testing.assert_close(post.precision - torch.diag(post.prior_precision), evidence)
+
+
+def test_state_round_trips() -> None:
+    post = _posterior(refit_every=1)
+    post.update(_examples([5, 6], [[1.0, 0.5], [0.2, 1.0]], [1, 0]))
+    again = _posterior(refit_every=1)
+    again.mean.copy_(post.mean)
+    again.load_state_dict(post.state_dict())
+    post.update(_examples([6], [[1.0, 1.0]], [1]))
+    again.update(_examples([6], [[1.0, 1.0]], [1]))
+    torch.testing.assert_close(again.mean, post.mean)
+    torch.testing.assert_close(again.precision, post.precision)
+    with pytest.raises(ValueError):
+        _posterior(k=3).load_state_dict(post.state_dict())
+
+
+def test_examples_concatenate_in_order() -> None:
+    a = _examples([1], [[1.0, 0.0]], [1])
+    both = PosteriorExamples.concat([a, PosteriorExamples.empty(2), _examples([2], [[0.0, 1.0]], [0])])
+    assert both.rows.tolist() == [1, 2] and both.features.shape == (2, 2)

@@ -1,0 +1,232 @@
+"""The per-user posterior: each user's weights on a few item features, fitted by Bayes' rule.
+
+A user's clicks are few and arrive one at a time; a gradient step with a
+learning rate either moves a user row too little (the row has seen little) or
+too far (one noisy label).  The model therefore carries, beside the hashed
+user embedding that gradients train, a per-user random effect in the manner
+of GLMix (Zhang et al., KDD 2016): ``w_u . z_i`` added to the click logit,
+where ``z_i`` is a low-dimensional item feature (the top principal
+directions of the catalog's centred text vectors and the item's category
+shares: :meth:`trainer.model.RecModel.posterior_features`) and ``w_u`` is the
+mean of a Gaussian posterior, a Bayesian logistic regression on the user's
+own labels with the rest of the model's logit as a fixed offset.
+
+Each batch, for every user in it (:meth:`UserPosterior.update`):
+
+* forgetting: the precision decays towards the prior's,
+  ``L <- f L + (1 - f) L0`` with ``f = forgetting ** n`` for the user's ``n``
+  shown examples in the batch, so that old labels lose weight and a user whose
+  taste changes is followed (the mean is kept: a random walk);
+* a Laplace step: ``newton_steps`` Newton iterations on
+  ``1/2 (w - w_old)' L (w - w_old) - sum_j log p(y_j | offset_j + w . z_j)``;
+  the new precision is ``L + sum_j p_j (1 - p_j) z_j z_j'``.
+
+A late positive (``Labeled.late``: a click that turned an already learned
+negative into a positive) adds the log-likelihood ratio of the two labels,
+whose gradient is ``z`` and whose curvature is 0: the label is corrected, not
+counted twice.
+
+The means live in the model (``RecModel.user_posterior_mean``, published with
+it, read by serving as part of the user vector); the precisions are the
+learner's state (checkpointed, never published): only the rows of users seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from trainer.batching import Batch
+    from trainer.model import ModelOutput, RecModel
+
+
+class PosteriorExamples(NamedTuple):
+    """What the per-user posterior learns from, one row per example (CPU or device tensors)."""
+
+    rows: Tensor
+    """[n] long: the user's hashed row."""
+    features: Tensor
+    """[n, k]: the item's posterior features."""
+    offsets: Tensor
+    """[n]: the rest of the model's click logit (everything but the posterior's term)."""
+    labels: Tensor
+    """[n] 0/1."""
+    late: Tensor
+    """[n] bool: a late positive (the example was already learned as a negative)."""
+    weights: Tensor
+    """[n]: the example's loss weight."""
+
+    @classmethod
+    def empty(cls, k: int) -> PosteriorExamples:
+        z = torch.zeros(0)
+        return cls(torch.zeros(0, dtype=torch.long), torch.zeros((0, k)), z, z, torch.zeros(0, dtype=torch.bool), z)
+
+    def cpu(self) -> PosteriorExamples:
+        return PosteriorExamples(*(t.detach().cpu() for t in self))
+
+    @classmethod
+    def concat(cls, parts: Sequence[PosteriorExamples]) -> PosteriorExamples:
+        return cls(*(torch.cat([p[f] for p in parts]) for f in range(len(cls._fields))))
+
+
+@torch.no_grad()
+def posterior_examples(
+    model: RecModel, batch: Batch, output: ModelOutput, keep: Sequence[int], late: Sequence[bool]
+) -> PosteriorExamples:
+    """The posterior's examples of rows ``keep`` of a trained batch, from the training forward's
+    ``output`` (its logits hold the posterior's current term, taken out again as the offset)."""
+    dev = output.click_logits.device
+    idx = torch.tensor(list(keep), dtype=torch.long, device=dev)
+    z = model.posterior_features(output.item_vecs)[batch.candidate[idx]].float()
+    own = model.posterior_features(output.user_vecs)[idx].float()
+    logits = output.click_logits[idx].float()
+    if batch.position is not None:
+        pos = model.position_logits(batch.position[idx].to(dev))
+        if pos is not None:
+            logits = logits + pos.float()
+    contexts = batch.context[idx].tolist()
+    rows = model.user_rows([batch.user_ids[c] for c in contexts], dev)
+    return PosteriorExamples(
+        rows=rows,
+        features=z,
+        offsets=logits - (own * z).sum(1),
+        labels=batch.labels[idx].to(dev).float(),
+        late=torch.tensor(list(late), dtype=torch.bool, device=dev),
+        weights=batch.weights[idx].to(dev).float(),
+    )
+
+
+class UserPosterior:
+    """The precisions of every user's posterior and the update of both (see the module docstring)."""
+
+    def __init__(
+        self,
+        mean: Tensor,
+        *,
+        prior_std: float,
+        forgetting: float,
+        newton_steps: int,
+        refit_every: int = 0,
+        refit_users: int = 4096,
+    ) -> None:
+        self.mean = mean
+        """``[buckets, k]``: the model's buffer, updated in place."""
+        self.k = int(mean.shape[1])
+        self.prior_precision = torch.full((self.k,), 1.0 / (prior_std * prior_std), device=mean.device)
+        """``[k]``: the prior's precision of each weight (empirical Bayes refits it every ``refit_every`` updates)."""
+        self.refit_every = refit_every
+        self.refit_users = refit_users
+        self.forgetting = forgetting
+        self.newton_steps = newton_steps
+        self.rows: dict[int, int] = {}
+        """Hashed user row -> its slot in :attr:`precision` (only users seen have one)."""
+        self._store = torch.zeros((0, self.k, self.k), device=mean.device)
+        self.updates = 0
+
+    @property
+    def precision(self) -> Tensor:
+        """``[users seen, k, k]``: each seen user's posterior precision, in slot order."""
+        return self._store[: len(self.rows)]
+
+    def _prior(self, n: int) -> Tensor:
+        return torch.diag(self.prior_precision).expand(n, self.k, self.k).clone()
+
+    @torch.no_grad()
+    def refit_prior(self) -> None:
+        """Empirical Bayes: each weight's prior variance := its mean over users of the posterior's
+        second moment ``mu_k^2 + Sigma_kk`` (the EM step of a hierarchical Gaussian model), on up to
+        ``refit_users`` users seen.  Every precision is ``prior + data`` (forgetting mixes towards
+        the prior), so swapping the prior's diagonal keeps each user's evidence."""
+        n = len(self.rows)
+        if n < 2:
+            return
+        dev = self.mean.device
+        slots = torch.arange(n, device=dev)
+        if n > self.refit_users:
+            slots = torch.randperm(n, device=dev)[: self.refit_users]
+        order = torch.tensor(list(self.rows), dtype=torch.long, device=dev)  # rows in slot order
+        cov = torch.linalg.inv(self._store[slots])
+        mu = self.mean[order[slots]].float()
+        var = (mu * mu + torch.diagonal(cov, dim1=1, dim2=2)).mean(0).clamp(1e-4, 1e4)
+        new = 1.0 / var
+        idx = torch.arange(self.k, device=dev)
+        self._store[:n, idx, idx] += new - self.prior_precision
+        self.prior_precision = new
+
+    def _slots(self, users: list[int]) -> Tensor:
+        new = [u for u in users if u not in self.rows]
+        if new:
+            start, need = len(self.rows), len(self.rows) + len(new)
+            if need > self._store.shape[0]:  # grow by doubling: a slot per user seen
+                grown = torch.zeros((max(need, 2 * self._store.shape[0], 64), self.k, self.k), device=self._store.device)
+                grown[:start] = self._store[:start]
+                self._store = grown
+            for n, u in enumerate(new):
+                self.rows[u] = start + n
+            self._store[start:need] = self._prior(len(new))
+        return torch.tensor([self.rows[u] for u in users], dtype=torch.long, device=self.mean.device)
+
+    @torch.no_grad()
+    def update(self, examples: PosteriorExamples) -> int:
+        """Learn from examples (:class:`PosteriorExamples`; the offsets are the rest of the model's
+        logit); returns the number of users updated."""
+        rows, features, offsets, labels, late, weights = examples
+        if rows.numel() == 0:
+            return 0
+        dev = self.mean.device
+        z = features.to(dev, torch.float32)
+        off = offsets.to(dev, torch.float32)
+        y = labels.to(dev, torch.float32)
+        w = weights.to(dev, torch.float32)
+        is_late = late.to(dev).bool()
+        users, inv = torch.unique(rows.to(dev), return_inverse=True)
+        slots = self._slots(users.tolist())
+        n_users = users.shape[0]
+
+        shown = torch.zeros(n_users, device=dev).index_add_(0, inv, (~is_late).float())
+        f = (self.forgetting ** shown)[:, None, None]
+        prec = f * self._store[slots] + (1.0 - f) * self._prior(n_users)
+        old = self.mean[users].float()
+        mu = old.clone()
+        zz = z[:, :, None] * z[:, None, :]
+        fresh = (~is_late).float() * w
+        # the late positives' log-likelihood ratio: gradient z, no curvature
+        late_grad = torch.zeros_like(mu).index_add_(0, inv, (is_late.float() * w)[:, None] * z)
+        hess = prec
+        for _ in range(max(self.newton_steps, 1)):
+            p = torch.sigmoid(off + (mu[inv] * z).sum(1))
+            resid = fresh * (y - p)
+            grad = torch.zeros_like(mu).index_add_(0, inv, resid[:, None] * z) + late_grad
+            grad = grad - (prec @ (mu - old)[:, :, None]).squeeze(-1)
+            curv = torch.zeros_like(prec).index_add_(0, inv, (fresh * p * (1.0 - p))[:, None, None] * zz)
+            hess = prec + curv
+            mu = mu + torch.linalg.solve(hess, grad)
+        self._store[slots] = hess
+        self.mean[users] = mu.to(self.mean.dtype)
+        self.updates += 1
+        if self.refit_every and self.updates % self.refit_every == 0:
+            self.refit_prior()
+        return n_users
+
+    # --- checkpoint ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rows = sorted(self.rows, key=self.rows.__getitem__)
+        return {
+            "rows": rows,
+            "precision": self.precision.detach().cpu().clone(),
+            "prior_precision": self.prior_precision.detach().cpu().clone(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        precision = state["precision"].to(self.mean.device, torch.float32)
+        if precision.ndim != 3 or precision.shape[1:] != (self.k, self.k) or precision.shape[0] != len(state["rows"]):
+            raise ValueError(f"posterior state of shape {tuple(precision.shape)} does not fit k={self.k}")
+        self.rows = {int(r): n for n, r in enumerate(state["rows"])}
+        self._store = precision.clone()
+        self.prior_precision = state["prior_precision"].to(self.mean.device, torch.float32)
+        self.updates = int(state["updates"])
