@@ -68,7 +68,6 @@ ID_INIT_STD = 0.01
 """Initial scale of the id embeddings: small beside the text vectors, so text leads until ids learn."""
 CATEGORY_INIT_STD = 0.05
 """Initial scale of the category embeddings: items of one category start a little alike."""
-_BUCKET_CACHE = 1_000_000
 
 
 # --------------------------------------------------------------------------- model
@@ -135,7 +134,6 @@ class RecModel(nn.Module):
         for bias in (self.item_id_bias, self.user_id_bias):
             if bias is not None:
                 nn.init.zeros_(bias.weight)
-        self._buckets: dict[str, int] = {}
         # the per-user posterior (trainer/posterior.py): each user's weights on ``posterior_width``
         # item features, fitted in closed form by the learner (never by a gradient), and the
         # feature map's text part (the catalog's principal directions, set when the text is centred)
@@ -208,16 +206,8 @@ class RecModel(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def _item_rows(self, item_ids: Sequence[str], device: torch.device) -> Tensor:
-        n, cache = self.config.item_buckets, self._buckets
-        rows = []
-        for i in item_ids:
-            r = cache.get(i)
-            if r is None:
-                if len(cache) >= _BUCKET_CACHE:
-                    cache.clear()
-                r = cache[i] = item_bucket(i, n)
-            rows.append(r)
-        return torch.tensor(rows, dtype=torch.long, device=device)
+        n = self.config.item_buckets
+        return torch.tensor([item_bucket(i, n) for i in item_ids], dtype=torch.long, device=device)
 
     def category_multi_hot(self, categories: Sequence[Sequence[str]], device: torch.device) -> Tensor:
         """``[n, C]`` multi-hot of each item's categories over ``config.categories`` (others ignored)."""

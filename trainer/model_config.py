@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Annotated, Literal
 
@@ -206,11 +207,18 @@ def id_bucket(key: str, buckets: int) -> int:
     return int.from_bytes(digest, "little") % buckets
 
 
+BUCKET_CACHE = 1 << 20
+"""Ids whose bucket each of :func:`user_bucket` and :func:`item_bucket` remembers (every forward pass
+hashes its batch's ids; least recently used forgotten first)."""
+
+
+@functools.lru_cache(maxsize=BUCKET_CACHE)
 def user_bucket(user_id: str, buckets: int) -> int:
     """The hash bucket of a user id."""
     return id_bucket(user_id, buckets)
 
 
+@functools.lru_cache(maxsize=BUCKET_CACHE)
 def item_bucket(item_id: str, buckets: int) -> int:
     """The hash bucket of an item id (salted, so an item and a user of the same id differ)."""
     return id_bucket("item:" + item_id, buckets)
