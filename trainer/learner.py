@@ -134,6 +134,7 @@ class ContinualLearner:
             "heads": self.config.lr_heads,
             "scale": self.config.lr_scale,
             "item_ids": self.config.lr_item_ids,
+            "posterior": self.config.lr_posterior_weight,
         }
         by_group = self.model.parameter_groups()
         groups = []
@@ -368,7 +369,7 @@ class ContinualLearner:
             warm = self.config.warmup_examples
             factor = min(1.0, (self.examples_trained + 1) / warm) if warm else 1.0
             for g in self.optimizer.param_groups:
-                g["lr"] = g["base_lr"] * (1.0 if g["name"].startswith(("heads", "scale")) else factor)
+                g["lr"] = g["base_lr"] * (1.0 if g["name"].startswith(("heads", "scale", "posterior")) else factor)
         id_grads = None
         if id_loss is not None and self.id_optimizer is not None:
             id_params = self.model.user_row_parameters()

@@ -87,6 +87,12 @@ class LearnerConfig(BaseModel):
         description="Every N posterior updates (batches), empirical Bayes refits the prior variance of each "
         "posterior weight from the users' posteriors (trainer/posterior.py); 0 = keep posterior_prior_std.",
     )
+    lr_posterior_weight: float = Field(
+        default=1e-2,
+        ge=0.0,
+        description="AdamW lr of the weight of the per-user posterior's term in the click logit "
+        "(RecModel.posterior_weight, from 1).",
+    )
     posterior_newton_steps: int = Field(default=2, ge=1, le=10, description="Newton iterations per batch and user.")
     lr_item_ids: float = Field(
         default=1e-3, ge=0.0, description="AdamW lr of the item-id and category embeddings (no weight decay)."

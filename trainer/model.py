@@ -367,7 +367,7 @@ class RecModel(nn.Module):
         ``item_ids`` (the item-id and category embeddings, inside the item vector)."""
         groups: dict[str, list[nn.Parameter]] = {
             "encoder": [], "projection": [], "towers": [], "heads": [], "scale": [], "ids": [], "user_ids": [],
-            "position": [], "item_ids": [],
+            "position": [], "item_ids": [], "posterior": [],
         }
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -388,6 +388,8 @@ class RecModel(nn.Module):
                 groups["towers"].append(p)
             elif name == "click_head.log_scale":
                 groups["scale"].append(p)
+            elif name == "posterior_weight":
+                groups["posterior"].append(p)
             else:
                 groups["heads"].append(p)
         return groups
