@@ -288,16 +288,20 @@ def average_gradients(params: Sequence[Tensor], weight: float, group: Group) -> 
 
 class GradientAverager:
     """The learner's ``grad_hook`` in a group: :func:`average_gradients` at every update, with the
-    weight of this rank's current step (:meth:`begin`); counts the updates made."""
+    weight of this rank's current step (:meth:`begin`); counts the updates made.  Its
+    :attr:`posterior` is the learner's ``posterior_hook`` (:class:`PosteriorGather`), begun and
+    completed with it."""
 
     def __init__(self, group: Group) -> None:
         self.group = group
         self.weight = 0.0
         self.calls = 0
+        self.posterior = PosteriorGather(group)
 
     def begin(self, weight: float) -> None:
         self.weight = float(weight)
         self.calls = 0
+        self.posterior.begin()
 
     def __call__(self, params: list[Tensor]) -> None:
         self.calls += 1
@@ -313,6 +317,7 @@ class GradientAverager:
         self.weight = 0.0
         while self.calls < want:
             empty_update(learner)
+        self.posterior.complete(learner)
 
 
 def empty_update(learner: ContinualLearner) -> float:
@@ -352,7 +357,7 @@ def attach(learner: ContinualLearner, group: Group) -> GradientAverager:
     per-user posterior's examples of every step)."""
     averager = GradientAverager(group)
     learner.grad_hook = averager
-    learner.posterior_hook = PosteriorGather(group)
+    learner.posterior_hook = averager.posterior
     return averager
 
 
@@ -369,13 +374,8 @@ def synced_step(
         sync_centring(learner, group)
     before = learner.examples_trained
     averager.begin(len(examples))
-    gather = learner.posterior_hook if isinstance(learner.posterior_hook, PosteriorGather) else None
-    if gather is not None:
-        gather.begin()
     stats = learner.step(list(examples)) if examples else None
     averager.complete(learner)
-    if gather is not None:
-        gather.complete(learner)
     mine = learner.examples_trained - before
     trained = int(group.all_sum([mine], "the step count")[0])
     learner.examples_trained = before + trained
