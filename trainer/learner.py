@@ -101,6 +101,7 @@ class ContinualLearner:
                 forgetting=self.config.posterior_forgetting,
                 newton_steps=self.config.posterior_newton_steps,
                 refit_every=self.config.posterior_refit_every,
+                change_hazard=self.config.posterior_change_hazard,
             )
             if mean is not None
             else None
@@ -348,6 +349,9 @@ class ContinualLearner:
                 "seconds": time.perf_counter() - t0,
             }
         )
+        if self.user_posterior is not None:
+            stats["posterior_users"] = float(len(self.user_posterior.rows))
+            stats["posterior_changes"] = self.user_posterior.changes
         return stats
 
     def learn_posterior(self, examples: PosteriorExamples) -> int:

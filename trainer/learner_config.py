@@ -87,6 +87,14 @@ class LearnerConfig(BaseModel):
         description="Every N posterior updates (batches), empirical Bayes refits the prior variance of each "
         "posterior weight from the users' posteriors (trainer/posterior.py); 0 = keep posterior_prior_std.",
     )
+    posterior_change_hazard: float = Field(
+        default=0.01,
+        ge=0.0,
+        lt=1.0,
+        description="Prior probability, per shown example, that a user's taste changes: the posterior restarts "
+        "towards the prior by the probability of a change given the batch's labels (trainer/posterior.py); "
+        "0 = off (forgetting alone follows drift).",
+    )
     lr_posterior_weight: float = Field(
         default=1e-2,
         ge=0.0,

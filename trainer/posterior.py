@@ -17,6 +17,11 @@ Each batch, for every user in it (:meth:`UserPosterior.update`):
   ``L <- f L + (1 - f) L0`` with ``f = forgetting ** n`` for the user's ``n``
   shown examples in the batch, so that old labels lose weight and a user whose
   taste changes is followed (the mean is kept: a random walk);
+* a change point (``change_hazard`` > 0): the probability ``r`` that the
+  user's taste changed before this batch, from how well the posterior and the
+  prior each predicted the batch's labels; the posterior moves towards the
+  prior by ``r``, so a user who switches interests starts over within a batch
+  or two instead of unlearning the old taste label by label;
 * a Laplace step: ``newton_steps`` Newton iterations on
   ``1/2 (w - w_old)' L (w - w_old) - sum_j log p(y_j | offset_j + w . z_j)``;
   the new precision is ``L + sum_j p_j (1 - p_j) z_j z_j'``.
@@ -112,6 +117,7 @@ class UserPosterior:
         newton_steps: int,
         refit_every: int = 0,
         refit_users: int = 4096,
+        change_hazard: float = 0.0,
     ) -> None:
         self.mean = mean
         """``[buckets, k]``: the model's buffer, updated in place."""
@@ -120,6 +126,9 @@ class UserPosterior:
         """``[k]``: the prior's precision of each weight (empirical Bayes refits it every ``refit_every`` updates)."""
         self.refit_every = refit_every
         self.refit_users = refit_users
+        self.change_hazard = change_hazard
+        self.changes = 0.0
+        """Expected number of change points so far (the sum of every update's ``r``)."""
         self.forgetting = forgetting
         self.newton_steps = newton_steps
         self.rows: dict[int, int] = {}
@@ -191,9 +200,11 @@ class UserPosterior:
         f = (self.forgetting ** shown)[:, None, None]
         prec = f * self._store[slots] + (1.0 - f) * self._prior(n_users)
         old = self.mean[users].float()
+        fresh = (~is_late).float() * w
+        if self.change_hazard > 0.0:
+            prec, old = self._change_point(prec, old, z, off, y, fresh, inv, shown)
         mu = old.clone()
         zz = z[:, :, None] * z[:, None, :]
-        fresh = (~is_late).float() * w
         # the late positives' log-likelihood ratio: gradient z, no curvature
         late_grad = torch.zeros_like(mu).index_add_(0, inv, (is_late.float() * w)[:, None] * z)
         hess = prec
@@ -212,6 +223,28 @@ class UserPosterior:
             self.refit_prior()
         return n_users
 
+    def _change_point(
+        self, prec: Tensor, mean: Tensor, z: Tensor, off: Tensor, y: Tensor, fresh: Tensor, inv: Tensor, shown: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """A collapsed change-point step (Adams & MacKay 2007, run lengths "continue" or "restart"):
+        ``r`` = the probability that the user's taste changed before this batch, from the batch's
+        labels under the posterior and under the prior (each a probit-approximated predictive,
+        ``sigmoid(m / sqrt(1 + pi s^2 / 8))``) and the prior odds ``change_hazard`` per shown
+        example; the posterior moves towards the prior by ``r`` (precision and mean)."""
+        def log_lik(m: Tensor, s2: Tensor) -> Tensor:
+            logit = m / torch.sqrt(1.0 + (torch.pi / 8.0) * s2)
+            ll = -torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
+            return torch.zeros_like(shown).index_add_(0, inv, fresh * ll)
+
+        cov = torch.linalg.inv(prec)[inv]
+        stay = log_lik(off + (mean[inv] * z).sum(1), ((cov @ z[:, :, None]).squeeze(-1) * z).sum(1))
+        restart = log_lik(off, (z * z / self.prior_precision).sum(1))
+        h = (1.0 - (1.0 - self.change_hazard) ** shown).clamp(1e-12, 1.0 - 1e-12)
+        r = torch.sigmoid(restart - stay + torch.log(h) - torch.log1p(-h))
+        self.changes += float(r.sum())
+        prior = self._prior(prec.shape[0])
+        return prec + r[:, None, None] * (prior - prec), (1.0 - r)[:, None] * mean
+
     # --- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         rows = sorted(self.rows, key=self.rows.__getitem__)
@@ -220,6 +253,7 @@ class UserPosterior:
             "precision": self.precision.detach().cpu().clone(),
             "prior_precision": self.prior_precision.detach().cpu().clone(),
             "updates": self.updates,
+            "changes": self.changes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -230,3 +264,4 @@ class UserPosterior:
         self._store = precision.clone()
         self.prior_precision = state["prior_precision"].to(self.mean.device, torch.float32)
         self.updates = int(state["updates"])
+        self.changes = float(state.get("changes", 0.0))

@@ -58,6 +58,10 @@ class TrainerMetrics:
         self.live_version = Gauge(p + "live_version", "Newest published version", registry=r)
         self.lag = Gauge(p + "lag", "Labeled records not yet trained (all partitions)", registry=r)
         self.catalog = Gauge(p + "catalog_items", "Items in the catalog", registry=r)
+        self.posterior_users = Gauge(p + "posterior_users", "Users (hashed rows) the per-user posterior holds",
+                                     registry=r)
+        self.posterior_changes = Gauge(p + "posterior_changes", "Expected change points of users' tastes the "
+                                       "per-user posterior detected so far (posterior_change_hazard)", registry=r)
         self.step_seconds = Histogram(
             p + "step_seconds", "Duration of one training step",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
@@ -86,6 +90,9 @@ class TrainerMetrics:
         loss = result.get("loss")
         if finite(loss):
             self.loss.set(float(loss))  # type: ignore[arg-type]
+        for name, gauge in (("posterior_users", self.posterior_users), ("posterior_changes", self.posterior_changes)):
+            if finite(result.get(name)):
+                gauge.set(float(result[name]))
         for scope in ("window", "cumulative"):
             auc = prequential.get(f"{scope}_auc")
             if finite(auc):

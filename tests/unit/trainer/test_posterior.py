@@ -74,6 +74,27 @@ def test_empirical_bayes_refits_the_prior_and_keeps_each_users_evidence() -> Non
     torch.testing.assert_close(post.precision - torch.diag(post.prior_precision), evidence)
 
 
+def test_a_change_of_taste_restarts_the_posterior_and_a_steady_taste_does_not() -> None:
+    def run(hazard: float) -> tuple[UserPosterior, float]:
+        post = _posterior(newton_steps=2, change_hazard=hazard)
+        likes_first = _examples([0] * 4, [[1, 0], [0, 1]] * 2, [1, 0] * 2, offsets=[-1.0] * 4)
+        for _ in range(20):
+            post.update(likes_first)
+        steady = post.changes
+        likes_second = _examples([0] * 4, [[1, 0], [0, 1]] * 2, [0, 1] * 2, offsets=[-1.0] * 4)
+        for _ in range(3):
+            post.update(likes_second)
+        return post, steady
+
+    forgets, steady = run(0.01)
+    keeps, _ = run(0.0)
+    assert steady < 0.5  # twenty batches of one taste: no restart
+    assert forgets.changes > steady + 0.5  # the switch is detected
+    # three batches after the switch, the restarted posterior has followed it; the other still lags
+    assert forgets.mean[0, 1] > forgets.mean[0, 0]
+    assert keeps.mean[0, 1] < keeps.mean[0, 0]
+
+
 def test_state_round_trips() -> None:
     post = _posterior(refit_every=1)
     post.update(_examples([5, 6], [[1.0, 0.5], [0.2, 1.0]], [1, 0]))
