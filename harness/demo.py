@@ -62,6 +62,11 @@ DEMO_TRAINER_SETTINGS = {
     # vector is computed once) keeps up with steps of 4,096 examples, every negative included.
     "batch_size": 4096,
     "max_batch_wait_s": 2,
+    # One torch thread: on the two cores the trainer shares with the broker, the join, the scorer and
+    # the replay, a second thread's spinning OpenMP worker costs more than it computes. Measured on
+    # 2026-12-02: click -> first version trained on it, p50 8.5 s and 9.1 s with 1 thread against
+    # 18.8 s and 27.1 s with torch's default of 2 (two make demo runs each).
+    "torch_threads": 1,
     "publish_every_s": 10,
     # Every version stays in the run's store, so the report can count the bytes of each kind
     # (versions are deltas by default: a full one every STREAMREC_TRAINER_FULL_EVERY).

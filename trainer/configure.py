@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from contract.errors import ConfigError
@@ -145,6 +146,8 @@ def build_learner(
     settings: TrainerSettings, source: InitSource | None, ckpt: Checkpoint | None, catalog: Catalog
 ) -> ContinualLearner:
     """The model (from INIT_FROM on a fresh start) and its learner; the checkpoint is loaded by the caller."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     config = model_config_for(settings, source, ckpt, catalog)
     if ckpt is not None:
         check_model_config(ckpt.model_config, config.model_dump(mode="json"), where=str(settings.checkpoint_dir))

@@ -243,6 +243,10 @@ class TrainerSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto (CUDA with bf16 autocast when present, else CPU), cpu or cuda."
     )
+    torch_threads: int = Field(
+        default=0, ge=0, le=1024,
+        description="torch.set_num_threads for the trainer on CPU (0 = torch's default, one per core).",
+    )
     seed: int = Field(default=0, ge=0, description="Seed of the model init, learner RNG and hold-back choice.")
     lr_ids: float | None = Field(default=None, description="Adagrad lr of the per-id rows (LearnerConfig.lr_ids).")
     lr_towers: float | None = Field(

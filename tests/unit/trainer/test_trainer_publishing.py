@@ -194,6 +194,15 @@ def test_a_checkpoint_wins_over_init_from(
     assert service.model.config.embed_dim == 64
 
 
+def test_torch_threads_sets_the_trainers_cpu_threads(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        TrainerService(_settings(tmp_path, torch_threads=1), KafkaSettings(), metrics=TrainerMetrics())._build_learner(None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def _ckpt(settings: TrainerSettings) -> Checkpoint:
     ckpt = load_checkpoint(settings.checkpoint_dir)
     assert ckpt is not None
