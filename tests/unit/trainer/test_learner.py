@@ -238,11 +238,14 @@ def test_the_position_term_takes_what_the_position_explains_out_of_the_relevance
 def test_the_per_user_posterior_is_fitted_scored_and_checkpointed(world) -> None:
     catalog, examples, _ = world
     model = build_model(tiny_model(catalog))
-    learner = ContinualLearner(model, LearnerConfig(device="cpu"), catalog)
+    learner = ContinualLearner(model, LearnerConfig(device="cpu", posterior_change_hazard=0.01), catalog)
     assert learner.user_posterior is not None and model.posterior_width > 0
     for batch in iter_batches(examples[:400], 100):
-        learner.step(batch)
+        stats = learner.step(batch)
     assert learner.user_posterior.updates == 4
+    # the step reports what the trainer exports as gauges
+    assert stats["posterior_users"] == len(learner.user_posterior.rows) > 0
+    assert stats["posterior_changes"] == learner.user_posterior.changes > 0
     assert model.user_posterior_mean.abs().sum() > 0  # users seen have weights
     assert model.posterior_basis.abs().sum() > 0  # the text directions were set when the text was centred
     probe = examples[400:500]
@@ -252,8 +255,9 @@ def test_the_per_user_posterior_is_fitted_scored_and_checkpointed(world) -> None
     without, _ = learner.predict(probe)
     assert not np.allclose(with_posterior, without)  # the score reads the posterior
     model.user_posterior_mean.copy_(saved)
-    again = ContinualLearner(build_model(tiny_model(catalog)), LearnerConfig(device="cpu"), catalog)
+    again = ContinualLearner(build_model(tiny_model(catalog)), LearnerConfig(device="cpu", posterior_change_hazard=0.01), catalog)
     again.load_state_dict(copy.deepcopy(learner.state_dict()))  # (as from a file: nothing shared)
+    assert again.user_posterior.changes == learner.user_posterior.changes
     torch.testing.assert_close(again.model.user_posterior_mean, model.user_posterior_mean)
     torch.testing.assert_close(again.user_posterior.precision, learner.user_posterior.precision)
     learner.step(examples[500:600])
