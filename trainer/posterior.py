@@ -198,11 +198,12 @@ class UserPosterior:
 
         shown = torch.zeros(n_users, device=dev).index_add_(0, inv, (~is_late).float())
         f = (self.forgetting ** shown)[:, None, None]
-        prec = f * self._store[slots] + (1.0 - f) * self._prior(n_users)
+        prior = self._prior(n_users)
+        prec = f * self._store[slots] + (1.0 - f) * prior
         old = self.mean[users].float()
         fresh = (~is_late).float() * w
         if self.change_hazard > 0.0:
-            prec, old = self._change_point(prec, old, z, off, y, fresh, inv, shown)
+            prec, old = self._change_point(prec, prior, old, z, off, y, fresh, inv, shown)
         mu = old.clone()
         zz = z[:, :, None] * z[:, None, :]
         # the late positives' log-likelihood ratio: gradient z, no curvature
@@ -224,7 +225,8 @@ class UserPosterior:
         return n_users
 
     def _change_point(
-        self, prec: Tensor, mean: Tensor, z: Tensor, off: Tensor, y: Tensor, fresh: Tensor, inv: Tensor, shown: Tensor
+        self, prec: Tensor, prior: Tensor, mean: Tensor, z: Tensor, off: Tensor, y: Tensor, fresh: Tensor,
+        inv: Tensor, shown: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """A collapsed change-point step (Adams & MacKay 2007, run lengths "continue" or "restart"):
         ``r`` = the probability that the user's taste changed before this batch, from the batch's
@@ -242,7 +244,6 @@ class UserPosterior:
         h = (1.0 - (1.0 - self.change_hazard) ** shown).clamp(1e-12, 1.0 - 1e-12)
         r = torch.sigmoid(restart - stay + torch.log(h) - torch.log1p(-h))
         self.changes += float(r.sum())
-        prior = self._prior(prec.shape[0])
         return prec + r[:, None, None] * (prior - prec), (1.0 - r)[:, None] * mean
 
     # --- checkpoint ------------------------------------------------------------------
