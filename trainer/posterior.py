@@ -21,7 +21,12 @@ Each batch, for every user in it (:meth:`UserPosterior.update`):
   user's taste changed before this batch, from how well the posterior and the
   prior each predicted the batch's labels; the posterior moves towards the
   prior by ``r``, so a user who switches interests starts over within a batch
-  or two instead of unlearning the old taste label by label;
+  or two instead of unlearning the old taste label by label.  The prior odds
+  are ``change_hazard`` per update of the user, not per example: the step
+  can only restart the user before the batch, and a change there is one
+  gap in the user's sequence whatever the batch holds of them (with a
+  per-example hazard, a user with 64 examples in a batch had prior odds of
+  0.47 and restarted every batch);
 * a Laplace step: ``newton_steps`` Newton iterations on
   ``1/2 (w - w_old)' L (w - w_old) - sum_j log p(y_j | offset_j + w . z_j)``;
   the new precision is ``L + sum_j p_j (1 - p_j) z_j z_j'``.
@@ -231,8 +236,9 @@ class UserPosterior:
         """A collapsed change-point step (Adams & MacKay 2007, run lengths "continue" or "restart"):
         ``r`` = the probability that the user's taste changed before this batch, from the batch's
         labels under the posterior and under the prior (each a probit-approximated predictive,
-        ``sigmoid(m / sqrt(1 + pi s^2 / 8))``) and the prior odds ``change_hazard`` per shown
-        example; the posterior moves towards the prior by ``r`` (precision and mean)."""
+        ``sigmoid(m / sqrt(1 + pi s^2 / 8))``) and the prior odds ``change_hazard`` of a user with
+        shown examples in the batch (none: no change); the posterior moves towards the prior by
+        ``r`` (precision and mean)."""
         def log_lik(m: Tensor, s2: Tensor) -> Tensor:
             logit = m / torch.sqrt(1.0 + (torch.pi / 8.0) * s2)
             ll = -torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
@@ -241,7 +247,7 @@ class UserPosterior:
         cov = torch.linalg.inv(prec)[inv]
         stay = log_lik(off + (mean[inv] * z).sum(1), ((cov @ z[:, :, None]).squeeze(-1) * z).sum(1))
         restart = log_lik(off, (z * z / self.prior_precision).sum(1))
-        h = (1.0 - (1.0 - self.change_hazard) ** shown).clamp(1e-12, 1.0 - 1e-12)
+        h = torch.where(shown > 0, self.change_hazard, 0.0).clamp(1e-12, 1.0 - 1e-12)
         r = torch.sigmoid(restart - stay + torch.log(h) - torch.log1p(-h))
         self.changes += float(r.sum())
         return prec + r[:, None, None] * (prior - prec), (1.0 - r)[:, None] * mean

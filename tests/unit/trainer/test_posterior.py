@@ -95,6 +95,19 @@ def test_a_change_of_taste_restarts_the_posterior_and_a_steady_taste_does_not() 
     assert keeps.mean[0, 1] < keeps.mean[0, 0]
 
 
+def test_the_change_hazard_is_per_update_whatever_the_users_examples_in_it() -> None:
+    # a batch the posterior and the prior predict equally well (zero features): r is the prior's
+    # hazard, for one example as for 64; per example, 64 would have given 1 - 0.99^64 = 0.47
+    for n in (1, 64):
+        post = _posterior(change_hazard=0.01)
+        post.update(_examples([0] * n, [[0.0, 0.0]] * n, [1, 0] * (n // 2) or [1]))
+        assert post.changes == pytest.approx(0.01, rel=1e-3)
+    # late positives alone are no new visit: no change point at all
+    post = _posterior(change_hazard=0.01)
+    post.update(_examples([0], [[1.0, 0.0]], [1], late=[True]))
+    assert post.changes < 1e-9
+
+
 def test_state_round_trips() -> None:
     post = _posterior(refit_every=1)
     post.update(_examples([5, 6], [[1.0, 0.5], [0.2, 1.0]], [1, 0]))
