@@ -17,6 +17,10 @@ examples every ``--learn-every`` requests (no guardrail, no publishing delay):
   defaults, one pass, batches of ``--batch-size``), scoring as serving does;
 * ``learner+eps``: the same, exploring as serving does with ``STREAMREC_SERVING_EXPLORE=epsilon``
   (``--epsilon`` per position over the top 50);
+* ``learner+ts``: the same, Thompson sampling from the learner's own per-user posterior: each
+  request is scored with the user's posterior weights drawn from ``N(mean, s^2 precision^-1)``
+  (``--ts-scale`` s; :meth:`trainer.posterior.UserPosterior.sample`), greedy on those scores
+  (serving does not do this: the precisions stay in the trainer);
 * ``user-cat-ctr`` and ``item-ctr``: the counters of ``make evaluate``, greedy (item-ctr is a
   popularity policy);
 * ``random``: a uniform slate.
@@ -60,7 +64,7 @@ from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
 from trainer.model import ModelConfig, build_model
 
-ARMS = ("oracle", "learner", "learner+eps", "user-cat-ctr", "item-ctr", "random")
+ARMS = ("oracle", "learner", "learner+eps", "learner+ts", "user-cat-ctr", "item-ctr", "random")
 
 
 class _Policy:
@@ -106,6 +110,27 @@ class _Learner(_Policy):
             self.learner.step(batch)
 
 
+class _ThompsonLearner(_Learner):
+    """The learner, scoring each request with one draw of the user's posterior weights."""
+
+    def __init__(self, catalog: Catalog, args: argparse.Namespace, seed: int) -> None:
+        super().__init__(catalog, args)
+        self.scale = args.ts_scale
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
+        post, model = self.learner.user_posterior, self.learner.model
+        if post is None or not candidates:
+            return super().scores(candidates)
+        row = int(model.user_rows([candidates[0].user_id], model.user_posterior_mean.device)[0])
+        mean = model.user_posterior_mean[row].clone()
+        model.user_posterior_mean[row] = post.sample(row, scale=self.scale, generator=self.rng).to(mean.dtype)
+        try:
+            return super().scores(candidates)
+        finally:
+            model.user_posterior_mean[row] = mean
+
+
 class _Random(_Policy):
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng([seed, 0x7A4D])
@@ -123,6 +148,8 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
     policy: _Policy
     if arm in ("learner", "learner+eps"):
         policy = _Learner(catalog, args)
+    elif arm == "learner+ts":
+        policy = _ThompsonLearner(catalog, args, seed)
     elif arm == "random":
         policy = _Random(seed)
     else:
@@ -170,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--position-bias", type=float, default=d.position_bias)
     p.add_argument("--learn-every", type=int, default=100, help="requests between a policy's updates (100 s of event time)")
     p.add_argument("--epsilon", type=float, default=0.1, help="learner+eps: serving's epsilon")
+    p.add_argument("--ts-scale", type=float, default=0.5, help="learner+ts: scale of the posterior's standard deviations")
     p.add_argument("--window", type=int, default=d.window)
     p.add_argument("--recover-to", type=float, default=d.recover_to)
     p.add_argument("--batch-size", type=int, default=1024)
@@ -186,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown arms {sorted(bad)}; choose from {', '.join(ARMS)}")
     if args.seeds < 1 or args.learn_every < 1:
         p.error("--seeds and --learn-every must be >= 1")
+    if not args.ts_scale >= 0.0:
+        p.error(f"--ts-scale must be >= 0, got {args.ts_scale}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -252,6 +252,17 @@ class UserPosterior:
         self.changes += float(r.sum())
         return prec + r[:, None, None] * (prior - prec), (1.0 - r)[:, None] * mean
 
+    @torch.no_grad()
+    def sample(self, row: int, *, scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """One draw of user ``row``'s weights from ``N(mean, scale^2 precision^-1)`` (Thompson
+        sampling; a user not seen yet draws around its mean with the prior's precision)."""
+        slot = self.rows.get(int(row))
+        prec = self._store[slot] if slot is not None else torch.diag(self.prior_precision)
+        chol = torch.linalg.cholesky(prec.float().cpu())  # precision = C C'; C'^-1 eps has covariance precision^-1
+        eps = torch.randn(self.k, 1, generator=generator)
+        draw = torch.linalg.solve_triangular(chol.T, eps, upper=True)[:, 0]
+        return self.mean[int(row)].float() + scale * draw.to(self.mean.device)
+
     # --- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         rows = sorted(self.rows, key=self.rows.__getitem__)

@@ -108,6 +108,19 @@ def test_the_change_hazard_is_per_update_whatever_the_users_examples_in_it() -> 
     assert post.changes < 1e-9
 
 
+def test_a_thompson_draw_has_the_posteriors_mean_and_covariance() -> None:
+    post = _posterior(prior_std=0.5)
+    post.update(_examples([3, 3, 3], [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], [1, 0, 1]))
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([post.sample(3, generator=gen) for _ in range(20_000)])
+    torch.testing.assert_close(draws.mean(0), post.mean[3], atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), torch.linalg.inv(post.precision[0]), atol=0.005, rtol=0)
+    # a user not seen yet: the prior's spread around its (zero) mean; scale 0 is the mean itself
+    new = torch.stack([post.sample(5, generator=gen) for _ in range(20_000)])
+    torch.testing.assert_close(new.std(0), torch.tensor([0.5, 0.5]), atol=0.01, rtol=0)
+    torch.testing.assert_close(post.sample(3, scale=0.0), post.mean[3])
+
+
 def test_state_round_trips() -> None:
     post = _posterior(refit_every=1)
     post.update(_examples([5, 6], [[1.0, 0.5], [0.2, 1.0]], [1, 0]))
