@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from infra.broker import LIBRDKAFKA_LOGGER, BrokerError
 from infra.processes import Service, ServiceGroup
 from streams.replay.cli import add_simulate_arguments, loop_config
 from streams.replay.loop_figures import (
+    Outcome,
     format_summary,
     format_windows,
     json_line,
@@ -215,19 +217,30 @@ def run_arm(
 
 
 # --------------------------------------------------------------------------- the report
+def _first_trained(outcomes: Sequence[Outcome]) -> int | None:
+    return next((i for i, o in enumerate(outcomes) if o.trained), None)
+
+
 def comparisons(results: list[ArmResult]) -> dict[str, dict[str, Any]]:
-    """Paired click differences of the first arm against each other arm, over all requests and after the shift."""
+    """Paired click differences of the first arm against each other arm: over all requests, after
+    the shift, and from the first request at which both had served a trained version
+    (``both_trained``; None when one never did).  The last separates the policies from the
+    timing of their first versions, which the guardrail decides and which differs between arms."""
     if len(results) < 2:
         return {}
     base = results[0]
     shift = base.run.shift_index
     out: dict[str, dict[str, Any]] = {}
     for other in results[1:]:
+        a, b = base.run.outcomes, other.run.outcomes
+        fa, fb = _first_trained(a), _first_trained(b)
+        both = None
+        if fa is not None and fb is not None:
+            both = paired_difference(a, b, max(fa, fb)) | {"from_request": max(fa, fb)}
         out[f"{base.arm.name} - {other.arm.name}"] = {
-            "all": paired_difference(base.run.outcomes, other.run.outcomes),
-            "after_shift": paired_difference(base.run.outcomes, other.run.outcomes, shift)
-            if shift
-            else None,
+            "all": paired_difference(a, b),
+            "after_shift": paired_difference(a, b, shift) if shift else None,
+            "both_trained": both,
         }
     return out
 
@@ -242,6 +255,9 @@ def format_comparisons(comp: dict[str, dict[str, Any]]) -> str:
         if parts["after_shift"] is not None:
             b = parts["after_shift"]
             text += f"   after the shift {b['difference']:+8.0f} ± {b['se']:.0f}"
+        if parts.get("both_trained") is not None:
+            c = parts["both_trained"]
+            text += f"   both trained (from request {c['from_request']:,}) {c['difference']:+8.0f} ± {c['se']:.0f}"
         lines.append(text)
     return "\n".join(lines)
 
@@ -288,6 +304,10 @@ def targets(
         out["explore_cumulative_above_greedy"] = {"difference": d["difference"], "se": d["se"],
                                                   "met": bool(d["difference"] > 0),
                                                   "beyond_2se": bool(d["difference"] > 2 * d["se"])}  # fmt: skip
+        both = c.get("both_trained")
+        if both is not None:  # for reading only: the target is judged on the whole run
+            out["explore_cumulative_above_greedy"] |= {"both_trained_difference": both["difference"],
+                                                       "both_trained_se": both["se"]}  # fmt: skip
     return out
 
 
