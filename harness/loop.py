@@ -34,7 +34,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from infra.broker import LIBRDKAFKA_LOGGER, BrokerError
 from infra.processes import Service, ServiceGroup
 from streams.replay.cli import add_simulate_arguments, loop_config
 from streams.replay.loop_figures import (
-    Outcome,
+    first_trained,
     format_summary,
     format_windows,
     json_line,
@@ -217,10 +216,6 @@ def run_arm(
 
 
 # --------------------------------------------------------------------------- the report
-def _first_trained(outcomes: Sequence[Outcome]) -> int | None:
-    return next((i for i, o in enumerate(outcomes) if o.trained), None)
-
-
 def comparisons(results: list[ArmResult]) -> dict[str, dict[str, Any]]:
     """Paired click differences of the first arm against each other arm: over all requests, after
     the shift, and from the first request at which both had served a trained version
@@ -233,7 +228,7 @@ def comparisons(results: list[ArmResult]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for other in results[1:]:
         a, b = base.run.outcomes, other.run.outcomes
-        fa, fb = _first_trained(a), _first_trained(b)
+        fa, fb = first_trained(a), first_trained(b)
         both = None
         if fa is not None and fb is not None:
             both = paired_difference(a, b, max(fa, fb)) | {"from_request": max(fa, fb)}

@@ -121,6 +121,11 @@ def _part(realised: np.ndarray, expected: np.ndarray, optimal: np.ndarray) -> di
     }
 
 
+def first_trained(outcomes: Sequence[Outcome]) -> int | None:
+    """Position of the first outcome answered by a trained version (None: only fallbacks)."""
+    return next((n for n, o in enumerate(outcomes) if o.trained), None)
+
+
 def summarize(
     outcomes: Sequence[Outcome], *, shift_index: int | None, window: int, recover_to: float
 ) -> dict[str, Any]:
@@ -130,7 +135,8 @@ def summarize(
     optimal = np.array([o.optimal for o in outcomes])
     n = len(outcomes)
     s = shift_index if shift_index is not None else n
-    trained = [o.index for o in outcomes if o.trained]
+    trained = sum(o.trained for o in outcomes)
+    first = first_trained(outcomes)
     out: dict[str, Any] = {
         "requests": n,
         "overall": _part(realised, expected, optimal),
@@ -154,8 +160,8 @@ def summarize(
             "optimal": float(optimal.sum()),
             "regret": float(optimal.sum() - realised.sum()),
         },
-        "first_trained_request": trained[0] if trained else None,
-        "trained_share": len(trained) / n if n else float("nan"),
+        "first_trained_request": outcomes[first].index if first is not None else None,
+        "trained_share": trained / n if n else float("nan"),
         "versions_served": sorted({o.model_version for o in outcomes}, key=_version_key),
         "median_latency_s": float(np.median([o.latency_s for o in outcomes]))
         if n
