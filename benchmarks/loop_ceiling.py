@@ -145,6 +145,10 @@ class _Random(_Policy):
 def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> list[Outcome]:
     """One policy through every request of the world; the outcomes as ``make loop`` records them."""
     catalog = Catalog()
+    known = 0
+    while known < world.arrived(int(world.request_ts[0])):  # the catalog at the start, as the trainer
+        catalog.upsert(world.item(known))  # service sees it: the model's categories are the catalog's
+        known += 1
     policy: _Policy
     if arm in ("learner", "learner+eps"):
         policy = _Learner(catalog, args)
@@ -156,7 +160,6 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
         policy = _Baseline(arm, world, seed)
     explorer = ExplorePolicy(kind="epsilon" if arm.endswith("+eps") else "off", epsilon=args.epsilon, seed=seed)
     histories = Histories(args.max_history)
-    known = 0
     pending: list[Labeled] = []
     outcomes: list[Outcome] = []
     optimal = world.optimal()

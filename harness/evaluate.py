@@ -138,7 +138,8 @@ def run_strategy(
     ts_out: list[np.ndarray] = []
     y_out: list[np.ndarray] = []
     p_out: list[np.ndarray] = []
-    early_first = math.nan
+    stable = _stable_held(replay, held)
+    early_first = early_first_stable = math.nan
     period = 0
     frozen = False
     trained = updates = 0
@@ -152,7 +153,7 @@ def run_strategy(
         while period < len(bounds) - 1 and start_ts >= bounds[period]:
             # a period ended: the first period's end is where forgetting is measured from
             if period == 0:
-                early_first = learner.evaluate(held).get("auc", math.nan)
+                early_first, early_first_stable = _learner_auc(learner, held), _learner_auc(learner, stable)
             period += 1
             if name == "static":
                 frozen = True
@@ -190,8 +191,7 @@ def run_strategy(
         i_out.append(np.array([where.get(id(e), -1) for e in scored], dtype=np.int64))
         b_out.append(np.full(len(scored), n, dtype=np.int64))
     if math.isnan(early_first):
-        early_first = learner.evaluate(held).get("auc", math.nan)
-    early_end = learner.evaluate(held).get("auc", math.nan)
+        early_first, early_first_stable = _learner_auc(learner, held), _learner_auc(learner, stable)
     if name != "retrain":
         trained, updates = learner.examples_trained, learner.example_updates
     return StrategyResult(
@@ -200,7 +200,9 @@ def run_strategy(
         labels=np.concatenate(y_out) if y_out else np.zeros(0),
         probs=np.concatenate(p_out) if p_out else np.zeros(0),
         early_auc_after_first=early_first,
-        early_auc_end=early_end,
+        early_auc_end=_learner_auc(learner, held),
+        early_auc_after_first_stable=early_first_stable,
+        early_auc_end_stable=_learner_auc(learner, stable),
         seconds=time.perf_counter() - t0,
         trained_examples=trained,
         example_updates=updates,
@@ -211,6 +213,15 @@ def run_strategy(
 
 def _cat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def _stable_held(replay: Replay, held: Sequence[Labeled]) -> list[Labeled]:
+    """The held-out examples of the replay's stable users (none where it names none)."""
+    return [e for e in held if e.user_id in replay.stable_users] if replay.stable_users is not None else []
+
+
+def _learner_auc(learner: ContinualLearner, held: Sequence[Labeled]) -> float:
+    return learner.evaluate(held).get("auc", math.nan) if held else math.nan
 
 
 def _held_auc(model: Baseline, held: Sequence[Labeled]) -> float:
@@ -244,14 +255,15 @@ def run_baseline(
     feed = _Feed(replay.items, catalog)
     where = {id(e): k for k, e in enumerate(stream)}
     outs: dict[str, list[np.ndarray]] = {k: [] for k in ("ts", "y", "p", "i", "b")}
-    early_first = math.nan
+    stable = _stable_held(replay, held)
+    early_first = early_first_stable = math.nan
     period = 0
     trained = 0
     for n, batch in enumerate(tqdm(_batches(stream, settings.batch_size), desc=name, unit="batch", leave=False, file=sys.stderr)):
         start_ts = batch[0].impression_ts
         while period < len(bounds) - 1 and start_ts >= bounds[period]:
             if period == 0:
-                early_first = _held_auc(model, held)
+                early_first, early_first_stable = _held_auc(model, held), _held_auc(model, stable)
             period += 1
         feed.until(max(e.impression_ts for e in batch))
         known = catalog.entries()
@@ -266,7 +278,7 @@ def run_baseline(
         outs["i"].append(np.array([where[id(e)] for e in scored], dtype=np.int64))
         outs["b"].append(np.full(len(scored), n, dtype=np.int64))
     if math.isnan(early_first):
-        early_first = _held_auc(model, held)
+        early_first, early_first_stable = _held_auc(model, held), _held_auc(model, stable)
     return StrategyResult(
         name=name,
         ts=_cat(outs["ts"], np.int64),
@@ -274,6 +286,8 @@ def run_baseline(
         probs=_cat(outs["p"], np.float64),
         early_auc_after_first=early_first,
         early_auc_end=_held_auc(model, held),
+        early_auc_after_first_stable=early_first_stable,
+        early_auc_end_stable=_held_auc(model, stable),
         seconds=time.perf_counter() - t0,
         trained_examples=trained,
         index=_cat(outs["i"], np.int64),

@@ -24,6 +24,9 @@ class Replay:
     notes: dict[str, float] = field(default_factory=dict)
     generator: KnownGenerator | None = None
     """What the learnable oracle may know of the generator (synthetic only)."""
+    stable_users: frozenset[str] | None = None
+    """Users whose interests do not change during the stream (synthetic only: all but the shifted
+    ones): forgetting is also measured on their held-out examples, whose labels stay true."""
 
 
 def labeled_examples(
@@ -74,6 +77,7 @@ def load_synthetic(
             bias=world.config.bias,
             user_concentration=world.config.user_concentration,
         ),
+        stable_users=frozenset(world.user_ids) - {world.user_ids[u] for u in world.shifted_users},
     )
 
 

@@ -35,6 +35,10 @@ class StrategyResult:
     """Batch number of each scored example."""
     kind: str = "strategy"
     """'strategy' (the learner), 'baseline' or 'reference' (the learnable oracle)."""
+    early_auc_after_first_stable: float = math.nan
+    """The same as ``early_auc_after_first`` on the held-out examples of the replay's stable users
+    (NaN where the replay names none)."""
+    early_auc_end_stable: float = math.nan
 
 
 SE_RESAMPLES = 200
@@ -145,6 +149,9 @@ def summarize(
             "early_auc_after_first_period": r.early_auc_after_first,
             "early_auc_end": r.early_auc_end,
             "forgetting": r.early_auc_after_first - r.early_auc_end,
+            "early_auc_after_first_period_stable": r.early_auc_after_first_stable,
+            "early_auc_end_stable": r.early_auc_end_stable,
+            "forgetting_stable": r.early_auc_after_first_stable - r.early_auc_end_stable,
             "seconds": r.seconds,
             "trained_examples": r.trained_examples,
             "example_updates": r.example_updates,
@@ -259,16 +266,27 @@ def format_table(summary: dict) -> str:
     section("baselines", learned, ll_row, notes=False)
     section("references", refs, ll_row, notes=False)
 
+    stable = any(
+        s.get("early_auc_end_stable") == s.get("early_auc_end_stable")
+        for rows in (strategies, learned, refs) for s in rows.values()
+    )  # fmt: skip
+
     def forget_row(name: str, s: dict) -> str:
-        return (
+        row = (
             f"{name:<{w}}{fmt(s['early_auc_after_first_period']):>10}{fmt(s['early_auc_end']):>10}"
-            f"{fmt(s['forgetting']):>10}{s['trained_examples']:>10d}{s['seconds']:>10.1f}"
+            f"{fmt(s['forgetting']):>10}"
         )
+        if stable:
+            row += "".join(f"{fmt(s.get(k)):>10}" for k in ("early_auc_after_first_period_stable", "early_auc_end_stable", "forgetting_stable"))
+        return row + f"{s['trained_examples']:>10d}{s['seconds']:>10.1f}"
 
     lines += [
         "",
-        "forgetting: AUC on the early held-out slice",
-        f"{'row':<{w}}{'after P1':>10}{'at end':>10}{'drop':>10}{'trained':>10}{'seconds':>10}",
+        "forgetting: AUC on the early held-out slice"
+        + ("; 'stable': on its examples of the users whose interests did not shift (their labels stay true)" if stable else ""),
+        f"{'row':<{w}}{'after P1':>10}{'at end':>10}{'drop':>10}"
+        + (f"{'stable P1':>10}{'at end':>10}{'drop':>10}" if stable else "")
+        + f"{'trained':>10}{'seconds':>10}",
     ]
     section("strategies", strategies, forget_row, notes=False)
     section("baselines", learned, forget_row, notes=False)

@@ -266,3 +266,31 @@ def test_movielens_limit_zero_means_all_ratings(monkeypatch, limit, expected) ->
     with pytest.raises(Stop):
         ev.load_movielens(limit=limit, slate_size=5, seed=0, history_length=5)
     assert seen["limit"] == expected
+
+
+def test_forgetting_is_also_measured_on_the_users_whose_interests_did_not_shift() -> None:
+    """The held-out examples of a shifted user describe interests that are no longer true; the stable
+    users' examples are where forgetting means losing what still holds."""
+    replay = ev.load_synthetic(events=600, seed=5, history_length=5, users=20, shift_fraction=0.5)
+    assert replay.stable_users is not None and len(replay.stable_users) == 10
+    bounds = ev._period_bounds(replay.examples, 2)
+    stream, held = ev._holdout(replay.examples, bounds[0], 0.1)
+    stable = ev._stable_held(replay, held)
+    assert stable and all(e.user_id in replay.stable_users for e in stable) and len(stable) < len(held)
+    settings = ev.EvalSettings(batch_size=100)
+    r = ev.run_baseline("user-cat-ctr", replay, stream, held, bounds, settings)
+    assert 0 < r.early_auc_after_first_stable < 1 and 0 < r.early_auc_end_stable < 1
+    summary = ev.summarize(replay, [r], bounds, stream)
+    row = summary["baselines"]["user-cat-ctr"]
+    assert row["forgetting_stable"] == pytest.approx(r.early_auc_after_first_stable - r.early_auc_end_stable)
+    assert "stable P1" in ev.format_table(summary)
+    # nobody shifts: the stable users' slice is the whole slice
+    still = ev.load_synthetic(events=600, seed=5, history_length=5, users=20, shift_fraction=0.0)
+    same = ev.run_baseline("user-cat-ctr", still, stream, held, bounds, settings)
+    assert same.early_auc_end_stable == same.early_auc_end and same.early_auc_after_first_stable == same.early_auc_after_first
+    # everybody shifts (the evaluation's default): no stable slice, and the table has no such columns
+    everyone = ev.load_synthetic(events=600, seed=5, history_length=5, users=20, shift_fraction=1.0)
+    assert everyone.stable_users == frozenset() and ev._stable_held(everyone, held) == []
+    r = ev.run_baseline("user-cat-ctr", everyone, stream, held, bounds, settings)
+    assert math.isnan(r.early_auc_end_stable)
+    assert "stable P1" not in ev.format_table(ev.summarize(everyone, [r], bounds, stream))
