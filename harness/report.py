@@ -267,9 +267,9 @@ def format_table(summary: dict) -> str:
     section("references", refs, ll_row, notes=False)
 
     stable = any(
-        s.get("early_auc_end_stable") == s.get("early_auc_end_stable")
+        isinstance(v := s.get("early_auc_end_stable"), float) and not math.isnan(v)
         for rows in (strategies, learned, refs) for s in rows.values()
-    )  # fmt: skip
+    )  # fmt: skip (None, from a JSON summary, or NaN: the stream names no stable users)
 
     def forget_row(name: str, s: dict) -> str:
         row = (
