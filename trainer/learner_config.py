@@ -49,11 +49,13 @@ class LearnerConfig(BaseModel):
         "(mean of 4 seeds 0.665 at 0.05-0.2) with log loss 0.290 -> 0.277.",
     )
     lr_user_ids: float | None = Field(
-        default=None,
+        default=0.02,
         ge=0.0,
-        description="Adagrad lr of the per-user rows (user embeddings and biases); None = lr_ids.  Faster "
-        "suits clicks that follow personal taste (0.3: synthetic +0.006 AUC, the closed loop +0.03-0.11 of "
-        "optimal), slower popularity-driven ones (0.3: MovieLens-20k -0.008); see README, the per-id rates.",
+        description="Adagrad lr of the per-user rows (user embeddings and biases); None = lr_ids.  Since "
+        "the per-user posterior learns each user's taste in closed form, the gradient-trained user rows "
+        "mostly add noise: 0.1 (= lr_ids) -> 0.02 gave synthetic 0.675 -> 0.680 AUC (4 seeds), "
+        "MovieLens 20k / 100k 0.871 / 0.897 -> 0.871 / 0.896, and the closed loop without Kafka "
+        "0.793 -> 0.833 of optimal over the last 250 requests (3 seeds); see README, the per-id rates.",
     )
     lr_position: float = Field(
         default=0.5,
