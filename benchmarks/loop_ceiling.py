@@ -13,6 +13,9 @@ examples every ``--learn-every`` requests (no guardrail, no publishing delay):
 * ``oracle``: the learnable reference of ``make evaluate`` (``harness.baselines.LearnableOracle``:
   knows every item's topic mixture and the generator's prior, learns each user's interests from
   the labels by Bayes' rule): the ceiling for a learner that sees only these labels;
+* ``oracle-text`` and ``oracle-category``: the same Bayes rule knowing less of the items: each
+  item's mixture as counted from its text's words, or only its category (one-hot), so that what
+  the text can tell of an item is measured apart from what the labels tell of a user;
 * ``learner``: the trainer's default model and learner (``ModelConfig``/``LearnerConfig``
   defaults, one pass, batches of ``--batch-size``), scoring as serving does;
 * ``learner+eps``: the same, exploring as serving does with ``STREAMREC_SERVING_EXPLORE=epsilon``
@@ -64,7 +67,7 @@ from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
 from trainer.model import ModelConfig, build_model
 
-ARMS = ("oracle", "learner", "learner+eps", "learner+ts", "user-cat-ctr", "item-ctr", "random")
+ARMS = ("oracle", "oracle-text", "oracle-category", "learner", "learner+eps", "learner+ts", "user-cat-ctr", "item-ctr", "random")
 
 
 class _Policy:
@@ -83,6 +86,7 @@ class _Baseline(_Policy):
         gen = KnownGenerator(
             item_topics=dict(zip(w.item_ids, w.item_topics, strict=True)), sharpness=w.config.sharpness,
             bias=w.config.bias, user_concentration=w.config.user_concentration,
+            text_topics=dict(zip(w.item_ids, w.text_topic_shares(), strict=True)),
         )  # fmt: skip
         self.model = make_baseline(name, [world.item(j) for j in range(len(world.item_ids))], gen, seed=seed)
 
@@ -253,13 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     table: dict[str, dict] = {}
     print(f"\nover {args.seeds} seeds (mean ± se): realised clicks / optimal")
-    print(f"{'arm':<14}{'before':>15}{'bef.last':>15}{'after':>15}{'aft.last':>15}{'recovered':>11}")
+    print(f"{'arm':<17}{'before':>15}{'bef.last':>15}{'after':>15}{'aft.last':>15}{'recovered':>11}")
     for arm, ss in per_seed.items():
         row = {k: mean_se([get(s, k) for s in ss]) for k in ("before", "before_last_window", "after", "after_last_window")}
         rec = [s["recovery_requests"] for s in ss]
         table[arm] = {**{k: {"mean": m, "se": e} for k, (m, e) in row.items()}, "recovery_requests": rec}
         cells = "".join(f"{m:>8.3f} ± {e:.3f}" if math.isfinite(e) else f"{m:>15.3f}" for m, e in row.values())
-        print(f"{arm:<14}{cells}{sum(r is not None for r in rec):>8}/{len(rec)}")
+        print(f"{arm:<17}{cells}{sum(r is not None for r in rec):>8}/{len(rec)}")
     secs = time.perf_counter() - t0
     print(f"({secs:.0f} s)")
     print(json_line({"seeds": args.seeds, "requests": args.requests, "learn_every": args.learn_every, "arms": table,

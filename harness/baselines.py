@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -327,6 +327,24 @@ class KnownGenerator:
     bias: float
     user_concentration: float
     """The Dirichlet parameter the interests theta_u are drawn from (the prior)."""
+    text_topics: Mapping[str, np.ndarray] | None = None
+    """Each item's words' shares of each topic (``SyntheticStream.text_topic_shares``): the
+    mixture as its text reveals it, for the ``oracle-text`` reference."""
+
+    def knowing(self, what: str) -> KnownGenerator:
+        """The generator as a weaker reference knows it: ``phi`` (all of it), ``text`` (each item's
+        mixture as counted from its words instead of ``phi_i``) or ``category`` (only the dominant
+        topic, one-hot: what an item's category says)."""
+        if what == "phi":
+            return self
+        if what == "text":
+            if self.text_topics is None:
+                raise ValueError("this generator carries no text topic shares")
+            return replace(self, item_topics=self.text_topics)
+        if what == "category":
+            eye = np.eye(len(next(iter(self.item_topics.values()))))
+            return replace(self, item_topics={i: eye[int(np.argmax(t))] for i, t in self.item_topics.items()})
+        raise ValueError(f"unknown knowledge {what!r}; choose phi, text or category")
 
 
 class LearnableOracle:
@@ -346,7 +364,10 @@ class LearnableOracle:
 
     name = "oracle"
 
-    def __init__(self, generator: KnownGenerator, particles: int = 2000, hazard: float = 0.005, seed: int = 0) -> None:
+    def __init__(
+        self, generator: KnownGenerator, particles: int = 2000, hazard: float = 0.005, seed: int = 0, name: str = "oracle"
+    ) -> None:
+        self.name = name
         self.gen = generator
         ids = list(generator.item_topics)
         self.items = _Ids(ids)
@@ -391,8 +412,11 @@ class LearnableOracle:
 
 
 # --------------------------------------------------------------------------- construction
-BASELINES = ("item-ctr", "user-cat-ctr", "mf-16", "river-lr", "oracle")
-"""Every baseline, by row name; ``oracle`` needs a :class:`KnownGenerator` (synthetic only)."""
+ORACLES = {"oracle": "phi", "oracle-text": "text", "oracle-category": "category"}
+"""The learnable references, by row name, and what each knows of the items (:meth:`KnownGenerator.knowing`):
+the exact mixtures, the mixtures as counted from the text's words, or only the category."""
+BASELINES = ("item-ctr", "user-cat-ctr", "mf-16", "river-lr", *ORACLES)
+"""Every baseline, by row name; the ``oracle*`` rows need a :class:`KnownGenerator` (synthetic only)."""
 
 
 def make_baseline(name: str, items: Sequence[Item], generator: KnownGenerator | None = None, seed: int = 0) -> Baseline:
@@ -405,10 +429,10 @@ def make_baseline(name: str, items: Sequence[Item], generator: KnownGenerator | 
         return LogisticMF(items, k=16, seed=seed)
     if name == "river-lr":
         return RiverLR(items)
-    if name == "oracle":
+    if name in ORACLES:
         if generator is None:
-            raise ValueError("the learnable oracle needs the generator (synthetic stream only)")
-        return LearnableOracle(generator, seed=seed)
+            raise ValueError(f"the learnable {name} needs the generator (synthetic stream only)")
+        return LearnableOracle(generator.knowing(ORACLES[name]), seed=seed, name=name)
     raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
 
 

@@ -56,6 +56,7 @@ from contract.records import Item, Labeled
 from contract.settings import default_cache_dir
 from harness.baselines import (
     BASELINES,
+    ORACLES,
     Baseline,
     make_baseline,
     river_version,
@@ -292,7 +293,7 @@ def run_baseline(
         trained_examples=trained,
         index=_cat(outs["i"], np.int64),
         batch=_cat(outs["b"], np.int64),
-        kind="reference" if name == "oracle" else "baseline",
+        kind="reference" if name in ORACLES else "baseline",
     )
 
 
@@ -371,7 +372,7 @@ def baseline_names(spec: str, replay: Replay) -> list[str]:
     if spec == "none" or not spec:
         return []
     if spec == "all":
-        names = [b for b in BASELINES if b != "oracle" or replay.generator is not None]
+        names = [b for b in BASELINES if b not in ORACLES or replay.generator is not None]
         if river_version() is None:
             log.warning("river is not installed: river-lr skipped (pip install -c constraints.txt river)")
             names.remove("river-lr")
@@ -380,8 +381,8 @@ def baseline_names(spec: str, replay: Replay) -> list[str]:
     bad = [b for b in names if b not in BASELINES]
     if bad:
         raise ValueError(f"unknown baselines {bad}; choose from {', '.join(BASELINES)} (or all, none)")
-    if "oracle" in names and replay.generator is None:
-        raise ValueError("the oracle baseline runs on the synthetic stream only")
+    if set(names) & set(ORACLES) and replay.generator is None:
+        raise ValueError("the oracle baselines run on the synthetic stream only")
     return names
 
 
@@ -394,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated subset of {','.join(STRATEGIES)}")
     p.add_argument(
         "--baselines", default="all",
-        help=f"comma-separated subset of {','.join(BASELINES)} (oracle: synthetic only), 'all' or 'none'",
+        help=f"comma-separated subset of {','.join(BASELINES)} (oracle*: synthetic only), 'all' or 'none'",
     )
     p.add_argument("--events", type=int, default=2000, help="synthetic: impressions to generate")
     p.add_argument("--users", type=int, default=100, help="synthetic: users")

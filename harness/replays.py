@@ -76,6 +76,7 @@ def load_synthetic(
             sharpness=world.config.sharpness,
             bias=world.config.bias,
             user_concentration=world.config.user_concentration,
+            text_topics=dict(zip(world.item_ids, world.text_topic_shares(), strict=True)),
         ),
         stable_users=frozenset(world.user_ids) - {world.user_ids[u] for u in world.shifted_users},
     )

@@ -117,7 +117,8 @@ def summarize(
         out["se_method"] = f"bootstrap over impressions ({SE_RESAMPLES} resamples, seed {SE_SEED})"
     else:
         out["se_method"] = "DeLong"
-    ref = next((r for r in results if r.kind == "reference"), None)
+    refs = sorted((r for r in results if r.kind == "reference"), key=lambda r: r.name != "oracle")
+    ref = refs[0] if refs else None  # the full oracle when it ran, else the first weaker one
     if replay.shift_ts is not None and ref is not None:
         out["recovery"] = {
             "reference": ref.name, "window_batches": RECOVERY_WINDOW, "share": RECOVERY_SHARE, "shift_ts": replay.shift_ts,
@@ -190,13 +191,15 @@ _NOTES = {
     "mf-16": "online logistic MF, k=16",
     "river-lr": "River LogisticRegression, one-hot user/item/genre",
     "oracle": "learnable: knows phi_i, sharpness, bias; learns theta_u",
+    "oracle-text": "the same, phi_i counted from the item's words",
+    "oracle-category": "the same, phi_i = one-hot of the item's category",
 }
 
 
 def format_table(summary: dict) -> str:
     periods = summary["periods"]
-    w = 14
     strategies, baselines = summary["strategies"], summary.get("baselines", {})
+    w = max([14, *(len(n) + 2 for n in (*strategies, *baselines))])
     learned = {k: v for k, v in baselines.items() if v.get("kind") != "reference"}
     refs = {k: v for k, v in baselines.items() if v.get("kind") == "reference"}
 

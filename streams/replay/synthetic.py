@@ -328,6 +328,17 @@ class SyntheticStream:
         affinity = (theta * self.item_topics[item]).sum(axis=-1)
         return sigmoid(self.config.sharpness * affinity + self.config.bias)
 
+    def text_topic_shares(self) -> np.ndarray:
+        """``[items, topics]``: each item's words' shares of each topic's vocabulary (in
+        :attr:`item_ids` order), the mixture as the text alone can reveal it (``words_per_item``
+        draws from ``phi_i``), for a reference that knows the vocabularies but not ``phi_i``."""
+        index = {w: t for t, words in enumerate(self.vocabulary) for w in words}
+        out = np.zeros((len(self.item_texts), len(self.vocabulary)))
+        for i, text in enumerate(self.item_texts):
+            for w in text.split():
+                out[i, index[w]] += 1.0
+        return out / out.sum(axis=1, keepdims=True).clip(min=1.0)
+
     def probability(self, user_id: str, item_id: str, ts: int) -> float:
         """The ground-truth ``p(u, i, t)`` for any user, item and event time."""
         try:

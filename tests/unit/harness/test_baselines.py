@@ -12,12 +12,14 @@ from contract.records import Item, Labeled, example_id
 from harness import evaluate as ev
 from harness.baselines import (
     ItemCTR,
+    KnownGenerator,
     LearnableOracle,
     LogisticMF,
     RiverLR,
     UserCategoryCTR,
     bootstrap_auc,
     hanley_mcneil_se,
+    make_baseline,
     river_version,
 )
 from trainer.metrics import auc, delong_se
@@ -200,6 +202,33 @@ def test_oracle_is_prequential_a_batch_is_scored_before_it_is_learned(small_synt
     assert not np.array_equal(oracle.predict(batch), before)
 
 
+def test_weaker_oracles_know_the_text_counts_or_only_the_category(small_synthetic) -> None:
+    replay, stream, _, _ = small_synthetic
+    gen = replay.generator
+    text = gen.knowing("text").item_topics
+    for i in gen.item_topics:
+        assert text[i].sum() == pytest.approx(1.0) and np.all(text[i] * 12 == np.round(text[i] * 12))  # 12 words
+    agree = np.mean([np.argmax(text[i]) == np.argmax(phi) for i, phi in gen.item_topics.items()])
+    assert agree > 0.8  # the words mostly come from the dominant topic
+    cat = gen.knowing("category").item_topics
+    assert all(cat[i].sum() == 1.0 and cat[i][np.argmax(phi)] == 1.0 for i, phi in gen.item_topics.items())
+    with pytest.raises(ValueError, match="text topic shares"):
+        KnownGenerator(gen.item_topics, gen.sharpness, gen.bias, gen.user_concentration).knowing("text")
+    # knowing only the category, two items of one category score the same for a user, before and after learning
+    oracle = make_baseline("oracle-category", replay.items, gen)
+    assert oracle.name == "oracle-category"
+    oracle.learn(stream[:200])
+    by_cat: dict[int, list[str]] = {}
+    for i, phi in gen.item_topics.items():
+        by_cat.setdefault(int(np.argmax(phi)), []).append(i)
+    a, b = next(v for v in by_cat.values() if len(v) >= 2)[:2]
+    probe = [stream[0].model_copy(update={"item_id": a}), stream[0].model_copy(update={"item_id": b})]
+    p = oracle.predict(probe)
+    assert p[0] == pytest.approx(p[1])
+    r = ev.run_baseline("oracle-text", replay, stream, [], ev._period_bounds(stream, 2), ev.EvalSettings(batch_size=100))
+    assert r.kind == "reference" and auc(r.labels, r.probs) > 0.55
+
+
 def test_baselines_score_the_same_examples_as_the_learner_would(small_synthetic) -> None:
     replay, stream, held, bounds = small_synthetic
     settings = ev.EvalSettings(batch_size=100)
@@ -243,7 +272,9 @@ def test_cli_rejects_unknown_baselines_and_the_oracle_off_synthetic() -> None:
     replay = ev.Replay(name="x", items=[], examples=[])
     with pytest.raises(ValueError, match="synthetic"):
         ev.baseline_names("oracle", replay)
-    assert "oracle" not in ev.baseline_names("all", replay)
+    with pytest.raises(ValueError, match="synthetic"):
+        ev.baseline_names("oracle-text", replay)
+    assert not {"oracle", "oracle-text", "oracle-category"} & set(ev.baseline_names("all", replay))
     assert ev.baseline_names("none", replay) == []
 
 
