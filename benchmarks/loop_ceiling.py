@@ -82,12 +82,7 @@ class _Policy:
 
 class _Baseline(_Policy):
     def __init__(self, name: str, world: LoopWorld, seed: int) -> None:
-        w = world.world
-        gen = KnownGenerator(
-            item_topics=dict(zip(w.item_ids, w.item_topics, strict=True)), sharpness=w.config.sharpness,
-            bias=w.config.bias, user_concentration=w.config.user_concentration,
-            text_topics=dict(zip(w.item_ids, w.text_topic_shares(), strict=True)),
-        )  # fmt: skip
+        gen = KnownGenerator.of(world.world)
         self.model = make_baseline(name, [world.item(j) for j in range(len(world.item_ids))], gen, seed=seed)
 
     def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:

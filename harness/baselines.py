@@ -38,11 +38,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from contract.records import Item, Labeled
+
+if TYPE_CHECKING:
+    from streams.replay.synthetic import SyntheticStream
 
 NO_CATEGORY = "(none)"
 
@@ -330,6 +333,18 @@ class KnownGenerator:
     text_topics: Mapping[str, np.ndarray] | None = None
     """Each item's words' shares of each topic (``SyntheticStream.text_topic_shares``): the
     mixture as its text reveals it, for the ``oracle-text`` reference."""
+
+    @classmethod
+    def of(cls, world: SyntheticStream) -> KnownGenerator:
+        """What a synthetic world lets a reference know: its items' mixtures (exact and as their
+        words count them), its sharpness, bias and prior."""
+        return cls(
+            item_topics=dict(zip(world.item_ids, world.item_topics, strict=True)),
+            sharpness=world.config.sharpness,
+            bias=world.config.bias,
+            user_concentration=world.config.user_concentration,
+            text_topics=dict(zip(world.item_ids, world.text_topic_shares(), strict=True)),
+        )
 
     def knowing(self, what: str) -> KnownGenerator:
         """The generator as a weaker reference knows it: ``phi`` (all of it), ``text`` (each item's

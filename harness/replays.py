@@ -71,13 +71,7 @@ def load_synthetic(
         examples=examples,
         truth=lambda exs: world.best_auc(list(exs)),
         shift_ts=world.shift_ts,
-        generator=KnownGenerator(
-            item_topics=dict(zip(world.item_ids, world.item_topics, strict=True)),
-            sharpness=world.config.sharpness,
-            bias=world.config.bias,
-            user_concentration=world.config.user_concentration,
-            text_topics=dict(zip(world.item_ids, world.text_topic_shares(), strict=True)),
-        ),
+        generator=KnownGenerator.of(world),
         stable_users=frozenset(world.user_ids) - {world.user_ids[u] for u in world.shifted_users},
     )
 

@@ -248,7 +248,11 @@ class TrainerSettings(BaseSettings):
         description="torch.set_num_threads for the trainer on CPU (0 = torch's default, one per core).",
     )
     seed: int = Field(default=0, ge=0, description="Seed of the model init, learner RNG and hold-back choice.")
-    lr_ids: float | None = Field(default=None, description="Adagrad lr of the item-id biases (LearnerConfig.lr_ids; the user rows learn at lr_user_ids, 0.02, set through learner_options).")
+    lr_ids: float | None = Field(
+        default=None,
+        description="Adagrad lr of the item-id biases (LearnerConfig.lr_ids; the user rows learn at "
+        "lr_user_ids, 0.02, set through learner_options).",
+    )
     lr_towers: float | None = Field(
         default=None, description="AdamW lr of the projection and the user tower (LearnerConfig.lr_towers)."
     )
