@@ -348,8 +348,9 @@ class PosteriorGather:
     def complete(self, learner: ContinualLearner) -> None:
         """A rank whose step made no posterior update (no examples) takes part in the gather now,
         and applies the others' examples."""
-        if learner.user_posterior is not None and self.calls == 0:
-            learner.learn_posterior(PosteriorExamples.empty(learner.user_posterior.k))
+        if learner.has_posteriors and self.calls == 0:
+            k = learner.user_posterior.k if learner.user_posterior is not None else 0
+            learner.learn_posterior(PosteriorExamples.empty(k))
 
 
 def attach(learner: ContinualLearner, group: Group) -> GradientAverager:

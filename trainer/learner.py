@@ -45,17 +45,23 @@ from trainer.losses import RecTrain
 from trainer.metrics import PrequentialMetrics, binary_metrics
 from trainer.model import ModelConfig, RecModel
 from trainer.optim import RowAdagrad
-from trainer.posterior import PosteriorExamples, UserPosterior, posterior_examples
+from trainer.posterior import (
+    ItemBiasPosterior,
+    PosteriorExamples,
+    UserPosterior,
+    posterior_examples,
+)
 from trainer.prefix_cache import PrefixCache
 from trainer.replay_buffer import ReservoirBuffer
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 5
+STATE_VERSION = 6
 """2: the projection has its own AdamW group and the id rows a row-wise Adagrad (1 cannot be resumed);
 3: the history cosine's weight has its own AdamW group (``lr_scale``; 2 cannot be resumed);
 4: the Adagrad of the rows has a group per kind (item ids, user rows, positions; 3 cannot be resumed).
-5: the per-user posterior's precisions (``posterior``; 4 cannot be resumed)."""
+5: the per-user posterior's precisions (``posterior``; 4 cannot be resumed).
+6: the item-id biases' posterior (``item_bias``; 5 cannot be resumed)."""
 CENTER_ITEMS = 4096
 """Catalog items whose mean text vector centres a fresh model (the first ids in sorted order)."""
 
@@ -83,6 +89,16 @@ class ContinualLearner:
         except DeviceError as exc:
             raise LearnerError(str(exc)) from exc
         self.model = model.to(self.device)
+        self.item_bias: ItemBiasPosterior | None = None
+        """The item-id biases' posterior (LearnerConfig.item_bias_prior_stds); None = Adagrad at lr_ids."""
+        if self.config.item_bias_prior_stds and self.model.item_id_bias is not None:
+            self.model.fit_item_bias_in_closed_form()  # before the optimizers: no optimizer holds them
+            self.item_bias = ItemBiasPosterior(
+                self.model.item_id_bias.weight.data,
+                prior_stds=self.config.item_bias_prior_stds,
+                forgetting=self.config.item_bias_forgetting,
+                newton_steps=self.config.posterior_newton_steps,
+            )
         self.amp = self.device.type == "cuda" and self.config.bf16
         if self.config.prefix_cache_size and model.item_tower.frozen > 0:
             self.model.attach_cache(PrefixCache(self.config.prefix_cache_size))
@@ -239,7 +255,13 @@ class ContinualLearner:
                     self._teacher_items.put(batch.item_ids[n], batch.text_hashes[n], fresh[row])
             items = torch.stack([v.to(self.device) for v in vecs])  # type: ignore[union-attr]
             users = teacher.encode_users_indexed(items, batch.history, batch.history_mask, batch.user_ids)
-            return teacher.click_logits(users[batch.context], items[batch.candidate]).float()
+            logits = teacher.click_logits(users[batch.context], items[batch.candidate]).float()
+            if self.item_bias is not None and teacher.item_id_bias is not None and self.model.item_id_bias is not None:
+                # the item biases are fitted in closed form too: the teacher scores with the current ones
+                # (its cached item vectors keep its own, so the difference is added here)
+                rows = self.model.item_rows([batch.item_ids[c] for c in batch.candidate.tolist()], self.device)
+                logits = logits + (self.model.item_id_bias.weight[rows, 0] - teacher.item_id_bias.weight[rows, 0]).float()
+            return logits
 
     # --- learning -------------------------------------------------------------------------
     def _dedup(self, examples: Sequence[Labeled]) -> list[Labeled]:
@@ -322,7 +344,7 @@ class ContinualLearner:
             with self._autocast():
                 again = self.train_wrapper(batch, teacher_logits, id_mask)
             grad_norm = self._update(again.loss, again.id_loss)
-        if self.user_posterior is not None:
+        if self.user_posterior is not None or self.item_bias is not None:
             # the offsets after the gradient steps: the user rows have already taken up part of the
             # batch's evidence, which the posterior must not count a second time
             with torch.no_grad(), self._autocast():
@@ -352,15 +374,37 @@ class ContinualLearner:
         if self.user_posterior is not None:
             stats["posterior_users"] = float(len(self.user_posterior.rows))
             stats["posterior_changes"] = self.user_posterior.changes
+        if self.item_bias is not None:
+            stats["item_bias_prior_std"] = self.item_bias.prior_stds[self.item_bias.chosen]
         return stats
 
+    @property
+    def has_posteriors(self) -> bool:
+        """Whether a closed-form step follows each batch (the per-user posterior, the item biases')."""
+        return self.user_posterior is not None or self.item_bias is not None
+
     def learn_posterior(self, examples: PosteriorExamples) -> int:
-        """The per-user posterior's step on these examples (the group's, through :attr:`posterior_hook`)."""
-        if self.user_posterior is None:
+        """The closed-form step on these examples (the group's, through :attr:`posterior_hook`): the
+        per-user posterior's, then the item biases' with the users' new term in their offsets;
+        returns the number of users updated."""
+        if not self.has_posteriors:
             return 0
         if self.posterior_hook is not None:
             examples = self.posterior_hook(examples)
-        return self.user_posterior.update(examples)
+        users = 0
+        if self.user_posterior is not None:
+            mean = self.user_posterior.mean
+            rows = examples.rows.to(mean.device)
+            before = mean[rows].float()
+            users = self.user_posterior.update(examples)
+            if self.item_bias is not None and rows.numel():
+                weight = self.model.posterior_weight.detach().clamp(0.0, 2.0).float()  # type: ignore[union-attr]
+                z = examples.features.to(mean.device, torch.float32)
+                moved = weight * ((mean[rows].float() - before) * z).sum(1)
+                examples = examples._replace(item_offsets=examples.item_offsets.to(mean.device, torch.float32) + moved)
+        if self.item_bias is not None:
+            self.item_bias.update(examples)
+        return users
 
     def _update(self, loss: Tensor, id_loss: Tensor | None = None) -> float:
         """One optimizer step on ``loss``; returns the gradient norm (a non-finite one skips the step).
@@ -464,6 +508,7 @@ class ContinualLearner:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "id_optimizer": self.id_optimizer.state_dict() if self.id_optimizer is not None else None,
             "posterior": self.user_posterior.state_dict() if self.user_posterior is not None else None,
+            "item_bias": self.item_bias.state_dict() if self.item_bias is not None else None,
             "replay": self.replay.state_dict(encode=lambda ex: ex.to_json().decode("utf-8")),
             "metrics": self.metrics.state_dict(),
             "teacher": self._teacher_state,
@@ -490,6 +535,17 @@ class ContinualLearner:
                 opt.load_state_dict(state[key])
         if self.user_posterior is not None:
             self.user_posterior.load_state_dict(state["posterior"])
+        if (self.item_bias is None) != (state.get("item_bias") is None):
+            raise LearnerError(
+                "checkpoint's item-id biases were learned "
+                + ("by Adagrad" if state.get("item_bias") is None else "by the per-item posterior")
+                + "; set item_bias_prior_stds as it was (empty = Adagrad)"
+            )
+        if self.item_bias is not None:
+            try:
+                self.item_bias.load_state_dict(state["item_bias"])
+            except ValueError as exc:
+                raise LearnerError(f"checkpoint does not fit the learner: {exc}") from exc
         self.replay.load_state_dict(state["replay"], decode=Labeled.from_json)
         self.metrics.load_state_dict(state["metrics"])
         self.set_teacher(state["teacher"])

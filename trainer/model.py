@@ -146,6 +146,8 @@ class RecModel(nn.Module):
         batch is taken before the posterior has seen it, so this weight learns how well the
         posterior predicts labels it has not fitted (a stream where the per-user fit is noise drives it
         towards 0)."""
+        self._closed_form: set[str] = set()
+        """Parameters the learner fits in closed form (no gradient), published like trainable ones."""
 
     @property
     def dim(self) -> int:
@@ -205,7 +207,8 @@ class RecModel(nn.Module):
                 parts.append(hot / hot.sum(1, keepdim=True).clamp_min(1.0))
         return torch.cat(parts, dim=-1)
 
-    def _item_rows(self, item_ids: Sequence[str], device: torch.device) -> Tensor:
+    def item_rows(self, item_ids: Sequence[str], device: torch.device) -> Tensor:
+        """The hashed item-id row index of each item id."""
         n = self.config.item_buckets
         return torch.tensor([item_bucket(i, n) for i in item_ids], dtype=torch.long, device=device)
 
@@ -234,7 +237,7 @@ class RecModel(nn.Module):
             hot = category_hot.to(vecs.dtype)
             vecs = vecs + (hot @ self.category_embedding.weight.to(vecs.dtype)) / hot.sum(1, keepdim=True).clamp_min(1.0)
         if self.item_embedding is not None and item_ids is not None and len(item_ids):
-            rows = self._item_rows(item_ids, text_vecs.device)
+            rows = self.item_rows(item_ids, text_vecs.device)
             vecs = vecs + self.item_embedding(rows).to(vecs.dtype)
             bias = bias + self.item_id_bias(rows).to(bias.dtype)  # type: ignore[misc]
         post = self._posterior_item_part(pooled, category_hot, text_vecs)
@@ -349,10 +352,19 @@ class RecModel(nn.Module):
         mods = (self.user_tower.user_embedding, self.user_id_bias)
         return [m.weight for m in mods if m is not None and m.weight.requires_grad]
 
+    def fit_item_bias_in_closed_form(self) -> None:
+        """The item-id biases are learned by the learner's per-item posterior
+        (:class:`trainer.posterior.ItemBiasPosterior`), not by gradient: no optimizer holds them, and
+        :meth:`trainable_state_dict` still publishes them."""
+        if self.item_id_bias is not None:
+            self.item_id_bias.weight.requires_grad_(False)
+            self._closed_form.add("item_id_bias.weight")
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The parameters that learn (heads, towers, unfrozen layers, LoRA adapters) and the per-user
+        """The parameters that learn (heads, towers, unfrozen layers, LoRA adapters), those fitted in
+        closed form (the item-id biases of :meth:`fit_item_bias_in_closed_form`) and the per-user
         posterior's mean weights: a delta snapshot."""
-        out = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        out = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad or n in self._closed_form}
         if self.user_posterior_mean is not None:
             out["user_posterior_mean"] = self.user_posterior_mean
         return out

@@ -37,9 +37,12 @@ def slate(n: int, user: str, clicked: str | None, history: list[str]) -> list[La
     ]
 
 
-def test_an_id_embedding_learns_a_popular_item_within_a_few_steps() -> None:
+@pytest.mark.parametrize("stds", [(0.03, 0.1, 0.3, 1.0, 3.0), ()], ids=["bias-posterior", "bias-adagrad"])
+def test_an_id_embedding_learns_a_popular_item_within_a_few_steps(stds: tuple[float, ...]) -> None:
     catalog = Catalog(ITEMS)
-    learner = ContinualLearner(build_model(config()), LearnerConfig(device="cpu", replay_size=0), catalog)
+    learner = ContinualLearner(
+        build_model(config()), LearnerConfig(device="cpu", replay_size=0, item_bias_prior_stds=stds), catalog
+    )
     # every user clicks m3, whoever they are: popularity that no title carries
     batches = [[ex for u in range(8) for ex in slate(10 * s + u, f"u{s}-{u}", "m3", [])] for s in range(5)]
     first = None
@@ -54,6 +57,12 @@ def test_an_id_embedding_learns_a_popular_item_within_a_few_steps() -> None:
     assert scores["m3"] > 2 * others  # learned in five steps, for a user it has never seen
     _, p0 = first
     assert p0.max() - p0.min() < 0.1  # before any update the popular item did not stand out
+    bias = learner.model.item_id_bias.weight
+    held = {id(p) for opt in learner.optimizers for g in opt.param_groups for p in g["params"]}
+    published = learner.model.trainable_state_dict()["item_id_bias.weight"]
+    assert torch.equal(published, bias) and (id(bias) in held) == (not stds)  # the posterior's: no optimizer
+    if stds:
+        assert learner.item_bias.prior_stds[learner.item_bias.chosen] >= 1.0  # popularity: a wide prior
 
 
 def test_without_ids_the_same_model_scores_from_text_alone() -> None:

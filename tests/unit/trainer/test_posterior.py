@@ -3,10 +3,12 @@ empirical Bayes, checkpoints, and a learner that takes a user's taste from a few
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from trainer.posterior import PosteriorExamples, UserPosterior
+from trainer.posterior import ItemBiasPosterior, PosteriorExamples, UserPosterior
 
 
 def _posterior(k: int = 2, buckets: int = 8, **kw: object) -> UserPosterior:
@@ -23,6 +25,8 @@ def _examples(rows, z, y, *, late=None, offsets=None) -> PosteriorExamples:  # n
         labels=torch.tensor(y, dtype=torch.float32),
         late=torch.zeros(n, dtype=torch.bool) if late is None else torch.tensor(late),
         weights=torch.ones(n),
+        item_rows=torch.zeros(n, dtype=torch.long),
+        item_offsets=torch.zeros(n),
     )
 
 
@@ -139,3 +143,66 @@ def test_examples_concatenate_in_order() -> None:
     a = _examples([1], [[1.0, 0.0]], [1])
     both = PosteriorExamples.concat([a, PosteriorExamples.empty(2), _examples([2], [[0.0, 1.0]], [0])])
     assert both.rows.tolist() == [1, 2] and both.features.shape == (2, 2)
+
+
+# --------------------------------------------------------------------------- the item biases' posterior
+def _item_examples(items, y, *, offsets=None, late=None) -> PosteriorExamples:  # noqa: ANN001
+    n = len(items)
+    base = _examples([0] * n, [[0.0]] * n, y, late=late)
+    off = torch.zeros(n) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
+    return base._replace(item_rows=torch.tensor(items), item_offsets=off)
+
+
+def test_an_item_bias_newton_step_by_hand_written_into_the_model() -> None:
+    bias = torch.zeros(6, 1)
+    post = ItemBiasPosterior(bias, prior_stds=[1.0, 0.5], newton_steps=1)
+    post.update(_item_examples([2], [1]))
+    # p = 0.5: mean 0.5 / (1/s^2 + 0.25): 0.4 under std 1, 0.5 / 4.25 under std 0.5
+    torch.testing.assert_close(post.mean[:, 2], torch.tensor([0.4, 0.5 / 4.25]))
+    torch.testing.assert_close(post.precision[:, 2], torch.tensor([1.25, 4.25]))
+    # both priors predicted the label at p = 0.5: a tie goes to the first
+    assert post.chosen == 0 and bias[2, 0] == pytest.approx(0.4) and bias[[0, 1, 3, 4, 5]].abs().sum() == 0
+    post.update(_item_examples([2], [0], late=[True]))  # a late positive: gradient 1, no curvature
+    assert post.precision[0, 2] == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("spread, chosen", [(0.0, 0.03), (2.0, 3.0)])
+def test_the_evidence_picks_the_prior_that_fits_how_much_items_differ(spread: float, chosen: float) -> None:
+    """Items that differ (popularity) need a wide prior; items that do not, a narrow one: the
+    prequential evidence of each prior tells them apart on the labels alone."""
+    gen = torch.Generator().manual_seed(0)
+    true = spread * torch.randn(40, generator=gen)
+    bias = torch.zeros(40, 1)
+    post = ItemBiasPosterior(bias, prior_stds=[0.03, 0.3, 3.0])
+    for _ in range(40):
+        items = torch.randint(0, 40, (200,), generator=gen)
+        y = torch.bernoulli(torch.sigmoid(-2.0 + true[items]), generator=gen)
+        post.update(_item_examples(items.tolist(), y.tolist(), offsets=[-2.0] * 200))
+    assert post.prior_stds[post.chosen] == chosen
+    if spread:
+        assert torch.corrcoef(torch.stack([bias[:, 0], true]))[0, 1] > 0.9
+
+
+def test_item_bias_forgetting_decays_precision_towards_the_prior() -> None:
+    post = ItemBiasPosterior(torch.zeros(3, 1), prior_stds=[1.0], forgetting=0.5, newton_steps=1)
+    post.update(_item_examples([1, 1], [0, 0]))
+    first, m = float(post.precision[0, 1]), float(post.mean[0, 1])
+    assert first == pytest.approx(1.5)  # the prior's 1 + 2 x 0.25
+    post.update(_item_examples([1, 1], [0, 0]))
+    # two shown examples: f = 0.5^2 of the old precision, 0.75 of the prior's, then the curvature at m
+    q = 1.0 / (1.0 + math.exp(-m))
+    assert float(post.precision[0, 1]) == pytest.approx(0.25 * first + 0.75 + 2 * q * (1 - q), rel=1e-5)
+
+
+def test_item_bias_checkpoint_round_trip_and_refuses_another_grid() -> None:
+    bias = torch.zeros(5, 1)
+    post = ItemBiasPosterior(bias, prior_stds=[0.1, 1.0])
+    post.update(_item_examples([0, 1, 1, 3], [1, 0, 1, 0]))
+    again_bias = torch.zeros(5, 1)
+    again = ItemBiasPosterior(again_bias, prior_stds=[0.1, 1.0])
+    again.load_state_dict(post.state_dict())
+    torch.testing.assert_close(again.mean, post.mean)
+    torch.testing.assert_close(again_bias, bias)
+    assert again.chosen == post.chosen and again.updates == 1
+    with pytest.raises(ValueError, match="does not fit"):
+        ItemBiasPosterior(torch.zeros(5, 1), prior_stds=[0.1]).load_state_dict(post.state_dict())
