@@ -529,18 +529,18 @@ class ContinualLearner:
                 "checkpoint was written for another model config: "
                 f"{_config_diff(theirs, self.model.config)}"
             )
-        self.model.load_state_dict(state["model"], strict=True)
-        for opt, key in ((self.optimizer, "optimizer"), (self.id_optimizer, "id_optimizer")):
-            if opt is not None:
-                opt.load_state_dict(state[key])
-        if self.user_posterior is not None:
-            self.user_posterior.load_state_dict(state["posterior"])
         if (self.item_bias is None) != (state.get("item_bias") is None):
             raise LearnerError(
                 "checkpoint's item-id biases were learned "
                 + ("by Adagrad" if state.get("item_bias") is None else "by the per-item posterior")
                 + "; set item_bias_prior_stds as it was (empty = Adagrad)"
             )
+        self.model.load_state_dict(state["model"], strict=True)
+        for opt, key in ((self.optimizer, "optimizer"), (self.id_optimizer, "id_optimizer")):
+            if opt is not None:
+                opt.load_state_dict(state[key])
+        if self.user_posterior is not None:
+            self.user_posterior.load_state_dict(state["posterior"])
         if self.item_bias is not None:
             try:
                 self.item_bias.load_state_dict(state["item_bias"])

@@ -62,6 +62,8 @@ class TrainerMetrics:
                                      registry=r)
         self.posterior_changes = Gauge(p + "posterior_changes", "Expected change points of users' tastes the "
                                        "per-user posterior detected so far (posterior_change_hazard)", registry=r)
+        self.item_bias_prior_std = Gauge(p + "item_bias_prior_std", "Prior std of the item-id biases' posterior "
+                                         "that the evidence chose (item_bias_prior_stds)", registry=r)
         self.step_seconds = Histogram(
             p + "step_seconds", "Duration of one training step",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
@@ -90,7 +92,9 @@ class TrainerMetrics:
         loss = result.get("loss")
         if finite(loss):
             self.loss.set(float(loss))  # type: ignore[arg-type]
-        for name, gauge in (("posterior_users", self.posterior_users), ("posterior_changes", self.posterior_changes)):
+        gauges = (("posterior_users", self.posterior_users), ("posterior_changes", self.posterior_changes),
+                  ("item_bias_prior_std", self.item_bias_prior_std))
+        for name, gauge in gauges:
             if finite(result.get(name)):
                 gauge.set(float(result[name]))
         for scope in ("window", "cumulative"):

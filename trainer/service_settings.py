@@ -250,8 +250,9 @@ class TrainerSettings(BaseSettings):
     seed: int = Field(default=0, ge=0, description="Seed of the model init, learner RNG and hold-back choice.")
     lr_ids: float | None = Field(
         default=None,
-        description="Adagrad lr of the item-id biases (LearnerConfig.lr_ids; the user rows learn at "
-        "lr_user_ids, 0.02, set through learner_options).",
+        description="Adagrad lr of the item-id biases when they are not the per-item posterior's "
+        '(LearnerConfig.lr_ids; learner_options {"item_bias_prior_stds": []} turns that posterior off; '
+        "the user rows learn at lr_user_ids, 0.02, set through learner_options).",
     )
     lr_towers: float | None = Field(
         default=None, description="AdamW lr of the projection and the user tower (LearnerConfig.lr_towers)."

@@ -248,6 +248,7 @@ def test_the_per_user_posterior_is_fitted_scored_and_checkpointed(world) -> None
     # the step reports what the trainer exports as gauges
     assert stats["posterior_users"] == len(learner.user_posterior.rows) > 0
     assert stats["posterior_changes"] == learner.user_posterior.changes > 0
+    assert stats["item_bias_prior_std"] in learner.config.item_bias_prior_stds
     assert model.user_posterior_mean.abs().sum() > 0  # users seen have weights
     assert model.posterior_basis.abs().sum() > 0  # the text directions were set when the text was centred
     probe = examples[400:500]
@@ -265,3 +266,14 @@ def test_the_per_user_posterior_is_fitted_scored_and_checkpointed(world) -> None
     learner.step(examples[500:600])
     again.step(examples[500:600])
     torch.testing.assert_close(again.model.user_posterior_mean, model.user_posterior_mean)
+
+
+def test_a_checkpoint_of_adagrad_item_biases_does_not_resume_a_posterior_learner(world) -> None:
+    catalog, examples, _ = world
+    adagrad = ContinualLearner(
+        build_model(tiny_model(catalog)), LearnerConfig(device="cpu", item_bias_prior_stds=()), catalog
+    )
+    adagrad.step(examples[:50])
+    posterior = ContinualLearner(build_model(tiny_model(catalog)), LearnerConfig(device="cpu"), catalog)
+    with pytest.raises(LearnerError, match="item_bias_prior_stds"):
+        posterior.load_state_dict(adagrad.state_dict())

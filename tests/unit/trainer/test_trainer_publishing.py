@@ -196,10 +196,11 @@ def test_a_checkpoint_wins_over_init_from(
 
 def test_the_posteriors_gauges_follow_the_step() -> None:
     metrics = TrainerMetrics()
-    metrics.stepped(8, 0.1, {"loss": 0.5, "posterior_users": 3.0, "posterior_changes": 0.25}, {})
+    metrics.stepped(8, 0.1, {"loss": 0.5, "posterior_users": 3.0, "posterior_changes": 0.25, "item_bias_prior_std": 0.3}, {})
     sample = metrics.registry.get_sample_value
     assert sample("streamrec_trainer_posterior_users") == 3.0
     assert sample("streamrec_trainer_posterior_changes") == 0.25
+    assert sample("streamrec_trainer_item_bias_prior_std") == 0.3
 
 
 def test_torch_threads_sets_the_trainers_cpu_threads(tmp_path: Path) -> None:
