@@ -118,7 +118,7 @@ class LearnerConfig(BaseModel):
         description="The item-id biases are a per-item Bayesian posterior, one per prior std of this "
         "grid; the prior whose predictions of each batch, before it learned from it, were the most likely "
         "so far is the one the model uses (trainer/posterior.py ItemBiasPosterior).  Empty = the biases "
-        "learn by Adagrad at lr_ids.  The stream picks: std 1 on MovieLens, 0.03-0.1 on the synthetic "
+        "learn by Adagrad at lr_ids.  The stream picks: std 1 on MovieLens, 0.1-0.3 on the synthetic "
         "stream, where Adagrad's one rate fitted either (MovieLens-20k 0.871 -> 0.876, synthetic "
         "0.687 -> 0.693).",
     )

@@ -106,9 +106,11 @@ def posterior_examples(
             logits = logits + pos.float()
     contexts = batch.context[idx].tolist()
     rows = model.user_rows([batch.user_ids[c] for c in contexts], dev)
-    shown = [batch.item_ids[c] for c in batch.candidate[idx].tolist()]
-    item_rows = model.item_rows(shown, dev)
-    id_bias = model.item_id_bias.weight[item_rows, 0].float() if model.item_id_bias is not None else torch.zeros_like(logits)
+    if model.item_id_bias is not None:
+        item_rows = model.item_rows([batch.item_ids[c] for c in batch.candidate[idx].tolist()], dev)
+        id_bias = model.item_id_bias.weight[item_rows, 0].float()
+    else:  # no item-id rows (item_buckets 0): nothing for the item biases' posterior
+        item_rows, id_bias = torch.zeros_like(rows), torch.zeros_like(logits)
     return PosteriorExamples(
         rows=rows,
         features=z,

@@ -122,3 +122,12 @@ def test_a_user_without_history_has_no_taste_and_sends_no_huge_gradient() -> Non
     model.click_logits(users, items[:2]).sum().backward()
     norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
     assert torch.isfinite(torch.stack(norms)).all() and max(norms) < 1e3
+
+
+def test_without_item_id_rows_the_posteriors_still_learn() -> None:
+    """No item buckets: no item biases to fit, and the per-user posterior's step still runs."""
+    learner = ContinualLearner(build_model(config(item_buckets=0)), LearnerConfig(device="cpu", replay_size=0), Catalog(ITEMS))
+    assert learner.item_bias is None and learner.user_posterior is not None
+    for s in range(2):
+        learner.step([ex for u in range(4) for ex in slate(10 * s + u, f"u{u}", "m3", ["m1"])])
+    assert learner.user_posterior.updates == 2
