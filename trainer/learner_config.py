@@ -120,7 +120,7 @@ class LearnerConfig(BaseModel):
         "so far is the one the model uses (trainer/posterior.py ItemBiasPosterior).  Empty = the biases "
         "learn by Adagrad at lr_ids.  The stream picks: std 1 on MovieLens, 0.1-0.3 on the synthetic "
         "stream, where Adagrad's one rate fitted either (MovieLens-20k 0.871 -> 0.876, synthetic "
-        "0.687 -> 0.693).",
+        "0.687 -> 0.692).",
     )
     item_bias_forgetting: float = Field(
         default=1.0,
