@@ -302,9 +302,9 @@ class UserPosterior:
 class ItemBiasPosterior:
     """The item-id biases as a per-item random effect (GLMix's per-item model, with one feature: 1).
 
-    Each item's bias ``b_i`` has a Gaussian posterior (a Laplace step per batch, as
-    :class:`UserPosterior` with ``k = 1``; the rest of the click logit is a fixed offset), under the
-    prior ``N(0, s^2)``.  How much items differ is a property of the stream: on MovieLens clicks are
+    Each item's bias ``b_i`` has a Gaussian posterior under the prior ``N(0, s^2)``: a
+    :class:`UserPosterior` with one feature (1) whose rows are the items' hashed id rows and whose
+    offset is the rest of the click logit.  How much items differ is a property of the stream: on MovieLens clicks are
     mostly popularity and the biases must be large, on a stream whose slates are drawn uniformly
     they are mostly noise.  A row-wise Adagrad rate fits one of the two (0.1: MovieLens-20k 0.871,
     the synthetic stream 0.687; 0.03: 0.867 and 0.693), and an empirical-Bayes refit of ``s``
@@ -319,8 +319,8 @@ class ItemBiasPosterior:
     hypotheses weighed by their evidence is a discrete hyperprior, as in Bayesian model selection.
 
     Forgetting (``forgetting < 1``): per shown example, an item's precision decays towards the
-    prior's, so a bias can follow a change of popularity.  The state is dense over the hashed rows
-    (``[grid, buckets]``, two floats per row and prior).
+    prior's, so a bias can follow a change of popularity.  Each prior holds a mean per hashed row
+    and a precision per item seen.
     """
 
     def __init__(self, bias: Tensor, *, prior_stds: Sequence[float], forgetting: float = 1.0, newton_steps: int = 2) -> None:
@@ -328,16 +328,14 @@ class ItemBiasPosterior:
             raise ValueError("ItemBiasPosterior needs at least one prior std")
         self.bias = bias
         """``[buckets, 1]``: the model's ``item_id_bias`` weight, written in place."""
-        dev = bias.device
         self.prior_stds = [float(s) for s in prior_stds]
-        self.prior_precision = torch.tensor([1.0 / (s * s) for s in self.prior_stds], device=dev)
-        g, n = len(self.prior_stds), bias.shape[0]
-        self.mean = torch.zeros((g, n), device=dev)
-        self.precision = self.prior_precision[:, None].expand(g, n).clone()
-        self.evidence = torch.zeros(g, device=dev, dtype=torch.float64)
+        self.grid = [
+            UserPosterior(torch.zeros_like(bias), prior_std=s, forgetting=forgetting, newton_steps=newton_steps)
+            for s in self.prior_stds
+        ]
+        """One posterior per prior std, each with its own means (``[buckets, 1]``)."""
+        self.evidence = torch.zeros(len(self.grid), device=bias.device, dtype=torch.float64)
         """Each prior's prequential log-likelihood so far (the labels, predicted before learning them)."""
-        self.forgetting = forgetting
-        self.newton_steps = newton_steps
         self.updates = 0
 
     @property
@@ -348,57 +346,44 @@ class ItemBiasPosterior:
     @torch.no_grad()
     def update(self, examples: PosteriorExamples) -> int:
         """Learn from the examples' item rows and item offsets; returns the number of items updated."""
-        rows = examples.item_rows.to(self.mean.device)
-        if rows.numel() == 0:
+        if examples.item_rows.numel() == 0:
             return 0
-        dev = self.mean.device
+        dev = self.bias.device
+        rows = examples.item_rows.to(dev)
         off = examples.item_offsets.to(dev, torch.float32)
         y = examples.labels.to(dev, torch.float32)
-        is_late = examples.late.to(dev).bool()
-        fresh = (~is_late).float() * examples.weights.to(dev, torch.float32)
-        items, inv = torch.unique(rows, return_inverse=True)
-        # the evidence: each prior's predictions of these labels before it learns them
-        p = torch.sigmoid(off[None, :] + self.mean[:, rows])
-        hit = torch.where(y[None, :] > 0.5, p, 1.0 - p).clamp_min(1e-12)
-        self.evidence += (fresh[None, :] * torch.log(hit)).sum(1).double()
-
-        shown = torch.zeros(items.shape[0], device=dev).index_add_(0, inv, (~is_late).float())
-        f = self.forgetting ** shown
-        prior = self.prior_precision[:, None]
-        prec = f[None, :] * self.precision[:, items] + (1.0 - f[None, :]) * prior
-        old = self.mean[:, items]
-        late_grad = torch.zeros_like(old).index_add_(1, inv, (is_late.float() * examples.weights.to(dev, torch.float32)).expand_as(p))
-        mu, hess = old.clone(), prec
-        for _ in range(max(self.newton_steps, 1)):
-            q = torch.sigmoid(off[None, :] + mu[:, inv])
-            grad = torch.zeros_like(mu).index_add_(1, inv, fresh[None, :] * (y[None, :] - q)) + late_grad - prec * (mu - old)
-            hess = prec + torch.zeros_like(mu).index_add_(1, inv, fresh[None, :] * q * (1.0 - q))
-            mu = mu + grad / hess
-        self.mean[:, items] = mu
-        self.precision[:, items] = hess
-        self.bias[:, 0] = self.mean[self.chosen].to(self.bias.dtype)
+        fresh = (~examples.late.to(dev).bool()).float() * examples.weights.to(dev, torch.float32)
+        for g, post in enumerate(self.grid):  # the evidence: each prior's predictions before it learns
+            p = torch.sigmoid(off + post.mean[rows, 0])
+            self.evidence[g] += float((fresh * torch.log(torch.where(y > 0.5, p, 1.0 - p).clamp_min(1e-12))).sum())
+        as_items = examples._replace(rows=rows, features=torch.ones((rows.shape[0], 1), device=dev), offsets=off)
+        items = 0
+        for post in self.grid:
+            items = post.update(as_items)
+        self.bias.copy_(self.grid[self.chosen].mean)
         self.updates += 1
-        return int(items.shape[0])
+        return items
 
     # --- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "prior_stds": list(self.prior_stds),
-            "mean": self.mean.detach().cpu().clone(),
-            "precision": self.precision.detach().cpu().clone(),
+            "means": torch.stack([p.mean.detach().cpu() for p in self.grid]),
+            "grid": [p.state_dict() for p in self.grid],
             "evidence": self.evidence.detach().cpu().clone(),
             "updates": self.updates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["prior_stds"]) != self.prior_stds or tuple(state["mean"].shape) != tuple(self.mean.shape):
+        means = state["means"]
+        if list(state["prior_stds"]) != self.prior_stds or tuple(means.shape[1:]) != tuple(self.bias.shape):
             raise ValueError(
-                f"item-bias posterior state for priors {state['prior_stds']} and shape {tuple(state['mean'].shape)} "
-                f"does not fit priors {self.prior_stds} and shape {tuple(self.mean.shape)}"
+                f"item-bias posterior state for priors {state['prior_stds']} and shape {tuple(means.shape[1:])} "
+                f"does not fit priors {self.prior_stds} and shape {tuple(self.bias.shape)}"
             )
-        dev = self.mean.device
-        self.mean = state["mean"].to(dev, torch.float32).clone()
-        self.precision = state["precision"].to(dev, torch.float32).clone()
-        self.evidence = state["evidence"].to(dev, torch.float64).clone()
+        for post, mean, sub in zip(self.grid, means, state["grid"], strict=True):
+            post.mean.copy_(mean)
+            post.load_state_dict(sub)
+        self.evidence = state["evidence"].to(self.bias.device, torch.float64).clone()
         self.updates = int(state["updates"])
-        self.bias[:, 0] = self.mean[self.chosen].to(self.bias.dtype)
+        self.bias.copy_(self.grid[self.chosen].mean)

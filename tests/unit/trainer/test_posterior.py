@@ -158,12 +158,12 @@ def test_an_item_bias_newton_step_by_hand_written_into_the_model() -> None:
     post = ItemBiasPosterior(bias, prior_stds=[1.0, 0.5], newton_steps=1)
     post.update(_item_examples([2], [1]))
     # p = 0.5: mean 0.5 / (1/s^2 + 0.25): 0.4 under std 1, 0.5 / 4.25 under std 0.5
-    torch.testing.assert_close(post.mean[:, 2], torch.tensor([0.4, 0.5 / 4.25]))
-    torch.testing.assert_close(post.precision[:, 2], torch.tensor([1.25, 4.25]))
+    torch.testing.assert_close(torch.stack([g.mean[2, 0] for g in post.grid]), torch.tensor([0.4, 0.5 / 4.25]))
+    torch.testing.assert_close(torch.stack([g.precision[0, 0, 0] for g in post.grid]), torch.tensor([1.25, 4.25]))
     # both priors predicted the label at p = 0.5: a tie goes to the first
     assert post.chosen == 0 and bias[2, 0] == pytest.approx(0.4) and bias[[0, 1, 3, 4, 5]].abs().sum() == 0
     post.update(_item_examples([2], [0], late=[True]))  # a late positive: gradient 1, no curvature
-    assert post.precision[0, 2] == pytest.approx(1.25)
+    assert post.grid[0].precision[0, 0, 0] == pytest.approx(1.25)
 
 
 @pytest.mark.parametrize("spread, chosen", [(0.0, 0.03), (2.0, 3.0)])
@@ -186,12 +186,13 @@ def test_the_evidence_picks_the_prior_that_fits_how_much_items_differ(spread: fl
 def test_item_bias_forgetting_decays_precision_towards_the_prior() -> None:
     post = ItemBiasPosterior(torch.zeros(3, 1), prior_stds=[1.0], forgetting=0.5, newton_steps=1)
     post.update(_item_examples([1, 1], [0, 0]))
-    first, m = float(post.precision[0, 1]), float(post.mean[0, 1])
+    one = post.grid[0]
+    first, m = float(one.precision[0, 0, 0]), float(one.mean[1, 0])
     assert first == pytest.approx(1.5)  # the prior's 1 + 2 x 0.25
     post.update(_item_examples([1, 1], [0, 0]))
     # two shown examples: f = 0.5^2 of the old precision, 0.75 of the prior's, then the curvature at m
     q = 1.0 / (1.0 + math.exp(-m))
-    assert float(post.precision[0, 1]) == pytest.approx(0.25 * first + 0.75 + 2 * q * (1 - q), rel=1e-5)
+    assert float(one.precision[0, 0, 0]) == pytest.approx(0.25 * first + 0.75 + 2 * q * (1 - q), rel=1e-5)
 
 
 def test_item_bias_checkpoint_round_trip_and_refuses_another_grid() -> None:
@@ -201,7 +202,9 @@ def test_item_bias_checkpoint_round_trip_and_refuses_another_grid() -> None:
     again_bias = torch.zeros(5, 1)
     again = ItemBiasPosterior(again_bias, prior_stds=[0.1, 1.0])
     again.load_state_dict(post.state_dict())
-    torch.testing.assert_close(again.mean, post.mean)
+    for a, b in zip(again.grid, post.grid, strict=True):
+        torch.testing.assert_close(a.mean, b.mean)
+        torch.testing.assert_close(a.precision, b.precision)
     torch.testing.assert_close(again_bias, bias)
     assert again.chosen == post.chosen and again.updates == 1
     with pytest.raises(ValueError, match="does not fit"):
