@@ -66,6 +66,7 @@ bench: setup  ## run every benchmark on a local broker it starts (each prints fi
 	$(PY) benchmarks/ope_coverage.py
 	$(PY) -m benchmarks.logged_feedback
 	$(PY) -m benchmarks.loop_ceiling
+	$(PY) -m benchmarks.unseen_streams
 
 chaos: setup  ## SIGKILL the services, restart the broker, inject bad input during a MovieLens run; print what held (JSON last line)
 	$(PY) benchmarks/chaos.py --local $(CHAOS_ARGS)
