@@ -10,7 +10,7 @@ cheap baseline's (item click rate, user x category click rate, matrix
 factorisation, River) with the paired difference, static's, and on
 synthetic the learnable references.  The last line is JSON.
 
-    .venv/bin/python -m benchmarks.unseen_streams             # ~7 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.unseen_streams             # ~6 minutes on 2 CPU cores
     .venv/bin/python -m benchmarks.unseen_streams --only u50,b128
 """
 
