@@ -11,7 +11,7 @@ factorisation, River) with the paired difference, static's, and on
 synthetic the learnable references.  The last line is JSON.
 
     .venv/bin/python -m benchmarks.unseen_streams             # ~6 minutes on 2 CPU cores
-    .venv/bin/python -m benchmarks.unseen_streams --only u50,b128
+    .venv/bin/python -m benchmarks.unseen_streams --only syn-u50,syn-b128
 """
 
 from __future__ import annotations
@@ -58,9 +58,7 @@ def summarize(name: str, result: dict) -> dict:
         "margin": -cheap[best]["auc_diff"],
         "margin_se": cheap[best]["auc_diff_se"],
     }
-    for ref in ("oracle", "oracle-text", "oracle-category"):
-        if ref in result["baselines"]:
-            row[ref] = result["baselines"][ref]["auc"]
+    row["references"] = {n: b["auc"] for n, b in result["baselines"].items() if b["kind"] == "reference"}
     return row
 
 
@@ -87,9 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.error("%s: harness.evaluate exited with %d", name, rc)
                 return rc
             rows.append(summarize(name, json.loads(out.read_text())))
-    print(f"\n{'setting':<14} {'default':>15} {'static':>7} {'best baseline':>26} {'margin':>16} {'oracle / -text / -category':>28}")
+    print(f"\n{'setting':<14} {'default':>15} {'static':>7} {'best baseline':>26} {'margin':>16} {'references (synthetic)':>28}")
     for r in rows:
-        refs = " / ".join(f"{r[k]:.3f}" for k in ("oracle", "oracle-text", "oracle-category") if k in r) or "-"
+        refs = " / ".join(f"{auc:.3f}" for auc in r["references"].values()) or "-"
         print(
             f"{r['setting']:<14} {r['default']:>7.3f} ± {r['default_se']:.3f} {r['static']:>7.3f} "
             f"{r['best_baseline']:>16} {r['best_baseline_auc']:.3f} {r['margin']:>+8.3f} ± {r['margin_se']:.3f} {refs:>28}"
