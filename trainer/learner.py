@@ -118,6 +118,7 @@ class ContinualLearner:
                 newton_steps=self.config.posterior_newton_steps,
                 refit_every=self.config.posterior_refit_every,
                 change_hazard=self.config.posterior_change_hazard,
+                full_prior=self.config.posterior_full_prior,
             )
             if mean is not None
             else None

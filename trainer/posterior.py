@@ -137,12 +137,15 @@ class UserPosterior:
         refit_every: int = 0,
         refit_users: int = 4096,
         change_hazard: float = 0.0,
+        full_prior: bool = False,
     ) -> None:
         self.mean = mean
         """``[buckets, k]``: the model's buffer, updated in place."""
         self.k = int(mean.shape[1])
-        self.prior_precision = torch.full((self.k,), 1.0 / (prior_std * prior_std), device=mean.device)
-        """``[k]``: the prior's precision of each weight (empirical Bayes refits it every ``refit_every`` updates)."""
+        self.prior_matrix = torch.eye(self.k, device=mean.device) / (prior_std * prior_std)
+        """``[k, k]``: the prior's precision matrix (empirical Bayes refits it every ``refit_every``
+        updates: its diagonal only, or the whole matrix with ``full_prior``)."""
+        self.full_prior = full_prior
         self.refit_every = refit_every
         self.refit_users = refit_users
         self.change_hazard = change_hazard
@@ -160,15 +163,22 @@ class UserPosterior:
         """``[users seen, k, k]``: each seen user's posterior precision, in slot order."""
         return self._store[: len(self.rows)]
 
+    @property
+    def prior_precision(self) -> Tensor:
+        """``[k]``: the prior's precision of each weight (the diagonal of :attr:`prior_matrix`)."""
+        return torch.diagonal(self.prior_matrix)
+
     def _prior(self, n: int) -> Tensor:
-        return torch.diag(self.prior_precision).expand(n, self.k, self.k).clone()
+        return self.prior_matrix.expand(n, self.k, self.k).clone()
 
     @torch.no_grad()
     def refit_prior(self) -> None:
-        """Empirical Bayes: each weight's prior variance := its mean over users of the posterior's
-        second moment ``mu_k^2 + Sigma_kk`` (the EM step of a hierarchical Gaussian model), on up to
-        ``refit_users`` users seen.  Every precision is ``prior + data`` (forgetting mixes towards
-        the prior), so swapping the prior's diagonal keeps each user's evidence."""
+        """Empirical Bayes: the prior's covariance := the mean over users of the posterior's second
+        moment ``mu mu' + Sigma`` (the EM step of a hierarchical Gaussian model), on up to
+        ``refit_users`` users seen; its diagonal only unless ``full_prior`` (then the weights'
+        correlations across users, e.g. of a topic's text direction and its category, are kept).
+        Every precision is ``prior + data`` (forgetting mixes towards the prior), so swapping the
+        prior keeps each user's evidence."""
         n = len(self.rows)
         if n < 2:
             return
@@ -179,11 +189,14 @@ class UserPosterior:
         order = torch.tensor(list(self.rows), dtype=torch.long, device=dev)  # rows in slot order
         cov = torch.linalg.inv(self._store[slots])
         mu = self.mean[order[slots]].float()
-        var = (mu * mu + torch.diagonal(cov, dim1=1, dim2=2)).mean(0).clamp(1e-4, 1e4)
-        new = 1.0 / var
-        idx = torch.arange(self.k, device=dev)
-        self._store[:n, idx, idx] += new - self.prior_precision
-        self.prior_precision = new
+        second = (mu[:, :, None] * mu[:, None, :] + cov).mean(0)
+        if self.full_prior:
+            vals, vecs = torch.linalg.eigh(second)
+            new = (vecs / vals.clamp(1e-4, 1e4)) @ vecs.T
+        else:
+            new = torch.diag(1.0 / torch.diagonal(second).clamp(1e-4, 1e4))
+        self._store[:n] += new - self.prior_matrix
+        self.prior_matrix = new
 
     def _slots(self, users: list[int]) -> Tensor:
         new = [u for u in users if u not in self.rows]
@@ -260,7 +273,8 @@ class UserPosterior:
 
         cov = torch.linalg.inv(prec)[inv]
         stay = log_lik(off + (mean[inv] * z).sum(1), ((cov @ z[:, :, None]).squeeze(-1) * z).sum(1))
-        restart = log_lik(off, (z * z / self.prior_precision).sum(1))
+        prior_cov = torch.linalg.inv(self.prior_matrix)
+        restart = log_lik(off, ((z @ prior_cov) * z).sum(1))
         h = torch.where(shown > 0, self.change_hazard, 0.0).clamp(1e-12, 1.0 - 1e-12)
         r = torch.sigmoid(restart - stay + torch.log(h) - torch.log1p(-h))
         self.changes += float(r.sum())
@@ -271,7 +285,7 @@ class UserPosterior:
         """One draw of user ``row``'s weights from ``N(mean, scale^2 precision^-1)`` (Thompson
         sampling; a user not seen yet draws around its mean with the prior's precision)."""
         slot = self.rows.get(int(row))
-        prec = self._store[slot] if slot is not None else torch.diag(self.prior_precision)
+        prec = self._store[slot] if slot is not None else self.prior_matrix
         chol = torch.linalg.cholesky(prec.float().cpu())  # precision = C C'; C'^-1 eps has covariance precision^-1
         eps = torch.randn(self.k, 1, generator=generator)
         draw = torch.linalg.solve_triangular(chol.T, eps, upper=True)[:, 0]
@@ -283,7 +297,7 @@ class UserPosterior:
         return {
             "rows": rows,
             "precision": self.precision.detach().cpu().clone(),
-            "prior_precision": self.prior_precision.detach().cpu().clone(),
+            "prior_matrix": self.prior_matrix.detach().cpu().clone(),
             "updates": self.updates,
             "changes": self.changes,
         }
@@ -294,7 +308,10 @@ class UserPosterior:
             raise ValueError(f"posterior state of shape {tuple(precision.shape)} does not fit k={self.k}")
         self.rows = {int(r): n for n, r in enumerate(state["rows"])}
         self._store = precision.clone()
-        self.prior_precision = state["prior_precision"].to(self.mean.device, torch.float32)
+        if "prior_matrix" in state:
+            self.prior_matrix = state["prior_matrix"].to(self.mean.device, torch.float32).clone()
+        else:  # a checkpoint from before the full prior: the diagonal's precisions
+            self.prior_matrix = torch.diag(state["prior_precision"].to(self.mean.device, torch.float32))
         self.updates = int(state["updates"])
         self.changes = float(state.get("changes", 0.0))
 

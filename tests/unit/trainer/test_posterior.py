@@ -72,10 +72,29 @@ def test_empirical_bayes_refits_the_prior_and_keeps_each_users_evidence() -> Non
     for u in range(4):
         for _ in range(3):
             post.update(_examples([u] * 4, [[1.0, 0.0]] * 4, [u % 2] * 4))
-    evidence = post.precision - torch.diag(post.prior_precision)
+    evidence = post.precision - post.prior_matrix
     post.refit_prior()
     assert (1.0 / post.prior_precision[0]) > 0.1**2  # the users' weights on feature 0 spread wider than the prior
-    torch.testing.assert_close(post.precision - torch.diag(post.prior_precision), evidence)
+    torch.testing.assert_close(post.precision - post.prior_matrix, evidence)
+
+
+def test_a_full_prior_learns_that_two_weights_go_together() -> None:
+    """Users who like feature 0 like feature 1 and the others like neither: the full prior's
+    refit keeps that correlation, so a new user's clicks on feature 0 alone raise its weight
+    on feature 1; the diagonal prior learns nothing about feature 1 from them."""
+    def run(full: bool) -> UserPosterior:
+        post = _posterior(buckets=16, prior_std=0.3, full_prior=full, newton_steps=2)
+        for u in range(12):
+            for _ in range(4):
+                post.update(_examples([u] * 4, [[1.0, 0.0], [0.0, 1.0]] * 2, [u % 2] * 4))
+        post.refit_prior()
+        post.update(_examples([15] * 4, [[1.0, 0.0]] * 4, [1] * 4))
+        return post
+
+    full, diagonal = run(True), run(False)
+    assert full.prior_matrix[0, 1] < 0.0  # a positive correlation of the two weights
+    assert full.mean[15, 1] > 0.1
+    assert abs(float(diagonal.mean[15, 1])) < 1e-6
 
 
 def test_a_change_of_taste_restarts_the_posterior_and_a_steady_taste_does_not() -> None:
