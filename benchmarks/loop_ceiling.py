@@ -16,6 +16,8 @@ examples every ``--learn-every`` requests (no guardrail, no publishing delay):
 * ``oracle-text`` and ``oracle-category``: the same Bayes rule knowing less of the items: each
   item's mixture as counted from its text's words, or only its category (one-hot), so that what
   the text can tell of an item is measured apart from what the labels tell of a user;
+* ``oracle-gauss``: what ``oracle-text`` knows, with a Gaussian belief of each user's interests
+  (``harness.baselines.GaussianOracle``): the ceiling of a per-user Gaussian posterior;
 * ``learner``: the trainer's default model and learner (``ModelConfig``/``LearnerConfig``
   defaults, one pass, batches of ``--batch-size``), scoring as serving does;
 * ``learner+eps``: the same, exploring as serving does with ``STREAMREC_SERVING_EXPLORE=epsilon``
@@ -67,7 +69,7 @@ from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
 from trainer.model import ModelConfig, build_model
 
-ARMS = ("oracle", "oracle-text", "oracle-category", "learner", "learner+eps", "learner+ts", "user-cat-ctr", "item-ctr", "random")
+ARMS = ("oracle", "oracle-text", "oracle-category", "oracle-gauss", "learner", "learner+eps", "learner+ts", "user-cat-ctr", "item-ctr", "random")
 
 
 class _Policy:

@@ -25,7 +25,11 @@ the driver never scores it.
   the interests) and learns each user's interests ``theta_u`` from past labels
   only: Bayes' rule over draws of the prior, with a small change-point hazard
   so that it can follow a shift.  A learnable reference, below the
-  true-probability AUC.
+  true-probability AUC;
+- :class:`GaussianOracle` (synthetic only) -- what ``oracle-text`` knows, but
+  its belief of ``sharpness * theta_u`` is a Gaussian (moment-matched to the
+  Dirichlet prior), learned by Laplace steps: the best a per-user Gaussian
+  posterior such as the learner's (``trainer/posterior.py``) can expect.
 
 Hyperparameters are fixed, round values, not tuned on any stream.  Items and
 their categories come from the ``Item`` records at construction; users are
@@ -426,10 +430,89 @@ class LearnableOracle:
         self.weights[users] = (1.0 - h)[:, None] * w + h[:, None] / w.shape[1]
 
 
+class GaussianOracle:
+    """A per-user Gaussian posterior with everything else of the generator known.
+
+    Each user's weights ``w_u = sharpness * theta_u`` start at the Gaussian with
+    the Dirichlet prior's mean and covariance; a batch of the user's labels is a
+    Laplace step (``newton_steps`` Newton iterations of the Bayesian logistic
+    regression ``p = sigmoid(<w_u, phi_i> + bias)``, its precision the
+    posterior's); the prediction is the probit-moderated predictive
+    ``sigmoid(m / sqrt(1 + pi v / 8))``.  Before each batch the belief moves
+    towards the prior by the chance ``1 - (1 - hazard)^n`` of a change over the
+    user's ``n`` examples (as :class:`LearnableOracle`'s change point, but one
+    Gaussian cannot hold both "changed" and "not").  It differs from
+    :class:`LearnableOracle` by the shape of the prior only: with the same
+    knowledge of the items, the gap between the two is what a sparse
+    (Dirichlet) prior is worth over a Gaussian one.
+    """
+
+    def __init__(
+        self, generator: KnownGenerator, hazard: float = 0.005, newton_steps: int = 3, name: str = "oracle-gauss"
+    ) -> None:
+        self.name = name
+        self.gen = generator
+        ids = list(generator.item_topics)
+        self.items = _Ids(ids)
+        self.phi = np.stack([np.asarray(generator.item_topics[i], dtype=np.float64) for i in ids])
+        k = self.phi.shape[1]
+        m = np.full(k, 1.0 / k)  # Dirichlet(a, ..., a): mean 1/k, covariance (diag(m) - m m') / (k a + 1)
+        cov = (np.diag(m) - np.outer(m, m)) / (k * generator.user_concentration + 1.0)
+        s = generator.sharpness
+        self.prior_mean = s * m
+        self.prior_precision = np.linalg.inv(s * s * cov + 1e-6 * np.eye(k))  # the simplex makes it singular
+        self.hazard = hazard
+        self.newton_steps = newton_steps
+        self.users = _Ids()
+        self.mean = np.zeros((0, k))
+        self.precision = np.zeros((0, k, k))
+        self.covariance = np.zeros((0, k, k))
+
+    def _rows(self, examples: Sequence[Labeled]) -> tuple[np.ndarray, np.ndarray]:
+        n_old = len(self.users)
+        u = self.users.rows([e.user_id for e in examples])
+        n = len(self.users)
+        if n > n_old:
+            self.mean = np.concatenate([self.mean, np.tile(self.prior_mean, (n - n_old, 1))])
+            self.precision = np.concatenate([self.precision, np.tile(self.prior_precision, (n - n_old, 1, 1))])
+            prior_cov = np.linalg.inv(self.prior_precision)
+            self.covariance = np.concatenate([self.covariance, np.tile(prior_cov, (n - n_old, 1, 1))])
+        i = np.fromiter((self.items.index[e.item_id] for e in examples), dtype=np.int64, count=len(examples))
+        return u, i
+
+    def predict(self, examples: Sequence[Labeled]) -> np.ndarray:
+        u, i = self._rows(examples)
+        z = self.phi[i]
+        m = (z * self.mean[u]).sum(1) + self.gen.bias
+        v = np.einsum("nk,nkl,nl->n", z, self.covariance[u], z)
+        return _sigmoid(m / np.sqrt(1.0 + math.pi * v / 8.0))
+
+    def learn(self, examples: Sequence[Labeled]) -> None:
+        if not examples:
+            return
+        u, i = self._rows(examples)
+        y = np.fromiter((e.label for e in examples), dtype=np.float64, count=len(examples))
+        for user in np.unique(u):
+            sel = u == user
+            z, yu = self.phi[i[sel]], y[sel]
+            h = 1.0 - (1.0 - self.hazard) ** int(sel.sum())
+            prec = (1.0 - h) * self.precision[user] + h * self.prior_precision
+            old = (1.0 - h) * self.mean[user] + h * self.prior_mean
+            w, hess = old.copy(), prec
+            for _ in range(self.newton_steps):
+                p = _sigmoid(z @ w + self.gen.bias)
+                grad = z.T @ (yu - p) - prec @ (w - old)
+                hess = prec + (z * (p * (1.0 - p))[:, None]).T @ z
+                w = w + np.linalg.solve(hess, grad)
+            self.mean[user], self.precision[user] = w, hess
+            self.covariance[user] = np.linalg.inv(hess)
+
+
 # --------------------------------------------------------------------------- construction
-ORACLES = {"oracle": "phi", "oracle-text": "text", "oracle-category": "category"}
+ORACLES = {"oracle": "phi", "oracle-text": "text", "oracle-category": "category", "oracle-gauss": "text"}
 """The learnable references, by row name, and what each knows of the items (:meth:`KnownGenerator.knowing`):
-the exact mixtures, the mixtures as counted from the text's words, or only the category."""
+the exact mixtures, the mixtures as counted from the text's words, or only the category;
+``oracle-gauss`` is :class:`GaussianOracle` on the words' counts, the others :class:`LearnableOracle`."""
 BASELINES = ("item-ctr", "user-cat-ctr", "mf-16", "river-lr", *ORACLES)
 """Every baseline, by row name; the ``oracle*`` rows need a :class:`KnownGenerator` (synthetic only)."""
 
@@ -447,7 +530,10 @@ def make_baseline(name: str, items: Sequence[Item], generator: KnownGenerator | 
     if name in ORACLES:
         if generator is None:
             raise ValueError(f"the learnable {name} needs the generator (synthetic stream only)")
-        return LearnableOracle(generator.knowing(ORACLES[name]), seed=seed, name=name)
+        known = generator.knowing(ORACLES[name])
+        if name == "oracle-gauss":
+            return GaussianOracle(known, name=name)
+        return LearnableOracle(known, seed=seed, name=name)
     raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
 
 

@@ -193,6 +193,7 @@ _NOTES = {
     "oracle": "learnable: knows phi_i, sharpness, bias; learns theta_u",
     "oracle-text": "the same, phi_i counted from the item's words",
     "oracle-category": "the same, phi_i = one-hot of the item's category",
+    "oracle-gauss": "as oracle-text, with a Gaussian prior of theta_u",
 }
 
 

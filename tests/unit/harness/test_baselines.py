@@ -11,6 +11,7 @@ import pytest
 from contract.records import Item, Labeled, example_id
 from harness import evaluate as ev
 from harness.baselines import (
+    GaussianOracle,
     ItemCTR,
     KnownGenerator,
     LearnableOracle,
@@ -227,6 +228,27 @@ def test_weaker_oracles_know_the_text_counts_or_only_the_category(small_syntheti
     assert p[0] == pytest.approx(p[1])
     r = ev.run_baseline("oracle-text", replay, stream, [], ev._period_bounds(stream, 2), ev.EvalSettings(batch_size=100))
     assert r.kind == "reference" and auc(r.labels, r.probs) > 0.55
+
+
+def test_gaussian_oracle_starts_at_the_priors_moments_and_takes_a_laplace_step(small_synthetic) -> None:
+    replay, stream, held, bounds = small_synthetic
+    gen = replay.generator
+    oracle = make_baseline("oracle-gauss", replay.items, gen)
+    assert isinstance(oracle, GaussianOracle) and oracle.name == "oracle-gauss"
+    k = len(next(iter(gen.item_topics.values())))
+    np.testing.assert_allclose(oracle.prior_mean, np.full(k, gen.sharpness / k))
+    # one example, one Newton step from the prior, by hand (no change point)
+    one = GaussianOracle(gen.knowing("text"), hazard=0.0, newton_steps=1)
+    ex = stream[0].model_copy(update={"label": 1})
+    z = gen.knowing("text").item_topics[ex.item_id]
+    p0 = 1.0 / (1.0 + np.exp(-(z @ one.prior_mean + gen.bias)))
+    hess = one.prior_precision + p0 * (1 - p0) * np.outer(z, z)
+    before = one.predict([ex])
+    one.learn([ex])
+    np.testing.assert_allclose(one.mean[0], one.prior_mean + np.linalg.solve(hess, z * (1 - p0)), rtol=1e-8)
+    assert one.predict([ex])[0] > before[0]  # a click raises the item's score
+    r = ev.run_baseline("oracle-gauss", replay, stream, held, bounds, ev.EvalSettings(batch_size=100))
+    assert r.kind == "reference" and auc(r.labels, r.probs) > 0.6
 
 
 def test_baselines_score_the_same_examples_as_the_learner_would(small_synthetic) -> None:
