@@ -460,7 +460,8 @@ class GaussianOracle:
         cov = (np.diag(m) - np.outer(m, m)) / (k * generator.user_concentration + 1.0)
         s = generator.sharpness
         self.prior_mean = s * m
-        self.prior_precision = np.linalg.inv(s * s * cov + 1e-6 * np.eye(k))  # the simplex makes it singular
+        self.prior_covariance = s * s * cov + 1e-6 * np.eye(k)  # the simplex makes it singular
+        self.prior_precision = np.linalg.inv(self.prior_covariance)
         self.hazard = hazard
         self.newton_steps = newton_steps
         self.users = _Ids()
@@ -472,11 +473,13 @@ class GaussianOracle:
         n_old = len(self.users)
         u = self.users.rows([e.user_id for e in examples])
         n = len(self.users)
-        if n > n_old:
-            self.mean = np.concatenate([self.mean, np.tile(self.prior_mean, (n - n_old, 1))])
-            self.precision = np.concatenate([self.precision, np.tile(self.prior_precision, (n - n_old, 1, 1))])
-            prior_cov = np.linalg.inv(self.prior_precision)
-            self.covariance = np.concatenate([self.covariance, np.tile(prior_cov, (n - n_old, 1, 1))])
+        if n > n_old:  # new users start at the prior
+            self.mean, self.precision, self.covariance = (
+                _grow(self.mean, n), _grow(self.precision, n), _grow(self.covariance, n)
+            )
+            self.mean[n_old:n] = self.prior_mean
+            self.precision[n_old:n] = self.prior_precision
+            self.covariance[n_old:n] = self.prior_covariance
         i = np.fromiter((self.items.index[e.item_id] for e in examples), dtype=np.int64, count=len(examples))
         return u, i
 
