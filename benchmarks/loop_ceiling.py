@@ -42,10 +42,12 @@ error over seeds of the before/after ratios and their last windows, and a JSON l
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -55,7 +57,10 @@ from benchmarks.world_examples import Histories, candidate_examples, react, slat
 from contract.records import Labeled
 from harness.baselines import KnownGenerator, make_baseline
 from harness.evaluate import field_overrides
+from serving.metrics import ServingMetrics
+from serving.refresh import Arrived, PosteriorRefresh
 from serving.scoring import ExplorePolicy, choose
+from serving.snapshot import ServingModel, encode_entries, model_snapshot
 from streams.replay.loop_figures import (
     Outcome,
     format_summary,
@@ -69,7 +74,8 @@ from trainer.catalog import Catalog
 from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
 from trainer.model import ModelConfig, build_model
 
-ARMS = ("oracle", "oracle-text", "oracle-category", "oracle-gauss", "learner", "learner+eps", "learner+ts", "user-cat-ctr", "item-ctr", "random")
+ARMS = ("oracle", "oracle-text", "oracle-category", "oracle-gauss", "learner", "learner+eps", "learner+ts", "learner+refresh",
+        "user-cat-ctr", "item-ctr", "random")
 
 
 class _Policy:
@@ -132,6 +138,52 @@ class _ThompsonLearner(_Learner):
             model.user_posterior_mean[row] = mean
 
 
+class _RefreshedLearner(_Learner):
+    """The learner as the pipeline runs it: its model is "published" (copied) after each learning
+    step, and a serving-side :class:`serving.refresh.PosteriorRefresh` learns every request's labels
+    under that copy, ``--refresh-every`` requests later; each user the refresh has seen is scored with
+    its mean in place of the learner's."""
+
+    def __init__(self, catalog: Catalog, args: argparse.Namespace) -> None:
+        super().__init__(catalog, args)
+        self.catalog = catalog
+        self.refresh = PosteriorRefresh(ServingMetrics(), every_s=0.0, history_length=args.max_history)
+        self.sm: ServingModel | None = None
+        self.version = 0
+        self.offered = 0  # the examples' offsets in one "labeled" partition
+        self.trained = 0
+
+    def learn(self, examples: Sequence[Labeled]) -> None:
+        super().learn(examples)
+        self.trained += len(examples)  # every request's examples reach the learner in request order
+        self.version += 1
+        served = copy.deepcopy(self.learner.model).eval()
+        entries = [(i, e) for i in self.catalog.item_ids() if (e := self.catalog.get(i)) is not None]
+        self.sm = replace(model_snapshot(self.version, served, entries, encode_entries(served, entries, batch=256)),
+                          source_offsets={"labeled:0": self.trained})
+        self.refresh.apply(self.sm)  # the new version gets every user's refreshed mean
+
+    def observe(self, examples: Sequence[Labeled]) -> None:
+        self.refresh.offer([Arrived(0, self.offered + j, ex) for j, ex in enumerate(examples)])
+        self.offered += len(examples)
+        if self.sm is not None:
+            self.refresh.apply(self.sm, force=True)
+
+    def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
+        post, model = self.refresh.posterior, self.learner.model
+        if post is None or not candidates:
+            return super().scores(candidates)
+        row = int(model.user_rows([candidates[0].user_id], model.user_posterior_mean.device)[0])
+        if row not in post.rows:
+            return super().scores(candidates)
+        mean = model.user_posterior_mean[row].clone()
+        model.user_posterior_mean[row] = post.mean[row].to(mean.dtype)
+        try:
+            return super().scores(candidates)
+        finally:
+            model.user_posterior_mean[row] = mean
+
+
 class _Random(_Policy):
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng([seed, 0x7A4D])
@@ -155,6 +207,8 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
         policy = _Learner(catalog, args)
     elif arm == "learner+ts":
         policy = _ThompsonLearner(catalog, args, seed)
+    elif arm == "learner+refresh":
+        policy = _RefreshedLearner(catalog, args)
     elif arm == "random":
         policy = _Random(seed)
     else:
@@ -162,6 +216,7 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
     explorer = ExplorePolicy(kind="epsilon" if arm.endswith("+eps") else "off", epsilon=args.epsilon, seed=seed)
     histories = Histories(args.max_history)
     pending: list[Labeled] = []
+    fresh: list[Labeled] = []  # the refresh's examples not yet handed to it
     outcomes: list[Outcome] = []
     optimal = world.optimal()
     for e in tqdm(range(world.cfg.requests), desc=arm, unit="req", leave=False, file=sys.stderr):
@@ -177,7 +232,13 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
         scores = policy.scores(candidate_examples(world, e, range(known), history))
         rows, props = choose(scores, world.item_ids[:known], world.cfg.k, explorer, f"r{e}")  # as serving does
         labels, expected = react(world, e, rows)
-        pending += slate_examples(world, e, rows, labels, history, props, arm)
+        shown = slate_examples(world, e, rows, labels, history, props, arm)
+        pending += shown
+        if isinstance(policy, _RefreshedLearner):
+            fresh += shown
+            if (e + 1) % args.refresh_every == 0:
+                policy.observe(fresh)
+                fresh = []
         histories.add(user, [world.item_ids[r] for r, y in zip(rows, labels, strict=True) if y])
         outcomes.append(Outcome(
             index=e, request_id=f"r{e}", user_id=user, ts=ts, model_version=arm,
@@ -200,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=d.k)
     p.add_argument("--position-bias", type=float, default=d.position_bias)
     p.add_argument("--learn-every", type=int, default=100, help="requests between a policy's updates (100 s of event time)")
+    p.add_argument("--refresh-every", type=int, default=10,
+                   help="learner+refresh: requests between two refreshes of the serving-side posterior")
     p.add_argument("--epsilon", type=float, default=0.1, help="learner+eps: serving's epsilon")
     p.add_argument("--ts-scale", type=float, default=0.5, help="learner+ts: scale of the posterior's standard deviations")
     p.add_argument("--window", type=int, default=d.window)

@@ -12,10 +12,14 @@ The pieces, each in its own module and tested on its own:
 * the Kafka consumers (:mod:`serving.consumers`): the **state** thread
   (``items``, ``user-history``, ``model-updates`` read to their end at
   start-up, then tailed) and the **requests** thread (the ``rec-requests``
-  group member).
+  group member);
+* the **labeled** thread (:mod:`serving.refresh`): follows ``labeled`` into the
+  agent's own per-user posterior, which the scorer thread refreshes (at most
+  every ``posterior_refresh_s``) and serves in place of the version's per-user
+  means (``posterior_refresh``, on by default).
 
 Threads (all daemons; :meth:`ServingAgent.stop` ends them in order): state,
-loader, scorer, requests.  A thread that fails stops the agent
+labeled, loader, scorer, requests.  A thread that fails stops the agent
 (:attr:`ServingAgent.error`).  Offsets of ``rec-requests`` are committed only
 once the answer (or dead letter) of that request and of every earlier one in
 its partition is acknowledged (at-least-once; ``request_id`` identifies
@@ -41,12 +45,14 @@ import torch
 
 from contract.errors import ConfigError
 from contract.settings import KafkaSettings
+from contract.topics import LABELED
 from infra.kafka import KafkaProducer
 from serving.answers import Outbox, ScoreLoop
 from serving.consumers import AgentError, RequestLoop, StateReader
 from serving.loader import ModelLoader
 from serving.metrics import ServingMetrics
 from serving.query import QueryIndex
+from serving.refresh import LabeledFollower, PosteriorRefresh
 from serving.scoring import ExplorePolicy, Scorer
 from serving.settings import FALLBACK_VERSION, ServingSettings, check_runtime
 from serving.snapshot import ModelHolder, fallback_snapshot
@@ -110,6 +116,11 @@ class ServingAgent:
                                  pool=s.explore_pool, seed=s.explore_seed),
             query=self.query_index, query_weight=s.query_model_weight,
         )  # fmt: skip
+        self.refresh = (
+            PosteriorRefresh(self.metrics, topic=LABELED.real_name(kafka), every_s=s.posterior_refresh_s,
+                             history_length=s.history_length)
+            if s.posterior_refresh else None
+        )
         self.ledger = OffsetLedger()
         self.queue = RequestQueue()
         self.ready = threading.Event()
@@ -149,13 +160,17 @@ class ServingAgent:
         self.loader.start()
         scoring = ScoreLoop(
             queue=self.queue, holder=self.holder, users=self.users, scorer=self.scorer, outbox=outbox,
-            metrics=self.metrics, max_batch=s.max_batch,
+            metrics=self.metrics, max_batch=s.max_batch, refresh=self.refresh,
         )  # fmt: skip
         self._requests = requests = RequestLoop(
             self.kafka, s, topic=self.topics.requests, queue=self.queue, ledger=self.ledger, outbox=outbox,
             metrics=self.metrics, on_assigned=self.ready.set,
         )  # fmt: skip
         self._spawn("serving-state", lambda: state.tail(self._stop))
+        if self.refresh is not None:
+            follower = LabeledFollower(self.kafka, self.refresh, self.metrics, group_id=s.group_id,
+                                       replay=s.posterior_replay)  # fmt: skip
+            self._spawn("serving-labeled", lambda: follower.run(self._stop))
         scorer = self._spawn("serving-scorer", scoring.run)
         self._spawn("serving-requests", lambda: requests.run(self._stop, drain=lambda: self._drain(scorer)))
         left = (timeout or s.startup_timeout_s) - (time.monotonic() - started)

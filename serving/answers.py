@@ -41,6 +41,7 @@ from confluent_kafka import KafkaError
 from contract.records import DeadLetter, Recommendation
 from infra.kafka import Barrier, KafkaProducer, dead_letter, dead_letter_of
 from serving.metrics import ServingMetrics
+from serving.refresh import PosteriorRefresh
 from serving.scoring import Query, Scored, Scorer
 from serving.snapshot import ModelHolder
 from serving.state import OffsetLedger, Pending, RequestQueue, ServingTopics, UserState
@@ -216,7 +217,9 @@ class ScoreLoop:
         outbox: Outbox,
         metrics: ServingMetrics,
         max_batch: int,
+        refresh: PosteriorRefresh | None = None,
     ) -> None:
+        self.refresh = refresh
         self.queue = queue
         self.holder = holder
         self.users = users
@@ -230,6 +233,8 @@ class ScoreLoop:
         while True:
             batch = self.queue.take(self.max_batch)
             self.outbox.poll(0)
+            if self.refresh is not None:  # the scorer thread is the only one that touches the live model
+                self.refresh.apply(self.holder.current)
             if not batch:
                 if self.queue.closed:
                     return

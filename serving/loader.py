@@ -222,12 +222,13 @@ class ModelLoader:
             if live_sm.model is not None and live_sm.item_vecs is not None and same_item_tower(live_sm.model, model):
                 # Only the user tower / heads changed: the live item vectors are this version's too.
                 sm = replace(live_sm, version=str(update.version), number=update.version, model=model,
-                             created=time.monotonic())
+                             created=time.monotonic(), source_offsets=dict(update.source_offsets))
                 encoded = 0
             else:
                 entries = self.catalog.entries()
                 vecs = encode_entries(model, entries, batch=self.encode_batch)
-                sm = model_snapshot(update.version, model, entries, vecs)
+                sm = replace(model_snapshot(update.version, model, entries, vecs),
+                             source_offsets=dict(update.source_offsets))
                 encoded = len(entries)
             check_finite(sm)
         except Exception as exc:

@@ -25,6 +25,10 @@ Exported (prefix ``streamrec_serving_``):
 * ``produce_errors_total`` — outputs the broker did not accept (logged).
 * ``catalog_items``, ``items_encoded_total`` — catalog size and item vectors computed.
 * ``assigned_partitions`` — ``rec-requests`` partitions this agent owns in its group.
+* ``posterior_examples_total``, ``posterior_users``, ``posterior_seconds`` — labeled examples
+  the agent's own per-user posterior learned (:mod:`serving.refresh`), users it holds, and the
+  time of each refresh; ``posterior_skipped_total{reason}`` — examples it did not learn
+  (``duplicate``, ``unknown_item``, ``invalid_record``, ``pending_full``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,17 @@ class ServingMetrics:
         )
         self.items_encoded = Counter(
             f"{p}items_encoded", "Item vectors computed by the item tower.", registry=r
+        )
+        self.posterior_examples = Counter(
+            f"{p}posterior_examples", "Labeled examples learned by the agent's per-user posterior.", registry=r
+        )
+        self.posterior_skipped = Counter(
+            f"{p}posterior_skipped", "Labeled examples the per-user posterior did not learn.", ["reason"], registry=r
+        )
+        self.posterior_users = Gauge(f"{p}posterior_users", "Users in the agent's per-user posterior.", registry=r)
+        self.posterior_seconds = Histogram(
+            f"{p}posterior_seconds", "Time of one refresh of the per-user posterior.",
+            buckets=_LATENCY_BUCKETS, registry=r,
         )
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:

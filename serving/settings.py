@@ -108,6 +108,24 @@ class ServingSettings(BaseSettings):
         description="Producer linger for recommendations (latency vs. batching).",
     )
 
+    # --- the per-user posterior, refreshed from labeled -------------------------------------
+    posterior_refresh: bool = Field(
+        default=True,
+        description="Follow the labeled topic and add to the live version's per-user posterior means what "
+        "the labels the version has not learned yet say, by the trainer's Bayes rule (serving/refresh.py): "
+        "a user's clicks count within a second, not at the next version.  Off = the version's means only.",
+    )
+    posterior_refresh_s: float = Field(
+        default=0.5, gt=0.0, le=60.0,
+        description="Least time between two refreshes (a slate's labels, which the join emits together, "
+        "are then learned in one update, as the trainer's batch learns them).",
+    )
+    posterior_replay: int = Field(
+        default=100_000, ge=0,
+        description="Records of each labeled partition read back at start-up (the posterior forgets: "
+        "a user's recent labels are what it holds).",
+    )
+
     # --- fallback and cold start -------------------------------------------------------------
     popularity_half_life_s: float = Field(
         default=3600.0, gt=0.0,

@@ -52,6 +52,9 @@ class ServingModel:
     """``[len(item_ids), d]`` on the serving device; None for the fallback."""
     text_hashes: tuple[str, ...]
     created: float = field(default_factory=time.monotonic)
+    source_offsets: Mapping[str, int] = field(default_factory=dict)
+    """The version's ``source_offsets`` (``"topic:partition"`` -> next offset it trained up to): which
+    labeled examples it has learned (:mod:`serving.refresh` adds the newer ones); empty for the fallback."""
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -163,6 +166,7 @@ def apply_item_changes(
         index={i: r for r, i in enumerate(ids)},
         item_vecs=vecs,
         text_hashes=tuple(hashes),
+        source_offsets=sm.source_offsets,
     )
 
 

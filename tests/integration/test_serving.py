@@ -1,5 +1,5 @@
 """The scoring agent on a real broker: live version, hot swap under load, refused versions,
-zero-shot new items, dead letters.
+labels learned by its own per-user posterior, zero-shot new items, dead letters.
 
 The agent runs in-process (its threads), so a test can wait on its swap and
 read its counters; requests and recommendations go through the broker.
@@ -19,11 +19,20 @@ import pytest
 import torch
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from contract.records import DeadLetter, Item, Recommendation, RecRequest, UserHistory
+from contract.records import (
+    DeadLetter,
+    Item,
+    Labeled,
+    Recommendation,
+    RecRequest,
+    UserHistory,
+    example_id,
+)
 from contract.settings import KafkaSettings
 from contract.topics import (
     DEAD_LETTERS,
     ITEMS,
+    LABELED,
     MODEL_UPDATES,
     REC_REQUESTS,
     RECOMMENDATIONS,
@@ -274,6 +283,50 @@ def test_a_new_item_is_recommended_by_its_text_without_any_click(
         assert ranked[2] == "new"  # ...then, by text similarity to them, the never-clicked new item
         assert "new" in {s.item_id for s in warm.items} and warm.model_version == "1"
         assert agent.metrics.value("items_encoded_total") == len(TEXTS) + 1
+
+
+CATEGORIES = {"s1": "space", "s2": "space", "c1": "other", "r1": "other", "w1": "other", "d1": "other"}
+
+
+def test_labels_reach_a_users_scores_before_any_new_version(
+    kafka_settings: KafkaSettings, store: WeightStore, recs: Recommendations
+) -> None:
+    # The agent's own per-user posterior (serving/refresh.py) learns from `labeled` as it arrives.
+    # Its features are the two category shares here (no catalog text basis without a trainer).
+    cfg = CONFIG.model_copy(update={"categories": ["space", "other"], "user_posterior_dims": 0})
+    produce(kafka_settings, ITEMS, [Item(item_id=i, text=t, categories=[CATEGORIES[i]], ts=1_000) for i, t in TEXTS.items()])
+    produce(kafka_settings, USER_HISTORY, [UserHistory(user_id="fan", items=["s1"], ts=2_000)])
+    produce(kafka_settings, MODEL_UPDATES, [store.publish(build_model(cfg), version=1)])
+
+    def margin(rec: Recommendation) -> float:
+        by = {s.item_id: s.score for s in rec.items}
+        space = [v for i, v in by.items() if CATEGORIES[i] == "space"]
+        other = [v for i, v in by.items() if CATEGORIES[i] == "other"]
+        return sum(space) / len(space) - sum(other) / len(other)
+
+    with running_agent(kafka_settings, store, posterior_refresh_s=0.05) as agent:
+        produce(kafka_settings, REC_REQUESTS, [request("before", user="fan", k=len(TEXTS))])
+        (before,) = recs.wait_for(["before"])
+        slates = [
+            Labeled(example_id=example_id(f"imp{n}", i), impression_id=f"imp{n}", user_id="fan", item_id=i,
+                    position=p, label=int(CATEGORIES[i] == "space"), history=["s1"], impression_ts=3_000 + n,
+                    label_ts=4_000 + n, ts=5_000 + n)
+            for n in range(3) for p, i in enumerate(TEXTS)
+        ]  # fmt: skip
+        produce(kafka_settings, LABELED, slates + slates[:2])  # the last two are redeliveries
+        produce_raw(kafka_settings, LABELED.real_name(kafka_settings), [(b"fan", b"{not json")])
+        deadline = time.monotonic() + 30
+        while agent.metrics.value("posterior_examples_total") < len(slates) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        produce(kafka_settings, REC_REQUESTS, [request("after", user="fan", k=len(TEXTS))])
+        (after,) = recs.wait_for(["after"])
+        m = agent.metrics
+        assert m.value("posterior_examples_total") == len(slates)
+        assert m.value("posterior_skipped_total", {"reason": "duplicate"}) == 2
+        assert m.value("posterior_skipped_total", {"reason": "invalid_record"}) == 1
+        assert before.model_version == after.model_version == "1"  # no new version: the agent learned it
+        assert margin(after) > margin(before) + 0.5
+        assert {s.item_id for s in after.items[:2]} == {"s1", "s2"}  # the space items on top
 
 
 def test_malformed_requests_go_to_dead_letters_and_serving_continues(

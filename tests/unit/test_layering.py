@@ -23,8 +23,12 @@ ALLOWED: dict[str, set[str]] = {
     "harness": {"contract", "infra", "streams", "trainer", "serving"},
     "benchmarks": {"contract", "infra", "streams", "trainer", "serving", "harness"},
 }
-SERVING_MAY_USE = {"model", "model_config", "weights", "catalog", "popularity", "prefix_cache", "device", "metrics"}
-"""What serving takes from the trainer package: the model and its weights, not the learner or the service."""
+SERVING_MAY_USE = {
+    "model", "model_config", "weights", "catalog", "popularity", "prefix_cache", "device", "metrics",
+    "posterior", "dedupe", "learner_config",
+}
+"""What serving takes from the trainer package: the model and its weights, the per-user posterior it refreshes
+(serving/refresh.py: the posterior's Bayes rule, its settings, the redelivery window), not the learner or the service."""
 
 
 def _imports(path: Path) -> set[str]:
