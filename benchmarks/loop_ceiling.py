@@ -218,6 +218,7 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
     pending: list[Labeled] = []
     fresh: list[Labeled] = []  # the refresh's examples not yet handed to it
     outcomes: list[Outcome] = []
+    clicks = np.zeros(len(world.item_ids))  # per item, for the popularity answers before --serve-from
     optimal = world.optimal()
     for e in tqdm(range(world.cfg.requests), desc=arm, unit="req", leave=False, file=sys.stderr):
         ts = int(world.request_ts[e])
@@ -229,7 +230,10 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
             pending = []
         user = world.request_user[e]
         history = histories.of(user)
-        scores = policy.scores(candidate_examples(world, e, range(known), history))
+        if e < args.serve_from:  # the pipeline's start: the popularity fallback answers, the policy learns
+            scores = clicks[:known].astype(np.float64)
+        else:
+            scores = policy.scores(candidate_examples(world, e, range(known), history))
         rows, props = choose(scores, world.item_ids[:known], world.cfg.k, explorer, f"r{e}")  # as serving does
         labels, expected = react(world, e, rows)
         shown = slate_examples(world, e, rows, labels, history, props, arm)
@@ -240,8 +244,9 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
                 policy.observe(fresh)
                 fresh = []
         histories.add(user, [world.item_ids[r] for r, y in zip(rows, labels, strict=True) if y])
+        np.add.at(clicks, np.asarray(rows, dtype=np.int64), np.asarray(labels, dtype=np.float64))
         outcomes.append(Outcome(
-            index=e, request_id=f"r{e}", user_id=user, ts=ts, model_version=arm,
+            index=e, request_id=f"r{e}", user_id=user, ts=ts, model_version="fallback:popularity" if e < args.serve_from else arm,
             items=tuple(world.item_ids[r] for r in rows), propensities=None if props is None else tuple(props),
             clicked=tuple(int(j) for j in np.flatnonzero(labels)), expected=expected, optimal=float(optimal[e]),
             latency_s=0.0,
@@ -261,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=d.k)
     p.add_argument("--position-bias", type=float, default=d.position_bias)
     p.add_argument("--learn-every", type=int, default=100, help="requests between a policy's updates (100 s of event time)")
+    p.add_argument("--serve-from", type=int, default=0,
+                   help="requests answered by click counts (the popularity fallback) before the policy serves, "
+                   "as the pipeline's guardrail holds its first version back (make loop: ~600-1,000)")
     p.add_argument("--refresh-every", type=int, default=10,
                    help="learner+refresh: requests between two refreshes of the serving-side posterior")
     p.add_argument("--epsilon", type=float, default=0.1, help="learner+eps: serving's epsilon")

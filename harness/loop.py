@@ -9,7 +9,8 @@ other on one broker:
    exploration (``STREAMREC_SERVING_EXPLORE``, epsilon by default);
 2. ``greedy``: the same without exploration;
 3. ``frozen``: the same as ``greedy``, but the trainer is killed as soon as its log says
-   it published (announced) its first version, so that version is the last one served;
+   it published (announced) its first version, so that version is the last one served
+   (and the agent's per-user posterior, ``serving/refresh.py``, is off: nothing learns);
 4. ``popularity``: streams worker and scoring agent only, no trainer (the agent's
    popularity fallback answers everything).
 
@@ -157,6 +158,8 @@ def arm_services(
             "group_id": f"{prefix}serving",
             "explore": arm.explore,
             "explore_seed": cfg.seed,
+            # frozen: nothing learns after the first version, the agent's per-user posterior neither
+            "posterior_refresh": not arm.freeze,
             **(serving or {}),
         },
     )

@@ -13,11 +13,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_every_arm_runs_the_loop_and_the_json_line_has_its_phases(capsys) -> None:
     argv = ["--seeds", "1", "--requests", "60", "--window", "20", "--users", "10", "--items", "30", "--new-items", "5",
-            "--k", "3", "--learn-every", "20", "--arms", "oracle,oracle-text,learner+eps,learner+ts,item-ctr,random"]
+            "--k", "3", "--learn-every", "20", "--refresh-every", "5", "--serve-from", "10",
+            "--arms", "oracle,oracle-text,learner+eps,learner+ts,learner+refresh,item-ctr,random"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     res = json.loads(out.strip().splitlines()[-1])
-    assert set(res["arms"]) == {"oracle", "oracle-text", "learner+eps", "learner+ts", "item-ctr", "random"}
+    assert set(res["arms"]) == {"oracle", "oracle-text", "learner+eps", "learner+ts", "learner+refresh", "item-ctr", "random"}
     for arm in res["arms"].values():
         for phase in ("before", "before_last_window", "after", "after_last_window"):
             assert 0.0 <= arm[phase]["mean"] <= 1.5  # realised clicks / optimal expected clicks
