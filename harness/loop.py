@@ -159,7 +159,8 @@ def arm_services(
             "explore": arm.explore,
             "explore_seed": cfg.seed,
             # frozen: nothing learns after the first version, the agent's per-user posterior neither
-            "posterior_refresh": not arm.freeze,
+            # (the other arms take STREAMREC_SERVING_POSTERIOR_REFRESH, off by default)
+            **({"posterior_refresh": False} if arm.freeze else {}),
             **(serving or {}),
         },
     )

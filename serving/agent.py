@@ -16,7 +16,7 @@ The pieces, each in its own module and tested on its own:
 * the **labeled** thread (:mod:`serving.refresh`): follows ``labeled`` into the
   agent's own per-user posterior, which the scorer thread refreshes (at most
   every ``posterior_refresh_s``) and serves in place of the version's per-user
-  means (``posterior_refresh``, on by default).
+  means (``posterior_refresh``, off by default).
 
 Threads (all daemons; :meth:`ServingAgent.stop` ends them in order): state,
 labeled, loader, scorer, requests.  A thread that fails stops the agent

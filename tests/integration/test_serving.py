@@ -304,7 +304,7 @@ def test_labels_reach_a_users_scores_before_any_new_version(
         other = [v for i, v in by.items() if CATEGORIES[i] == "other"]
         return sum(space) / len(space) - sum(other) / len(other)
 
-    with running_agent(kafka_settings, store, posterior_refresh_s=0.05) as agent:
+    with running_agent(kafka_settings, store, posterior_refresh=True, posterior_refresh_s=0.05) as agent:
         produce(kafka_settings, REC_REQUESTS, [request("before", user="fan", k=len(TEXTS))])
         (before,) = recs.wait_for(["before"])
         slates = [
