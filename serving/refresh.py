@@ -136,7 +136,7 @@ class PosteriorRefresh:
         self._cut: dict[int, int] = {}
         """The live version's cut: partition of ``topic`` -> the next offset it has not learned."""
         self.learned = 0
-        """Examples learned so far (by ``live``)."""
+        """Examples learned so far (by either posterior)."""
 
     @property
     def posterior(self) -> UserPosterior | None:
@@ -184,8 +184,9 @@ class PosteriorRefresh:
             self._learn(self.base, sm, covered, [])  # type: ignore[arg-type]
             self._learn(self.live, sm, todo, touched)  # type: ignore[arg-type]
             self.newer.extend(todo)
-        while len(self.newer) > self._pending:  # a version that never comes: fold the oldest into base
-            self._learn(self.base, sm, [self.newer.popleft()], [])  # type: ignore[arg-type]
+        if len(self.newer) > self._pending:  # a version that never comes: fold the oldest into base
+            old = [self.newer.popleft() for _ in range(len(self.newer) - self._pending)]
+            self._learn(self.base, sm, old, [])  # type: ignore[arg-type]
         post = self.live
         if fresh_model:  # a new snapshot: every user learned so far, once
             rows = torch.tensor(sorted(post.rows), dtype=torch.long)

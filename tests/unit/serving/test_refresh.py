@@ -157,7 +157,11 @@ def test_a_late_positive_corrects_its_negative_and_the_inbox_is_bounded() -> Non
     refresh.apply(sm)
     assert float(model.user_posterior_mean[row, 1]) > after_negative  # the click counts, the negative is undone
     metrics = ServingMetrics()
-    small = PosteriorRefresh(metrics, pending=5)
+    small = PosteriorRefresh(metrics, pending=5, every_s=0.0)
     small.offer(arrived(space_fan()))
     assert small.waiting == 5
     assert metrics.value("posterior_skipped_total", {"reason": "pending_full"}) == 13
+    small.apply(snapshot(build_model(CONFIG).eval()))  # no version ever covers them: at most 5 stay newer
+    small.offer(arrived(space_fan("other")[:5], start=5))
+    small.apply(snapshot(build_model(CONFIG).eval()))
+    assert len(small.newer) == 5
