@@ -47,7 +47,6 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -116,6 +115,20 @@ class _Learner(_Policy):
         for batch in iter_batches(list(examples), self.batch_size):
             self.learner.step(batch)
 
+    def user_row(self, candidates: Sequence[Labeled]) -> int:
+        model = self.learner.model
+        return int(model.user_rows([candidates[0].user_id], model.user_posterior_mean.device)[0])
+
+    def scores_with(self, candidates: Sequence[Labeled], row: int, weights: torch.Tensor) -> np.ndarray:
+        """:meth:`scores` with user ``row``'s posterior weights set to ``weights`` for the call."""
+        buf = self.learner.model.user_posterior_mean
+        mean = buf[row].clone()
+        buf[row] = weights.to(buf.device, mean.dtype)
+        try:
+            return _Learner.scores(self, candidates)
+        finally:
+            buf[row] = mean
+
 
 class _ThompsonLearner(_Learner):
     """The learner, scoring each request with one draw of the user's posterior weights."""
@@ -126,16 +139,11 @@ class _ThompsonLearner(_Learner):
         self.rng = torch.Generator().manual_seed(seed)
 
     def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
-        post, model = self.learner.user_posterior, self.learner.model
+        post = self.learner.user_posterior
         if post is None or not candidates:
             return super().scores(candidates)
-        row = int(model.user_rows([candidates[0].user_id], model.user_posterior_mean.device)[0])
-        mean = model.user_posterior_mean[row].clone()
-        model.user_posterior_mean[row] = post.sample(row, scale=self.scale, generator=self.rng).to(mean.dtype)
-        try:
-            return super().scores(candidates)
-        finally:
-            model.user_posterior_mean[row] = mean
+        row = self.user_row(candidates)
+        return self.scores_with(candidates, row, post.sample(row, scale=self.scale, generator=self.rng))
 
 
 class _RefreshedLearner(_Learner):
@@ -159,8 +167,8 @@ class _RefreshedLearner(_Learner):
         self.version += 1
         served = copy.deepcopy(self.learner.model).eval()
         entries = [(i, e) for i in self.catalog.item_ids() if (e := self.catalog.get(i)) is not None]
-        self.sm = replace(model_snapshot(self.version, served, entries, encode_entries(served, entries, batch=256)),
-                          source_offsets={"labeled:0": self.trained})
+        vecs = encode_entries(served, entries, batch=256)
+        self.sm = model_snapshot(self.version, served, entries, vecs, {"labeled:0": self.trained})
         self.refresh.apply(self.sm)  # the new version gets every user's refreshed mean
 
     def observe(self, examples: Sequence[Labeled]) -> None:
@@ -170,18 +178,11 @@ class _RefreshedLearner(_Learner):
             self.refresh.apply(self.sm, force=True)
 
     def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
-        post, model = self.refresh.posterior, self.learner.model
-        if post is None or not candidates:
+        post = self.refresh.posterior
+        row = self.user_row(candidates) if post is not None and candidates else None
+        if row is None or row not in post.rows:  # type: ignore[union-attr]
             return super().scores(candidates)
-        row = int(model.user_rows([candidates[0].user_id], model.user_posterior_mean.device)[0])
-        if row not in post.rows:
-            return super().scores(candidates)
-        mean = model.user_posterior_mean[row].clone()
-        model.user_posterior_mean[row] = post.mean[row].to(mean.dtype)
-        try:
-            return super().scores(candidates)
-        finally:
-            model.user_posterior_mean[row] = mean
+        return self.scores_with(candidates, row, post.mean[row])  # type: ignore[union-attr]
 
 
 class _Random(_Policy):

@@ -227,8 +227,7 @@ class ModelLoader:
             else:
                 entries = self.catalog.entries()
                 vecs = encode_entries(model, entries, batch=self.encode_batch)
-                sm = replace(model_snapshot(update.version, model, entries, vecs),
-                             source_offsets=dict(update.source_offsets))
+                sm = model_snapshot(update.version, model, entries, vecs, update.source_offsets)
                 encoded = len(entries)
             check_finite(sm)
         except Exception as exc:

@@ -54,10 +54,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from torch import Tensor
@@ -179,8 +178,7 @@ class PosteriorRefresh:
             self.newer.extend(todo)
             self._rebase(sm)
         else:  # what the live version already learned (a replay at start-up) is the base's
-            covered = [a for a in todo if self._covered(a)]
-            todo = [a for a in todo if not self._covered(a)]
+            covered, todo = self._split(todo)
             self._learn(self.base, sm, covered, [])  # type: ignore[arg-type]
             self._learn(self.live, sm, todo, touched)  # type: ignore[arg-type]
             self.newer.extend(todo)
@@ -212,9 +210,7 @@ class PosteriorRefresh:
             self.base = self._new_posterior(mean)
         self._cut = {int(k.rpartition(":")[2]): v for k, v in sm.source_offsets.items()
                      if k.rpartition(":")[0] == self.topic}  # fmt: skip
-        covered, still = [], []
-        for a in self.newer:  # a partition the version has no offset of: it learned none of it
-            (covered if self._covered(a) else still).append(a)
+        covered, still = self._split(self.newer)
         self._learn(self.base, sm, covered, [])  # their precision; the means are the version's
         self.base.mean.copy_(mean)
         self.live = copy.deepcopy(self.base)
@@ -223,9 +219,14 @@ class PosteriorRefresh:
         log.info("per-user posterior on version %s: %d examples newer than the version re-learned on its means, "
                  "%d users", sm.version, len(still), len(self.live.rows))  # fmt: skip
 
-    def _covered(self, a: Arrived) -> bool:
-        """Whether the live version has learned ``a`` (its offset is below the version's cut)."""
-        return a.offset < self._cut.get(a.partition, 0)
+    def _split(self, arrived: Iterable[Arrived]) -> tuple[list[Arrived], list[Arrived]]:
+        """``(covered, newer)``: what the live version has learned (offset below its cut; a partition
+        the version has no offset of, it learned none of) and what it has not, in order."""
+        covered: list[Arrived] = []
+        newer: list[Arrived] = []
+        for a in arrived:
+            (covered if a.offset < self._cut.get(a.partition, 0) else newer).append(a)
+        return covered, newer
 
     def _new_posterior(self, mean: Tensor) -> UserPosterior:
         c = self.config
@@ -253,13 +254,7 @@ class PosteriorRefresh:
             self.metrics.posterior_skipped.labels(reason="unknown_item").inc(len(examples) - len(known))
         if not known:
             return 0
-        h = max(model.config.max_history or self.history_length, 1)
-        idx = np.zeros((len(known), h), dtype=np.int64)
-        mask = np.zeros((len(known), h), dtype=bool)
-        for r, ex in enumerate(known):
-            hist = [j for j in map(index.get, ex.history) if j is not None][-h:]
-            idx[r, : len(hist)] = hist
-            mask[r, : len(hist)] = True
+        idx, mask = sm.history_matrix([ex.history for ex in known], model.config.max_history or self.history_length)
         dev = vecs.device
         user_ids = [ex.user_id for ex in known]
         users = model.encode_users(vecs[torch.from_numpy(idx).to(dev)], torch.from_numpy(mask).to(dev), user_ids)

@@ -402,15 +402,8 @@ class Scorer:
         """Model scores per plan (id(plan) -> scores over its candidates or the catalog)."""
         model, vecs = sm.model, sm.item_vecs
         assert model is not None and vecs is not None
-        h = model.config.max_history or self.history_length
-        b = len(plans)
-        idx = np.zeros((b, max(h, 1)), dtype=np.int64)
-        mask = np.zeros((b, max(h, 1)), dtype=bool)
-        index = sm.index
+        idx, mask = sm.history_matrix([p.query.history for p in plans], model.config.max_history or self.history_length)
         for r, p in enumerate(plans):
-            known = [r for r in map(index.get, p.query.history) if r is not None][-h:]
-            idx[r, : len(known)] = known
-            mask[r, : len(known)] = True
             p.row = r
         out: dict[int, np.ndarray] = {}
         user_ids = [p.query.request.user_id for p in plans]

@@ -21,9 +21,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from contract.records import Item
@@ -58,6 +59,19 @@ class ServingModel:
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def history_matrix(self, histories: Sequence[Sequence[str]], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, mask)``, each ``[len(histories), max(length, 1)]``: the catalog rows of each history's
+        last ``length`` known items (unknown ids skipped), valid first, recent last, for the user tower."""
+        width = max(length, 1)
+        rows = np.zeros((len(histories), width), dtype=np.int64)
+        mask = np.zeros((len(histories), width), dtype=bool)
+        get = self.index.get
+        for r, hist in enumerate(histories):
+            known = [j for j in map(get, hist) if j is not None][-width:]
+            rows[r, : len(known)] = known
+            mask[r, : len(known)] = True
+        return rows, mask
 
 
 def fallback_snapshot(version: str, entries: Sequence[tuple[str, CatalogEntry]]) -> ServingModel:
@@ -112,10 +126,12 @@ def encode_entries(
 
 
 def model_snapshot(
-    number: int, model: RecModel, entries: Sequence[tuple[str, CatalogEntry]], vecs: torch.Tensor
+    number: int, model: RecModel, entries: Sequence[tuple[str, CatalogEntry]], vecs: torch.Tensor,
+    source_offsets: Mapping[str, int] | None = None,
 ) -> ServingModel:
-    """The snapshot of version ``number``: its model and the catalog's item vectors ``vecs``."""
-    return _snapshot(str(number), number, model, entries, vecs)
+    """The snapshot of version ``number``: its model, the catalog's item vectors ``vecs`` and the
+    labeled offsets the version trained up to."""
+    return replace(_snapshot(str(number), number, model, entries, vecs), source_offsets=dict(source_offsets or {}))
 
 
 def apply_item_changes(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -36,8 +34,8 @@ CONFIG = ModelConfig(encoder_layers=1, max_text_len=16, embed_dim=16, max_histor
 def snapshot(model: RecModel, number: int = 1, trained_up_to: int | None = None):
     """Version ``number`` of ``model``; it has learned the examples below offset ``trained_up_to``."""
     entries = items_entries(ITEMS)
-    sm = model_snapshot(number, model, entries, encode_entries(model, entries, batch=8))
-    return replace(sm, source_offsets={} if trained_up_to is None else {"labeled:0": trained_up_to})
+    vecs = encode_entries(model, entries, batch=8)
+    return model_snapshot(number, model, entries, vecs, None if trained_up_to is None else {"labeled:0": trained_up_to})
 
 
 def arrived(examples: list[Labeled], start: int = 0) -> list[Arrived]:
