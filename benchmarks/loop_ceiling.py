@@ -70,6 +70,7 @@ from streams.replay.loop_figures import (
 )
 from streams.replay.simulate import LoopConfig, LoopWorld
 from trainer.catalog import Catalog
+from trainer.holdout import held_back
 from trainer.learner import ContinualLearner, LearnerConfig, iter_batches
 from trainer.model import ModelConfig, build_model
 
@@ -104,6 +105,8 @@ class _Learner(_Policy):
         model = build_model(ModelConfig(categories=catalog.category_names(), max_history=args.max_history, **args.model_options))
         self.learner = ContinualLearner(model, LearnerConfig(device=args.device, **args.learner_options), catalog)
         self.batch_size = args.batch_size
+        self.holdout = args.holdout
+        self.teacher = args.teacher
 
     def scores(self, candidates: Sequence[Labeled]) -> np.ndarray:
         probs, kept = self.learner.predict(candidates)
@@ -112,8 +115,11 @@ class _Learner(_Policy):
         return out
 
     def learn(self, examples: Sequence[Labeled]) -> None:
-        for batch in iter_batches(list(examples), self.batch_size):
+        kept = [x for x in examples if not held_back(x.example_id, self.holdout)]  # as the trainer service keeps them back
+        for batch in iter_batches(kept, self.batch_size):
             self.learner.step(batch)
+        if self.teacher and self.learner.config.distill_weight > 0:  # as the trainer service does at each publish
+            self.learner.set_teacher({k: v.clone() for k, v in self.learner.model.trainable_state_dict().items()})
 
     def user_row(self, candidates: Sequence[Labeled]) -> int:
         model = self.learner.model
@@ -218,6 +224,7 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
     histories = Histories(args.max_history)
     pending: list[Labeled] = []
     fresh: list[Labeled] = []  # the refresh's examples not yet handed to it
+    in_flight: list[tuple[int, list[Labeled]]] = []  # (request at which they arrive, examples): --lag
     outcomes: list[Outcome] = []
     clicks = np.zeros(len(world.item_ids))  # per item, for the popularity answers before --serve-from
     optimal = world.optimal()
@@ -238,9 +245,17 @@ def run_arm(arm: str, world: LoopWorld, args: argparse.Namespace, seed: int) -> 
         rows, props = choose(scores, world.item_ids[:known], world.cfg.k, explorer, f"r{e}")  # as serving does
         labels, expected = react(world, e, rows)
         shown = slate_examples(world, e, rows, labels, history, props, arm)
-        pending += shown
+        if args.positive_lag is None:
+            in_flight.append((e + args.lag, shown))
+        else:  # the join emits a positive at its click, the impression's negatives when its window closes
+            in_flight.append((e + args.positive_lag, [x for x in shown if x.label]))
+            in_flight.append((e + args.lag, [x for x in shown if not x.label]))
+        due = [x for x in in_flight if x[0] <= e]  # the labels the join has emitted by now
+        for x in due:
+            in_flight.remove(x)
+            pending += x[1]
         if isinstance(policy, _RefreshedLearner):
-            fresh += shown
+            fresh += [ex for x in due for ex in x[1]]
             if (e + 1) % args.refresh_every == 0:
                 policy.observe(fresh)
                 fresh = []
@@ -272,6 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "as the pipeline's guardrail holds its first version back (make loop: ~600-1,000)")
     p.add_argument("--refresh-every", type=int, default=10,
                    help="learner+refresh: requests between two refreshes of the serving-side posterior")
+    p.add_argument("--lag", type=int, default=0,
+                   help="requests between a request and its labeled examples reaching the learner and the "
+                   "refresh (the join's window and the pipeline's delays: make loop's 30 s window is ~30)")
+    p.add_argument("--positive-lag", type=int, default=None,
+                   help="the positives' lag instead (the join emits a click's example when it comes and the "
+                   "negatives at the window's close: make loop's positives come ~5 requests after theirs)")
+    p.add_argument("--teacher", action="store_true",
+                   help="learner arms: distil towards the model of the last update, as the trainer service "
+                   "distils towards its last published version (LearnerConfig.distill_weight)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="learner arms: the fraction of examples the trainer service holds back from training "
+                   "for its guardrail (STREAMREC_TRAINER_HOLDOUT_FRACTION, 0.1 in the pipeline); 0 = none")
     p.add_argument("--epsilon", type=float, default=0.1, help="learner+eps: serving's epsilon")
     p.add_argument("--ts-scale", type=float, default=0.5, help="learner+ts: scale of the posterior's standard deviations")
     p.add_argument("--window", type=int, default=d.window)
@@ -290,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown arms {sorted(bad)}; choose from {', '.join(ARMS)}")
     if args.seeds < 1 or args.learn_every < 1:
         p.error("--seeds and --learn-every must be >= 1")
+    if args.lag < 0 or not 0.0 <= args.holdout < 1.0:
+        p.error(f"--lag must be >= 0 and --holdout in [0, 1), got {args.lag} and {args.holdout}")
     if not args.ts_scale >= 0.0:
         p.error(f"--ts-scale must be >= 0, got {args.ts_scale}")
     if args.threads:

@@ -31,7 +31,10 @@ Semantics (all times are event time in ms unless they say wall clock):
   the window end is **inclusive**.  The window closes when the watermark
   passes the end (``watermark > T + window``); every shown item not clicked
   by then is emitted with ``label=0`` and ``label_ts = T + window``.
-* **Positives** are emitted when the click arrives (``label_ts`` = click ts).
+* **Positives** (``label_ts`` = click ts) are emitted with their impression's negatives when its
+  window closes, after them (``positives_at_close``, the default: held in the impression's
+  persisted state), or when the click arrives (``positives_at_close=False``); the click's
+  ``user-history`` update goes out when it arrives either way.
   A click after the window end, or one that arrives after the window closed,
   becomes a positive with ``late=True``, always after the item's negative.
 * **Early clicks** (impression not seen yet) wait until the watermark passes
@@ -48,8 +51,9 @@ Semantics (all times are event time in ms unless they say wall clock):
   the user's history.  An example carries the user's last ``history_length``
   clicked items with ``ts < T`` (strictly before the impression, never a click
   of the same impression): no click after the impression can leak in.
-  Negatives see every such click that arrived within the lateness; a positive
-  sees those that arrived before it.  A history keeps every entry newer than
+  Negatives see every such click that arrived within the lateness, and so does
+  a positive emitted at the close; one emitted on its click sees those that
+  arrived before it.  A history keeps every entry newer than
   ``watermark − window − retention`` (still needed for open or remembered
   impressions) plus the ``history_length`` entries before that, and never
   more than ``max(4 × history_length, history_length + 100)``.

@@ -24,6 +24,7 @@ class JoinConfig:
     watermark_lead_ms: int = 60_000
     late_hold_events: int = 20_000
     early_per_impression_max: int = 256
+    positives_at_close: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (

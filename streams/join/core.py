@@ -407,6 +407,11 @@ class JoinCore:
             if item not in positives:
                 out.append(Example(iid, user, item, position, 0, None, history, ts0, end, False, hjson,
                                    rec.propensity(position), rec.model_version))
+        for item, (ts, value) in rec.held.items():  # positives_at_close: with their negatives
+            position = rec.items.index(item)
+            out.append(Example(iid, user, item, position, 1, value, history, ts0, ts, False, hjson,
+                               rec.propensity(position), rec.model_version))
+        rec.held = {}
         for item, (ts, value) in rec.beyond.items():
             positives.add(item)
             position = rec.items.index(item)
@@ -445,6 +450,10 @@ class JoinCore:
         else:
             rec.positives.add(item)
             late = rec.closed  # the item's negative is out already
+            if not late and self.config.positives_at_close:
+                rec.held[item] = (click.ts, click.value)  # emitted with the negatives at the close
+                self._remember_click(rec, click, out)
+                return
             position = rec.items.index(item)
             history = self._history_as_of(rec)
             out.append(

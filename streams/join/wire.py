@@ -44,8 +44,8 @@ class ImpressionState:
     """One remembered impression: open until its window closes, then closed until evicted."""
 
     __slots__ = (
-        "impression_id", "user_id", "ts", "items", "positives", "beyond", "closed", "arrival", "_items_json",
-        "propensities", "model_version",
+        "impression_id", "user_id", "ts", "items", "positives", "held", "beyond", "closed", "arrival",
+        "_items_json", "propensities", "model_version",
     )  # fmt: skip
 
     def __init__(
@@ -61,7 +61,10 @@ class ImpressionState:
         self.user_id = user_id
         self.ts = ts
         self.items = items
-        self.positives: set[str] = set()  # items whose positive was emitted
+        self.positives: set[str] = set()  # items whose positive was emitted (or is held, below)
+        # in-window positives not emitted yet (positives_at_close): item -> (click ts, value), emitted
+        # with the impression's negatives when its window closes
+        self.held: dict[str, tuple[int, float | None]] = {}
         self.beyond: dict[str, tuple[int, float | None]] = {}  # clicks after the window end, while open
         self.closed = False
         # the partition's arrival count when it arrived: a closed impression is remembered until
@@ -85,10 +88,11 @@ class ImpressionState:
             s += f',"mv":{quote(self.model_version)}'
         if self.positives:
             s += f',"pos":{json_list(sorted(self.positives))}'
-        if self.beyond:
-            s += ',"beyond":{' + ",".join(
-                f'{quote(k)}:[{t},{"null" if v is None else repr(v)}]' for k, (t, v) in self.beyond.items()
-            ) + "}"
+        for key, clicks in (("held", self.held), ("beyond", self.beyond)):
+            if clicks:
+                s += f',"{key}":{{' + ",".join(
+                    f'{quote(k)}:[{t},{"null" if v is None else repr(v)}]' for k, (t, v) in clicks.items()
+                ) + "}"
         if self.closed:
             s += ',"closed":true'
         if self.arrival:
@@ -103,6 +107,8 @@ class ImpressionState:
             s["mv"] = self.model_version
         if self.positives:
             s["pos"] = sorted(self.positives)
+        if self.held:
+            s["held"] = {k: list(v) for k, v in self.held.items()}
         if self.beyond:
             s["beyond"] = {k: list(v) for k, v in self.beyond.items()}
         if self.closed:
@@ -119,6 +125,7 @@ class ImpressionState:
             None if p is None else tuple(float(x) for x in p), s.get("mv"),
         )  # fmt: skip
         rec.positives = set(s.get("pos", ()))
+        rec.held = {k: (int(v[0]), v[1]) for k, v in s.get("held", {}).items()}
         rec.beyond = {k: (int(v[0]), v[1]) for k, v in s.get("beyond", {}).items()}
         rec.closed = bool(s.get("closed", False))
         rec.arrival = int(s.get("a", 0))

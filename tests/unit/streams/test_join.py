@@ -44,8 +44,11 @@ def labels(outs: list) -> list[tuple[str, int, bool, int]]:
 
 
 def make(clock: FakeClock | None = None, **kw) -> tuple[JoinCore, FakeClock]:
+    """A core that emits positives when their click comes (``positives_at_close=False``): most tests
+    here pin that timing; the default, positives with their impression's negatives, has its own."""
     clock = clock or FakeClock()
-    cfg = dict(window_ms=1_000, allowed_lateness_ms=0, idle_timeout_s=10.0, orphan_grace_ms=500)
+    cfg = dict(window_ms=1_000, allowed_lateness_ms=0, idle_timeout_s=10.0, orphan_grace_ms=500,
+               positives_at_close=False)
     cfg.update(kw)
     return JoinCore(JoinConfig(**cfg), clock=clock), clock
 
@@ -110,6 +113,38 @@ def test_positive_is_immediate_and_carries_position_and_value() -> None:
     [ex] = [o for o in out if isinstance(o, Example)]
     assert (ex.position, ex.value, ex.impression_ts, ex.ts) == (2, 4.0, 10_000, 10_500)
     Labeled.from_json(ex.to_json())  # satisfies the record contract
+
+
+def test_positives_at_close_come_with_their_impressions_negatives() -> None:
+    core, clock = make(positives_at_close=True)
+    out = feed(core, [imp("i", 10_000, ["a", "b", "c"]), clk("i", "c", 10_500, value=4.0)])
+    # the click goes into the user's history at once (serving's histories stay fresh) ...
+    assert labels(out) == [] and [o.items for o in out if isinstance(o, HistoryUpdate)] == [["c"]]
+    assert core.on_click(clk("i", "c", 10_600)) == []  # a repeat of a held positive changes nothing
+    # ... and the positive is emitted when the window closes, after the negatives, as it would have
+    # been on its click (label_ts = the click's ts, its value and position, not late)
+    out = feed(core, [imp("j", 12_000, ["z", "y"]), clk("j", "z", 12_050)])  # both streams past 11,000
+    assert labels(out) == [("i:a", 0, False, 11_000), ("i:b", 0, False, 11_000), ("i:c", 1, False, 10_500)]
+    [ex] = [o for o in out if isinstance(o, Example) and o.label]
+    assert (ex.position, ex.value, ex.history) == (2, 4.0, [])
+    Labeled.from_json(ex.to_json())
+    # a click after the close is still a late positive, emitted when it comes
+    assert labels(feed(core, [clk("i", "b", 10_900)])) == [("i:b", 1, True, 10_900)]
+    assert labels(drain(core, clock)) == [("j:y", 0, False, 13_000), ("j:z", 1, False, 12_050)]
+
+
+def test_a_held_positive_survives_a_restart_and_both_timings_give_the_same_examples() -> None:
+    events = [imp("i1", 1_000, ["a", "b"]), clk("i1", "a", 1_200), imp("i2", 1_400, ["c"], user="u2"),
+              clk("i2", "c", 2_300, user="u2"), imp("i3", 3_000, ["d"]), clk("i3", "d", 3_100)]
+    on_click, clock = make()
+    reference = sorted(labels(feed(on_click, events) + drain(on_click, clock)))
+    core, clock = make(positives_at_close=True)
+    before = feed(core, events[:2])
+    assert labels(before) == []
+    restored = JoinCore.restore(core.config, core.snapshot().items(), clock=clock)
+    assert restored.snapshot() == core.snapshot()
+    after = feed(restored, events[2:]) + drain(restored, clock)
+    assert sorted(labels(before + after)) == reference
 
 
 # --- watermarks and lateness --------------------------------------------------------------

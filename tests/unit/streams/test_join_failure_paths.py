@@ -27,7 +27,7 @@ class Clocks:
 
 def make(**kw) -> tuple[JoinCore, Clocks]:
     clocks = Clocks()
-    cfg = dict(window_ms=WINDOW, allowed_lateness_ms=5_000, idle_timeout_s=10.0)
+    cfg = dict(window_ms=WINDOW, allowed_lateness_ms=5_000, idle_timeout_s=10.0, positives_at_close=False)
     cfg.update(kw)
     return JoinCore(JoinConfig(**cfg), clock=lambda: clocks.mono, wall=lambda: clocks.wall_s), clocks
 
