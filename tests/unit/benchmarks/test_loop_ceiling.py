@@ -25,3 +25,20 @@ def test_every_arm_runs_the_loop_and_the_json_line_has_its_phases(capsys) -> Non
     assert "<- shift" in out  # the windows table marks the shift
     with pytest.raises(SystemExit):
         main([*argv[:-2], "--arms", "nope"])
+
+
+def test_labels_in_flight_for_longer_than_the_run_teach_the_learner_nothing(capsys) -> None:
+    base = ["--seeds", "1", "--requests", "40", "--window", "20", "--users", "8", "--items", "20", "--new-items", "0",
+            "--k", "3", "--arms", "learner"]
+
+    def figures(*extra: str) -> dict:
+        assert main([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arms"]["learner"]
+
+    never = figures("--learn-every", "1000")  # never learns
+    assert figures("--learn-every", "10", "--lag", "1000") == never  # learns, but no label arrives in time
+    assert figures("--learn-every", "10", "--lag", "1000", "--positive-lag", "0") != never  # the positives do
+    figures("--learn-every", "10", "--lag", "5", "--positive-lag", "1", "--holdout", "0.1", "--teacher")
+    for bad in (["--lag", "-1"], ["--holdout", "1"]):
+        with pytest.raises(SystemExit):
+            main([*base, *bad])
