@@ -61,7 +61,7 @@ class JoinSettings(BaseSettings):
             "Emit an in-window positive with its impression's negatives when the window closes (true), "
             "not when the click comes (false: fresher by up to the window, but for a window's time the "
             "trainer has an impression's clicks without its non-clicks; in the closed loop that cost "
-            "700 clicks of 6,900, see README). Late positives are emitted when they come either way."
+            "650 clicks of 7,300, see README). Late positives are emitted when they come either way."
         ),
     )
     orphan_grace_ms: int = Field(
