@@ -64,6 +64,7 @@ from serving.state import (
     StateRecords,
     UserState,
 )
+from trainer.model_config import ModelConfig
 from trainer.popularity import Popularity
 from trainer.weights import WeightStore
 
@@ -104,6 +105,7 @@ class ServingAgent:
             holder=self.holder, catalog=self.catalog, store=self.store, metrics=self.metrics,
             model_name=s.model_name, device=self.device, encode_batch=s.encode_batch,
             prefix_cache_items=s.prefix_cache_items, nice=s.loader_nice, fallback_version=FALLBACK_VERSION,
+            warm_config=ModelConfig() if s.warm_start else None,
         )  # fmt: skip
         self.query_index = QueryIndex(
             self.catalog.lookup, generation=lambda: self.catalog.generation, cache_size=s.query_cache_size,

@@ -65,6 +65,7 @@ from trainer.weights import WeightsError, WeightStore
 
 if TYPE_CHECKING:
     from trainer.model import RecModel
+    from trainer.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class ModelLoader:
         prefix_cache_items: int = 20_000,
         nice: int = 0,
         fallback_version: str,
+        warm_config: ModelConfig | None = None,
     ) -> None:
         self.holder = holder
         self.catalog = catalog
@@ -102,6 +104,7 @@ class ModelLoader:
         self.encode_batch = encode_batch
         self.nice = nice
         self.fallback_version = fallback_version
+        self.warm_config = warm_config
         self._prefix_cache: PrefixCache | None = None
         self._prefix_cache_items = prefix_cache_items
         self._updates: deque[ModelUpdate] = deque()
@@ -175,6 +178,8 @@ class ModelLoader:
                 os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.nice))
             except OSError as exc:
                 log.info("could not lower the loader thread's priority: %s", exc)
+        if self.warm_config is not None and self.holder.current.model is None:
+            self.warm_up(self.warm_config)
         while not self._stop.is_set():
             with self._wake:
                 self._wake.wait_for(
@@ -257,6 +262,27 @@ class ModelLoader:
             ", item tower unchanged: vectors reused" if encoded == 0 and len(sm) else "",
             old.version,
         )
+        return True
+
+    def warm_up(self, config: ModelConfig) -> bool:
+        """Before the first version: build a model of ``config`` once and encode the catalog with it, then
+        drop it.  The first version's build then finds the libraries imported and the encoder's weights
+        read, and, when its frozen encoder prefix is this one's (same encoder, layers, freezing), the
+        catalog's prefix states in the cache, so only its own layers run.  A failure is logged, not
+        raised: the first version loads the slow way.  Returns whether it warmed."""
+        from trainer.model import build_model
+
+        started = time.monotonic()
+        try:
+            model = build_model(config)
+            self._attach_prefix_cache(model)
+            entries = self.catalog.entries()
+            encode_entries(model, entries, batch=self.encode_batch)
+        except Exception:
+            log.exception("warming the model builder failed; the first version loads without it")
+            return False
+        log.info("warmed the model builder in %.2f s (%d catalog items' encoder states cached)",
+                 time.monotonic() - started, len(entries) if self._prefix_cache is not None else 0)
         return True
 
     def _attach_prefix_cache(self, model: RecModel) -> None:

@@ -89,6 +89,12 @@ class ServingSettings(BaseSettings):
         description="Items whose frozen-encoder-prefix states are kept across versions, so a swap "
         "re-runs only the trainable layers (used when the model freezes layers; 0 = off).",
     )
+    warm_start: bool = Field(
+        default=True,
+        description="While no version is live, build the default model once in the loader thread (imports, "
+        "encoder weights read, the catalog's frozen-encoder states put in the prefix cache), so that the "
+        "first version swaps in seconds sooner (make loop: 6.8 s before).",
+    )
     loader_nice: int = Field(
         default=10, ge=0, le=19,
         description="Niceness added to the background thread that loads versions and computes item "

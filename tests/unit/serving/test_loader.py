@@ -299,3 +299,24 @@ def test_head_only_versions_reuse_item_vectors_and_nan_versions_are_refused(mode
         broken.click_head.bias.fill_(float("nan"))
     assert not loader._try_swap(store.publish(broken, version=3, kind="delta", base_version=1))
     assert loader.refused == [(3, "non_finite")] and holder.current.version == "2"
+
+
+def test_warm_start_caches_the_catalogs_encoder_states_and_the_first_version_reuses_them(
+    model: RecModel, tmp_path: Path
+) -> None:
+    catalog = CatalogState()
+    for item in _items(TEXTS):
+        catalog.upsert(item)
+    loader, holder, _, store = _loader(tmp_path, catalog)
+    loader._prefix_cache_items = 100
+    loader.load_initial(None)
+    assert loader.warm_up(CONFIG)  # the default config of the agent, here the test's
+    cache = loader._prefix_cache
+    assert cache is not None and len(cache) == len(TEXTS) and holder.current.model is None  # still the fallback
+    misses = cache.misses
+    assert loader._try_swap(store.publish(model, version=1))
+    assert cache.misses == misses and cache.hits >= len(TEXTS)  # the frozen layers did not run again
+    # and the vectors are the version's own, as without the warm start
+    torch.testing.assert_close(holder.current.item_vecs, encode_entries(model, items_entries(_items(TEXTS)), batch=8))
+    # a config that cannot build is logged, not raised
+    assert not loader.warm_up(CONFIG.model_copy(update={"encoder": str(tmp_path / "no-such-encoder")}))
