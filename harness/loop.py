@@ -159,7 +159,7 @@ def arm_services(
             "explore": arm.explore,
             "explore_seed": cfg.seed,
             # frozen: nothing learns after the first version, the agent's per-user posterior neither
-            # (the other arms take STREAMREC_SERVING_POSTERIOR_REFRESH, off by default)
+            # (the other arms take STREAMREC_SERVING_POSTERIOR_REFRESH, on by default)
             **({"posterior_refresh": False} if arm.freeze else {}),
             **(serving or {}),
         },
