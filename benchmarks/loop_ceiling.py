@@ -30,6 +30,14 @@ examples every ``--learn-every`` requests (no guardrail, no publishing delay):
   popularity policy);
 * ``random``: a uniform slate.
 
+What the pipeline adds can be put back one part at a time, to see what each costs: ``--serve-from N``
+(popularity answers the first N requests, as the fallback does until a version passes the guardrail),
+``--lag N`` (a request's examples reach the learner N requests later: the join's window),
+``--positive-lag N`` (the positives after N instead: the join emitting a click's positive when it
+comes and the negatives at the window's close, ``STREAMREC_JOIN_POSITIVES_AT_CLOSE=false``),
+``--holdout F`` (the trainer's held-back share) and ``--teacher`` (distillation towards the last
+update, as the trainer distils towards its last published version).
+
 Printed per arm as ``make loop`` prints it (realised clicks over the optimal policy's expected
 clicks, before and after the shift, the last window of each phase, the requests until a trailing
 window is back at ``--recover-to`` of optimal), over ``--seeds`` seeds, then the mean and standard
