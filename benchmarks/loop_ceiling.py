@@ -325,8 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown arms {sorted(bad)}; choose from {', '.join(ARMS)}")
     if args.seeds < 1 or args.learn_every < 1:
         p.error("--seeds and --learn-every must be >= 1")
-    if args.lag < 0 or not 0.0 <= args.holdout < 1.0:
-        p.error(f"--lag must be >= 0 and --holdout in [0, 1), got {args.lag} and {args.holdout}")
+    if args.lag < 0 or (args.positive_lag is not None and args.positive_lag < 0) or not 0.0 <= args.holdout < 1.0:
+        p.error(f"--lag and --positive-lag must be >= 0 and --holdout in [0, 1), "
+                f"got {args.lag}, {args.positive_lag} and {args.holdout}")
     if not args.ts_scale >= 0.0:
         p.error(f"--ts-scale must be >= 0, got {args.ts_scale}")
     if args.threads:

@@ -407,17 +407,14 @@ class JoinCore:
             if item not in positives:
                 out.append(Example(iid, user, item, position, 0, None, history, ts0, end, False, hjson,
                                    rec.propensity(position), rec.model_version))
-        for item, (ts, value) in rec.held.items():  # positives_at_close: with their negatives
-            position = rec.items.index(item)
-            out.append(Example(iid, user, item, position, 1, value, history, ts0, ts, False, hjson,
-                               rec.propensity(position), rec.model_version))
-        rec.held = {}
-        for item, (ts, value) in rec.beyond.items():
-            positives.add(item)
-            position = rec.items.index(item)
-            out.append(Example(iid, user, item, position, 1, value, history, ts0, ts, True, hjson,
-                               rec.propensity(position), rec.model_version))
-        rec.beyond = {}
+        # in-window positives held for the close (positives_at_close), then the late ones
+        for late, clicks in ((False, rec.held), (True, rec.beyond)):
+            for item, (ts, value) in clicks.items():
+                positives.add(item)
+                position = rec.items.index(item)
+                out.append(Example(iid, user, item, position, 1, value, history, ts0, ts, late, hjson,
+                                   rec.propensity(position), rec.model_version))
+        rec.held, rec.beyond = {}, {}
 
     def _apply_click(self, rec: ImpressionState, click: Click, offset: int, out: list[Output]) -> None:
         item = click.item_id
@@ -452,14 +449,13 @@ class JoinCore:
             late = rec.closed  # the item's negative is out already
             if not late and self.config.positives_at_close:
                 rec.held[item] = (click.ts, click.value)  # emitted with the negatives at the close
-                self._remember_click(rec, click, out)
-                return
-            position = rec.items.index(item)
-            history = self._history_as_of(rec)
-            out.append(
-                Example(rec.impression_id, rec.user_id, item, position, 1, click.value, history,
-                        rec.ts, click.ts, late, None, rec.propensity(position), rec.model_version)
-            )  # fmt: skip
+            else:
+                position = rec.items.index(item)
+                history = self._history_as_of(rec)
+                out.append(
+                    Example(rec.impression_id, rec.user_id, item, position, 1, click.value, history,
+                            rec.ts, click.ts, late, None, rec.propensity(position), rec.model_version)
+                )  # fmt: skip
         self._remember_click(rec, click, out)
 
     def _remember_click(self, rec: ImpressionState, click: Click, out: list[Output]) -> None:

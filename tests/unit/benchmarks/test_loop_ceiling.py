@@ -39,6 +39,6 @@ def test_labels_in_flight_for_longer_than_the_run_teach_the_learner_nothing(caps
     assert figures("--learn-every", "10", "--lag", "1000") == never  # learns, but no label arrives in time
     assert figures("--learn-every", "10", "--lag", "1000", "--positive-lag", "0") != never  # the positives do
     figures("--learn-every", "10", "--lag", "5", "--positive-lag", "1", "--holdout", "0.1", "--teacher")
-    for bad in (["--lag", "-1"], ["--holdout", "1"]):
+    for bad in (["--lag", "-1"], ["--positive-lag", "-1"], ["--holdout", "1"]):
         with pytest.raises(SystemExit):
             main([*base, *bad])
